@@ -1,0 +1,297 @@
+"""Structured configs behind conf/, and the start-up validation that names the field and the fix.
+
+Hydra composes YAML from conf/; `load_config` merges it onto these dataclasses (unknown keys and wrong
+types fail here) and `validate` checks the cross-field rules against the world size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the field and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    family: str = "qwen2"  # HF architecture for import/export: qwen2 | llama | deepseek_v3
+    num_layers: int = MISSING
+    hidden_size: int = MISSING
+    ffn_hidden_size: int = MISSING
+    num_attention_heads: int = MISSING
+    num_query_groups: Optional[int] = None  # GQA groups (HF num_key_value_heads); None = MHA
+    kv_channels: Optional[int] = None  # head dim; None = hidden / heads
+    vocab_size: int = MISSING
+    vocab_pad_multiple: int = 128  # the padded vocab must not depend on TP, or layouts disagree
+    max_position_embeddings: int = 4096
+    rotary_base: float = 10000.0
+    llama3_rope_scaling: Optional[float] = None  # Llama-3.1's rope scaling factor (8.0)
+    norm_epsilon: float = 1e-6
+    add_qkv_bias: bool = False
+    tie_word_embeddings: bool = False
+    init_method_std: float = 0.02
+    # Multi-head latent attention (DeepSeek-V2/V3).
+    multi_latent_attention: bool = False
+    q_lora_rank: Optional[int] = None
+    kv_lora_rank: int = 512
+    qk_head_dim: int = 128
+    qk_pos_emb_head_dim: int = 64
+    v_head_dim: int = 128
+    rope_type: str = "rope"  # rope | yarn
+    rotary_scaling_factor: float = 1.0
+    original_max_position_embeddings: int = 4096
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+    # Mixture of experts; num_moe_experts None = dense.
+    num_moe_experts: Optional[int] = None
+    moe_ffn_hidden_size: Optional[int] = None
+    moe_shared_expert_intermediate_size: Optional[int] = None
+    moe_router_topk: int = 2
+    moe_router_score_function: str = "softmax"  # softmax | sigmoid
+    moe_router_num_groups: Optional[int] = None
+    moe_router_group_topk: Optional[int] = None
+    moe_router_topk_scaling_factor: Optional[float] = None
+    moe_router_enable_expert_bias: bool = False  # DeepSeek-V3's aux-loss-free balancing
+    moe_router_bias_update_rate: float = 1e-3
+    moe_aux_loss_coeff: float = 0.0
+    first_k_dense_replace: int = 0  # leading dense layers before the MoE ones
+    mtp_num_layers: Optional[int] = None  # multi-token prediction depth
+    mtp_loss_scaling_factor: float = 0.1
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.vocab_pad_multiple
+        return -(-self.vocab_size // m) * m
+
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.num_moe_experts)
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    pipeline: int = 1
+    context: int = 1
+    expert: int = 1
+    expert_tensor: Optional[int] = None  # None = same as tensor
+    data: Optional[int] = None  # None = whatever the world size leaves
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False
+    recompute: str = "none"  # none | selective | full
+    backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+    transformer_impl: str = "auto"  # auto (transformer_engine on GPU, local on CPU) | local | transformer_engine
+    fp8: Optional[str] = None  # None | hybrid | e4m3 (Transformer Engine only)
+    fp8_recipe: str = "delayed"  # delayed | tensorwise | mxfp8 | blockwise
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    warmup_steps: int = 0
+    schedule: str = "cosine"  # cosine | constant
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    micro_batch_size: int = 8
+    global_batch_size: int = 8
+    seq_length: int = 64
+    dtype: str = "fp32"  # fp32 | bf16
+    save_every: int = 0  # 0 = only at the end
+    log_every: int = 1
+    keep_checkpoints: int = 2
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class StageConfig:
+    name: str = MISSING  # pretrain | sft | r1_zero | ...
+    init_from: Optional[str] = None  # checkpoint dir the stage starts from
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    source: str = "generated"  # generated | jsonl | parquet
+    train_path: Optional[str] = None
+    eval_path: Optional[str] = None
+    task: Optional[str] = None  # generator name for source=generated
+    num_train: int = 10000
+    num_eval: int = 200
+    tokenizer: str = "char"  # char (built locally) or a local HF tokenizer dir
+    seed: int = 0
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "vllm"  # vllm | hf
+    n: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    kv_cache_bytes: int = 256 * 2**20
+    colocate: bool = True
+    sync_bucket_bytes: int = 64 * 2**20
+
+
+@dataclass
+class RewardConfig:
+    weights: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.5})
+    timeout_s: float = 5.0
+    workers: int = 2
+
+
+@dataclass
+class LoggerConfig:
+    backend: str = "wandb"  # wandb | none
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "r1stack"
+    entity: Optional[str] = None
+
+
+@dataclass
+class ClusterConfig:
+    name: str = "local"
+    launcher: str = "local"  # local (torchrun or a single process) | slurm
+    gpus_per_node: int = 0
+    nodes: int = 1
+    gpu: Optional[str] = None  # h100 | h800 | h20 | h200, for the planner
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    run_dir: str = "runs/default"
+    seed: int = 1234
+
+
+def load_config(raw: DictConfig | dict[str, Any]) -> Config:
+    """Merges composed YAML onto the schema; unknown keys and wrong types become a ConfigError."""
+    raw = raw if isinstance(raw, DictConfig) else OmegaConf.create(raw)
+    raw = OmegaConf.masked_copy(raw, [k for k in raw if k != "hydra"]) if "hydra" in raw else raw
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), raw)
+        cfg: Config = OmegaConf.to_object(merged)
+    except ConfigKeyError as e:
+        key = e.full_key or e.key
+        raise ConfigError(
+            f"unknown config key '{key}': {e.msg.splitlines()[0]}. "
+            "Fix: check the spelling against conf/ and core/config.py, or remove it."
+        ) from None
+    except (ValidationError, OmegaConfBaseException) as e:
+        key = getattr(e, "full_key", None) or "?"
+        raise ConfigError(f"bad value for config key '{key}': {str(e).splitlines()[0]}") from None
+    return cfg
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def validate(cfg: Config, world_size: int) -> Config:
+    """Checks the parallel layout against the model and the world size; fills parallel.data."""
+    m, p = cfg.model, cfg.parallel
+    for name in ("tensor", "pipeline", "context", "expert"):
+        if getattr(p, name) < 1:
+            raise ConfigError(f"parallel.{name}={getattr(p, name)} must be >= 1")
+    tp, pp, cp, ep = p.tensor, p.pipeline, p.context, p.expert
+    etp = p.expert_tensor or tp
+    if m.num_attention_heads % tp:
+        raise ConfigError(
+            f"parallel.tensor={tp} does not divide model.num_attention_heads={m.num_attention_heads}. "
+            f"Fix: use parallel.tensor in {_divisors(m.num_attention_heads)}."
+        )
+    if not m.multi_latent_attention and m.num_query_groups and m.num_query_groups % tp:
+        raise ConfigError(
+            f"parallel.tensor={tp} does not divide model.num_query_groups={m.num_query_groups} (KV heads). "
+            f"Fix: use parallel.tensor in {_divisors(m.num_query_groups)}."
+        )
+    if m.padded_vocab_size % tp:
+        raise ConfigError(
+            f"parallel.tensor={tp} does not divide the padded vocabulary {m.padded_vocab_size}. "
+            "Fix: set model.vocab_pad_multiple to a multiple of parallel.tensor."
+        )
+    if m.num_layers % pp:
+        raise ConfigError(
+            f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline={pp}. "
+            f"Fix: use parallel.pipeline in {_divisors(m.num_layers)}."
+        )
+    if world_size % (tp * pp * cp):
+        raise ConfigError(
+            f"world size {world_size} is not a multiple of tensor×pipeline×context = {tp}×{pp}×{cp}. "
+            f"Fix: launch a multiple of {tp * pp * cp} processes, or change parallel.*."
+        )
+    dp = world_size // (tp * pp * cp)
+    if p.data is not None and p.data != dp:
+        raise ConfigError(
+            f"world size {world_size} ≠ tensor×pipeline×context×data = {tp}×{pp}×{cp}×{p.data}. "
+            f"Fix: launch {tp * pp * cp * p.data} processes, or set parallel.data={dp} (or null)."
+        )
+    if m.is_moe:
+        if m.num_moe_experts % ep:
+            raise ConfigError(
+                f"parallel.expert={ep} does not divide model.num_moe_experts={m.num_moe_experts}. "
+                f"Fix: use parallel.expert in {_divisors(m.num_moe_experts)}."
+            )
+        if (world_size // pp) % (ep * etp):
+            raise ConfigError(
+                f"expert×expert_tensor = {ep}×{etp} does not divide the {world_size // pp} ranks of a "
+                "pipeline stage. Fix: pick parallel.expert (and expert_tensor) dividing world/pipeline."
+            )
+        if tp > 1 and not p.sequence_parallel:
+            raise ConfigError(
+                "MoE with parallel.tensor > 1 needs sequence parallelism (megatron-core rejects it "
+                "otherwise). Fix: set parallel.sequence_parallel=true."
+            )
+    elif ep > 1:
+        raise ConfigError(
+            f"parallel.expert={ep} but model '{m.name}' has no experts. Fix: set parallel.expert=1."
+        )
+    if p.sequence_parallel and tp == 1:
+        raise ConfigError("parallel.sequence_parallel=true needs parallel.tensor > 1. Fix: set it false.")
+    if p.recompute not in ("none", "selective", "full"):
+        raise ConfigError(f"parallel.recompute={p.recompute!r}: expected none, selective or full.")
+    t = cfg.stage.train
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ConfigError(
+            f"stage.train.global_batch_size={t.global_batch_size} is not a multiple of "
+            f"micro_batch_size×data = {t.micro_batch_size}×{dp}. Fix: adjust either batch size."
+        )
+    p.data = dp
+    return cfg
+
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "config") -> Config:
+    """The config a `python -m ... [overrides]` run would get, outside of @hydra.main (tests, tools)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(str(CONF_DIR), version_base=None):
+        return load_config(hydra_compose(config_name, overrides=list(overrides)))

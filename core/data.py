@@ -1,0 +1,260 @@
+"""Local datasets for pretraining, SFT and RL, plus sequence packing.
+
+Files are JSON lines (``.jsonl`` / ``.json``, one object per line, blank lines
+skipped) or ``.parquet``. Each row is an object; the required fields depend on the
+kind of data, and every other field is kept as is:
+
+* ``"prompt"`` (RL rollouts, eval): ``prompt`` (str), ``answer`` (str, the reference
+  final answer the reward compares against).
+* ``"sft"`` (supervised fine-tuning): ``prompt`` (str), ``response`` (str, the target
+  completion, e.g. ``"<think>...</think><answer>...</answer>"``).
+* ``"text"`` (pretraining): ``text`` (str).
+
+Required fields must be non-empty strings. Any problem raises :class:`DataError`
+naming the file, the line (or parquet row), the field and how to fix it.
+
+Packing concatenates tokenized samples into fixed-length rows. Per-sample
+``position_ids`` and ``segment_ids`` let the model restore per-sample attention with
+:func:`causal_mask_from_segments`, so packed samples never see each other.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+SCHEMAS: dict[str, tuple[str, ...]] = {
+    "prompt": ("prompt", "answer"),
+    "sft": ("prompt", "response"),
+    "text": ("text",),
+}
+
+JSONL_SUFFIXES = (".jsonl", ".json")
+PARQUET_SUFFIXES = (".parquet",)
+IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default ignore_index
+
+
+class DataError(ValueError):
+    """A dataset file or sample is unusable; the message says where and how to fix it."""
+
+
+def _check_row(row: Any, kind: str, where: str) -> dict:
+    """Validate one row against SCHEMAS[kind]; ``where`` is e.g. "data.jsonl line 3"."""
+    if not isinstance(row, dict):
+        hint = (
+            " (the file looks like a JSON array; write one object per line instead)"
+            if isinstance(row, list)
+            else ""
+        )
+        raise DataError(
+            f"{where}: expected a JSON object with fields {list(SCHEMAS[kind])}, "
+            f"got {type(row).__name__}{hint}"
+        )
+    for field in SCHEMAS[kind]:
+        if field not in row or row[field] is None:
+            raise DataError(
+                f"{where}: missing (or null) required field '{field}' for kind '{kind}' "
+                f"(present: {sorted(row)}); add '{field}' as a non-empty string"
+            )
+        value = row[field]
+        if not isinstance(value, str):
+            raise DataError(
+                f"{where}: field '{field}' must be a string, got {type(value).__name__} "
+                f"{value!r:.60}; store it as text (e.g. join a list, or str() a number)"
+            )
+        if not value.strip():
+            raise DataError(
+                f"{where}: field '{field}' is empty or whitespace only; "
+                f"fill it in or drop the row"
+            )
+    return row
+
+
+def _read_jsonl(path: Path, kind: str) -> list[dict]:
+    rows = []
+    # Read bytes and decode per line so a bad encoding is also reported with its line.
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path} line {lineno}"
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not valid UTF-8 ({e}); re-save the file as UTF-8") from e
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(
+                    f"{where}: invalid JSON ({e.msg} at column {e.colno}); each line must be "
+                    f"one complete JSON object, e.g. {_example(kind)}"
+                ) from e
+            rows.append(_check_row(obj, kind, where))
+    return rows
+
+
+def _read_parquet(path: Path, kind: str) -> list[dict]:
+    # The parquet builder is bundled with `datasets`; offline mode stops it from
+    # probing the hub first. Only effective if `datasets` is not yet imported.
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    import datasets
+
+    try:
+        ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
+    except Exception as e:  # corrupt file, unreadable schema, ...
+        raise DataError(f"{path}: could not read as parquet ({type(e).__name__}: {e})") from e
+    return [_check_row(row, kind, f"{path} row {i} (0-based)") for i, row in enumerate(ds)]
+
+
+def _example(kind: str) -> str:
+    return json.dumps({field: "..." for field in SCHEMAS[kind]})
+
+
+def load_rows(path: str | os.PathLike, kind: str) -> list[dict]:
+    """Read and validate every row of a local JSONL or parquet file."""
+    if kind not in SCHEMAS:
+        raise ValueError(f"unknown data kind {kind!r}; expected one of {sorted(SCHEMAS)}")
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found; check the path (relative paths resolve against {Path.cwd()})")
+    suffix = path.suffix.lower()
+    if suffix in JSONL_SUFFIXES:
+        rows = _read_jsonl(path, kind)
+    elif suffix in PARQUET_SUFFIXES:
+        rows = _read_parquet(path, kind)
+    else:
+        raise DataError(
+            f"{path}: unknown extension {suffix!r}; use one of "
+            f"{list(JSONL_SUFFIXES + PARQUET_SUFFIXES)} (.json means JSON lines)"
+        )
+    if not rows:
+        raise DataError(f"{path}: no rows; expected at least one object like {_example(kind)}")
+    return rows
+
+
+def tokenize_sft(
+    rows: Sequence[dict],
+    tokenizer,
+    max_len: int,
+    truncate: bool = False,
+) -> list[dict]:
+    """``[bos] + prompt + response + [eos]`` with ``loss_mask`` 1 on response and eos only.
+
+    Prompt and response are tokenized separately so the mask boundary is exact even
+    for tokenizers that would merge across it.
+    """
+    if tokenizer.eos_token_id is None:
+        raise ValueError("tokenizer has no eos token; SFT needs one to teach the model to stop")
+    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    out = []
+    for i, row in enumerate(rows):
+        _check_row(row, "sft", f"sft row {i}")
+        prompt = bos + tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+        response = tokenizer(row["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = prompt + response
+        mask = [0] * len(prompt) + [1] * len(response)
+        if len(ids) > max_len:
+            if not truncate:
+                raise DataError(
+                    f"sft row {i}: {len(ids)} tokens > max_len={max_len} "
+                    f"(prompt {len(prompt)}, response {len(response)}); raise max_len, "
+                    f"shorten or drop the row, or pass truncate=True"
+                )
+            if len(prompt) >= max_len:
+                # Truncation would leave nothing to learn from this row.
+                raise DataError(
+                    f"sft row {i}: prompt alone is {len(prompt)} tokens >= max_len={max_len}, "
+                    f"so no response token survives truncation; raise max_len or drop the row"
+                )
+            ids, mask = ids[:max_len], mask[:max_len]
+        out.append({"input_ids": ids, "loss_mask": mask})
+    return out
+
+
+def pack(samples: Iterable[dict], seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """First-fit greedy packing into ``[N, seq_len]`` rows; a sample is never split.
+
+    Each sample is a dict with ``input_ids`` and optionally ``loss_mask`` (per input
+    token: 1 = learn to predict this token; default all ones). Returns:
+
+    * ``tokens``: input ids, ``pad_id`` in padding.
+    * ``labels``: ``tokens`` shifted left by one *within each sample*; the last token of
+      each sample and padding get ``-100``.
+    * ``loss_mask`` (float): 1 where ``labels`` is a token to learn, i.e. the sample's
+      mask shifted like the labels. A sample's first token has no predecessor, so the
+      total equals ``sum(loss_mask[1:])`` over samples.
+    * ``position_ids``: restart at 0 for each sample (0 in padding).
+    * ``segment_ids``: 0, 1, ... for the samples of a row, -1 in padding.
+    """
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    samples = list(samples)
+    if not samples:
+        raise DataError("pack: no samples given")
+
+    bins: list[list[int]] = []  # sample indices per row
+    free: list[int] = []
+    for i, s in enumerate(samples):
+        n = len(s["input_ids"])
+        if n == 0:
+            raise DataError(f"pack: sample {i} is empty; drop it before packing")
+        if n > seq_len:
+            raise DataError(
+                f"pack: sample {i} has {n} tokens > seq_len={seq_len}; samples are never "
+                f"split across rows, so raise seq_len or truncate/drop the sample first"
+            )
+        mask = s.get("loss_mask")
+        if mask is not None and len(mask) != n:
+            raise DataError(f"pack: sample {i} has {n} input_ids but {len(mask)} loss_mask entries")
+        for b, room in enumerate(free):
+            if n <= room:
+                bins[b].append(i)
+                free[b] -= n
+                break
+        else:
+            bins.append([i])
+            free.append(seq_len - n)
+
+    shape = (len(bins), seq_len)
+    tokens = torch.full(shape, pad_id, dtype=torch.long)
+    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+    loss_mask = torch.zeros(shape, dtype=torch.float)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    segment_ids = torch.full(shape, -1, dtype=torch.long)
+    for r, members in enumerate(bins):
+        start = 0
+        for seg, i in enumerate(members):
+            ids = torch.as_tensor(samples[i]["input_ids"], dtype=torch.long)
+            n = len(ids)
+            mask = samples[i].get("loss_mask")
+            mask = torch.ones(n) if mask is None else torch.as_tensor(mask, dtype=torch.float)
+            end = start + n
+            tokens[r, start:end] = ids
+            labels[r, start : end - 1] = ids[1:]
+            loss_mask[r, start : end - 1] = mask[1:]
+            position_ids[r, start:end] = torch.arange(n)
+            segment_ids[r, start:end] = seg
+            start = end
+    return {
+        "tokens": tokens,
+        "labels": labels,
+        "loss_mask": loss_mask,
+        "position_ids": position_ids,
+        "segment_ids": segment_ids,
+    }
+
+
+def causal_mask_from_segments(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Block-diagonal causal mask ``[N, 1, S, S]``; True = masked out (megatron convention).
+
+    Padding (-1) forms its own causal block rather than attending to nothing: a fully
+    masked query row turns softmax into NaN, and padding outputs are never in the loss.
+    """
+    s = segment_ids.shape[-1]
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    causal = torch.ones(s, s, dtype=torch.bool, device=segment_ids.device).tril()
+    return ~(same & causal)[:, None]

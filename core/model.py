@@ -1,0 +1,145 @@
+"""The policy architecture as megatron-core modules.
+
+This module maps a `ModelConfig` to megatron's TransformerConfig fields and layer specs and builds one
+GPTModel chunk. It knows nothing of parallelism: parallel sizes, pipeline stage flags and dtypes arrive
+as opaque arguments from `parallel.parallelize`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_mtp_block_spec
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
+
+from core.config import ModelConfig
+from core.layers import SDPACoreAttention, TorchNorm
+
+
+def architecture(m: ModelConfig) -> dict[str, Any]:
+    """megatron TransformerConfig fields that describe the network itself."""
+    arch: dict[str, Any] = dict(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        kv_channels=m.kv_channels,
+        normalization="RMSNorm",
+        layernorm_epsilon=m.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,  # also avoids an upstream in-place-on-view bug in MoE with biases
+        add_qkv_bias=m.add_qkv_bias,
+        init_method_std=m.init_method_std,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    )
+    if m.multi_latent_attention:
+        arch.update(
+            multi_latent_attention=True,
+            q_lora_rank=m.q_lora_rank,
+            kv_lora_rank=m.kv_lora_rank,
+            qk_head_dim=m.qk_head_dim,
+            qk_pos_emb_head_dim=m.qk_pos_emb_head_dim,
+            v_head_dim=m.v_head_dim,
+            rope_type=m.rope_type,
+            rotary_base=m.rotary_base,
+            rotary_scaling_factor=m.rotary_scaling_factor,
+            original_max_position_embeddings=m.original_max_position_embeddings,
+            mscale=m.mscale,
+            mscale_all_dim=m.mscale_all_dim,
+        )
+    if m.is_moe:
+        arch.update(
+            num_moe_experts=m.num_moe_experts,
+            moe_ffn_hidden_size=m.moe_ffn_hidden_size or m.ffn_hidden_size,
+            moe_shared_expert_intermediate_size=m.moe_shared_expert_intermediate_size,
+            moe_router_topk=m.moe_router_topk,
+            moe_router_score_function=m.moe_router_score_function,
+            moe_router_num_groups=m.moe_router_num_groups,
+            moe_router_group_topk=m.moe_router_group_topk,
+            moe_router_topk_scaling_factor=m.moe_router_topk_scaling_factor,
+            moe_router_enable_expert_bias=m.moe_router_enable_expert_bias,
+            moe_router_bias_update_rate=m.moe_router_bias_update_rate,
+            moe_router_pre_softmax=m.moe_router_score_function == "softmax",
+            moe_router_load_balancing_type="seq_aux_loss" if m.moe_aux_loss_coeff else "none",
+            moe_aux_loss_coeff=m.moe_aux_loss_coeff,
+            moe_router_dtype="fp32",
+            moe_token_dispatcher_type="alltoall",
+            moe_layer_freq=[0] * m.first_k_dense_replace + [1] * (m.num_layers - m.first_k_dense_replace),
+        )
+    if m.mtp_num_layers:
+        arch.update(mtp_num_layers=m.mtp_num_layers, mtp_loss_scaling_factor=m.mtp_loss_scaling_factor)
+    return arch
+
+
+def transformer_config(m: ModelConfig, **runtime: Any) -> TransformerConfig:
+    """The full megatron config: architecture plus `runtime` (parallel sizes, dtypes, fusions)."""
+    cls = MLATransformerConfig if m.multi_latent_attention else TransformerConfig
+    return cls(**architecture(m), **runtime)
+
+
+def _swap_classes(node: Any, swaps: dict[type, type]) -> Any:
+    """Returns `node` (a layer spec tree) with every class in `swaps` replaced."""
+    if isinstance(node, type):
+        return swaps.get(node, node)
+    if isinstance(node, list):
+        return [_swap_classes(n, swaps) for n in node]
+    if isinstance(node, functools.partial):
+        args = [_swap_classes(a, swaps) for a in node.args]
+        kwargs = {k: _swap_classes(v, swaps) for k, v in node.keywords.items()}
+        return functools.partial(_swap_classes(node.func, swaps), *args, **kwargs)
+    if isinstance(node, ModuleSpec) or (dataclasses.is_dataclass(node) and not isinstance(node, type)):
+        changes = {f.name: _swap_classes(getattr(node, f.name), swaps) for f in dataclasses.fields(node)}
+        return dataclasses.replace(node, **changes)
+    return node
+
+
+_LOCAL_SWAPS = {WrappedTorchNorm: TorchNorm, DotProductAttention: SDPACoreAttention}
+
+
+def layer_specs(config: TransformerConfig, use_te: bool, vp_stage=None, pp_rank=None):
+    """(decoder block spec, MTP block spec or None) for the layers this pipeline stage builds."""
+    block = get_gpt_decoder_block_spec(
+        config, use_transformer_engine=use_te, normalization="RMSNorm", vp_stage=vp_stage, pp_rank=pp_rank
+    )
+    mtp = None
+    if config.mtp_num_layers:
+        mtp = get_gpt_mtp_block_spec(config, block.layer_specs[-1], use_te, vp_stage=vp_stage, pp_rank=pp_rank)
+    if not use_te:
+        block, mtp = _swap_classes(block, _LOCAL_SWAPS), _swap_classes(mtp, _LOCAL_SWAPS)
+    return block, mtp
+
+
+def build_gpt(m: ModelConfig, config: TransformerConfig, use_te: bool, pre_process: bool = True,
+              post_process: bool = True, vp_stage=None, pp_rank=None) -> GPTModel:  # fmt: skip
+    block, mtp = layer_specs(config, use_te, vp_stage=vp_stage, pp_rank=pp_rank)
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=block,
+        vocab_size=m.padded_vocab_size,
+        max_sequence_length=m.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=m.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(m.rotary_base),
+        rope_scaling=m.llama3_rope_scaling is not None,
+        rope_scaling_factor=m.llama3_rope_scaling or 8.0,
+        mtp_block_spec=mtp,
+        vp_stage=vp_stage,
+    )
+
+
+def causal_mask(seq_len: int, device=None) -> torch.Tensor:
+    """megatron's mask convention: True where attention is not allowed."""
+    return torch.triu(torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool, device=device), diagonal=1)
