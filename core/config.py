@@ -6,12 +6,14 @@ types fail here) and `validate` checks the cross-field rules against the world s
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 
 class ConfigError(ValueError):
@@ -193,19 +195,35 @@ def load_config(raw: DictConfig | dict[str, Any]) -> Config:
     """Merges composed YAML onto the schema; unknown keys and wrong types become a ConfigError."""
     raw = raw if isinstance(raw, DictConfig) else OmegaConf.create(raw)
     raw = OmegaConf.masked_copy(raw, [k for k in raw if k != "hydra"]) if "hydra" in raw else raw
+    # Untyped first: a node Hydra already typed would let `+new_key` overrides through the merge.
+    raw = OmegaConf.create(OmegaConf.to_container(raw, resolve=False))
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), raw)
         cfg: Config = OmegaConf.to_object(merged)
-    except ConfigKeyError as e:
-        key = e.full_key or e.key
-        raise ConfigError(
-            f"unknown config key '{key}': {e.msg.splitlines()[0]}. "
-            "Fix: check the spelling against conf/ and core/config.py, or remove it."
-        ) from None
-    except (ValidationError, OmegaConfBaseException) as e:
-        key = getattr(e, "full_key", None) or "?"
-        raise ConfigError(f"bad value for config key '{key}': {str(e).splitlines()[0]}") from None
+    except OmegaConfBaseException as e:
+        raise explain(e) from None
     return cfg
+
+
+def explain(error: Exception) -> ConfigError:
+    """Turns an OmegaConf/Hydra composition error into one naming the key and the fix."""
+    cause = error
+    while not isinstance(cause, OmegaConfBaseException) and (cause.__cause__ or cause.__context__):
+        cause = cause.__cause__ or cause.__context__
+    key = getattr(cause, "full_key", None) or getattr(cause, "key", None) or "?"
+    missing = re.search(r"Could not find '(\w+)/(\w+)'", str(error))
+    if missing:
+        group, name = missing.groups()
+        options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+        return ConfigError(f"no preset '{name}' in config group '{group}'. Fix: use one of {options}.")
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)):
+        return ConfigError(
+            f"unknown config key '{key}'. Fix: check the spelling against conf/ and core/config.py "
+            "(every valid key is a dataclass field there), or remove it."
+        )
+    if isinstance(cause, ValidationError):
+        return ConfigError(f"bad value for config key '{key}': {str(cause).splitlines()[0]}")
+    return ConfigError(str(error).splitlines()[0])
 
 
 def _divisors(n: int) -> list[int]:
@@ -271,6 +289,11 @@ def validate(cfg: Config, world_size: int) -> Config:
         raise ConfigError(
             f"parallel.expert={ep} but model '{m.name}' has no experts. Fix: set parallel.expert=1."
         )
+    if m.multi_latent_attention and tp > 1 and not p.sequence_parallel:
+        raise ConfigError(
+            "MLA with parallel.tensor > 1 needs sequence parallelism: the shared rope key's grad is "
+            "summed over TP by the sequence-parallel gather. Fix: set parallel.sequence_parallel=true."
+        )
     if p.sequence_parallel and tp == 1:
         raise ConfigError("parallel.sequence_parallel=true needs parallel.tensor > 1. Fix: set it false.")
     if p.recompute not in ("none", "selective", "full"):
@@ -288,10 +311,24 @@ def validate(cfg: Config, world_size: int) -> Config:
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
+def register_schema() -> None:
+    """Makes the dataclasses the base of conf/config.yaml, so every field is overridable by name."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="config_schema", node=Config)
+
+
 def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "config") -> Config:
     """The config a `python -m ... [overrides]` run would get, outside of @hydra.main (tests, tools)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    from hydra.errors import HydraException
+
+    register_schema()
     with initialize_config_dir(str(CONF_DIR), version_base=None):
-        return load_config(hydra_compose(config_name, overrides=list(overrides)))
+        try:
+            raw = hydra_compose(config_name, overrides=list(overrides))
+        except (HydraException, OmegaConfBaseException) as e:
+            raise explain(e) from None
+    return load_config(raw)

@@ -102,11 +102,21 @@ def _read_parquet(path: Path, kind: str) -> list[dict]:
     # probing the hub first. Only effective if `datasets` is not yet imported.
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     import datasets
+    import pyarrow.parquet as pq
 
+    # Checked up front: datasets' own errors are vague ("An error occurred while
+    # generating the dataset"), and it fails outright on a zero-row file.
+    try:
+        num_rows = pq.read_metadata(path).num_rows
+    except Exception as e:
+        raise DataError(f"{path}: could not read as parquet ({type(e).__name__}: {e}); is it a parquet file?") from e
+    if num_rows == 0:
+        return []
     try:
         ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
-    except Exception as e:  # corrupt file, unreadable schema, ...
-        raise DataError(f"{path}: could not read as parquet ({type(e).__name__}: {e})") from e
+    except Exception as e:
+        cause = e.__cause__ or e
+        raise DataError(f"{path}: could not read as parquet ({type(cause).__name__}: {cause})") from e
     return [_check_row(row, kind, f"{path} row {i} (0-based)") for i, row in enumerate(ds)]
 
 

@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_mtp_block_spec
+from megatron.core.post_training.modelopt.layers import Linear as DuplicatedLinear
 from megatron.core.transformer.dot_product_attention import DotProductAttention
-from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.multi_latent_attention import MLASelfAttentionSubmodules
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
@@ -88,8 +89,9 @@ def transformer_config(m: ModelConfig, **runtime: Any) -> TransformerConfig:
     return cls(**architecture(m), **runtime)
 
 
-def _swap_classes(node: Any, swaps: dict[type, type]) -> Any:
-    """Returns `node` (a layer spec tree) with every class in `swaps` replaced."""
+def _swap_classes(node: Any, swaps: dict) -> Any:
+    """Returns `node` (a layer spec tree) with classes replaced: `swaps` maps a class, or a
+    (submodules dataclass, field name) pair, to its replacement."""
     if isinstance(node, type):
         return swaps.get(node, node)
     if isinstance(node, list):
@@ -98,13 +100,24 @@ def _swap_classes(node: Any, swaps: dict[type, type]) -> Any:
         args = [_swap_classes(a, swaps) for a in node.args]
         kwargs = {k: _swap_classes(v, swaps) for k, v in node.keywords.items()}
         return functools.partial(_swap_classes(node.func, swaps), *args, **kwargs)
-    if isinstance(node, ModuleSpec) or (dataclasses.is_dataclass(node) and not isinstance(node, type)):
-        changes = {f.name: _swap_classes(getattr(node, f.name), swaps) for f in dataclasses.fields(node)}
+    if dataclasses.is_dataclass(node) and not isinstance(node, type):
+        changes = {
+            f.name: swaps.get((type(node), f.name)) or _swap_classes(getattr(node, f.name), swaps)
+            for f in dataclasses.fields(node)
+        }
         return dataclasses.replace(node, **changes)
     return node
 
 
-_LOCAL_SWAPS = {WrappedTorchNorm: TorchNorm, DotProductAttention: SDPACoreAttention}
+_LOCAL_SWAPS = {
+    WrappedTorchNorm: TorchNorm,
+    DotProductAttention: SDPACoreAttention,
+    # The local spec's column-parallel MLA down-projections drop the TP sum of the shared rope key's
+    # grad (its last-dim gather splits the grad in backward). A duplicated Linear on sequence shards
+    # is what the TE spec does: the SP gather's reduce-scatter then sums it.
+    (MLASelfAttentionSubmodules, "linear_q_down_proj"): DuplicatedLinear,
+    (MLASelfAttentionSubmodules, "linear_kv_down_proj"): DuplicatedLinear,
+}
 
 
 def layer_specs(config: TransformerConfig, use_te: bool, vp_stage=None, pp_rank=None):

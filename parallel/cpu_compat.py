@@ -186,46 +186,101 @@ _CUDA_TYPE_NAMES = {
 
 
 @contextlib.contextmanager
-def _cuda_type_names():
-    original = torch.Tensor.type
+def _cpu_tensors_pass_as_cuda():
+    """Inside: `t.type()` names CPU tensors as CUDA ones and `t.cuda()` leaves them on the CPU."""
+    type_, cuda = torch.Tensor.type, torch.Tensor.cuda
 
-    def type_(self, dtype=None, *args, **kwargs):
+    def cuda_type(self, dtype=None, *args, **kwargs):
         if dtype is None and not args and not kwargs:
-            name = original(self)
+            name = type_(self)
             return _CUDA_TYPE_NAMES.get(name, name)
-        return original(self, dtype, *args, **kwargs)
+        return type_(self, dtype, *args, **kwargs)
 
-    torch.Tensor.type = type_
+    torch.Tensor.type = cuda_type
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
     try:
         yield
     finally:
-        torch.Tensor.type = original
+        torch.Tensor.type, torch.Tensor.cuda = type_, cuda
 
 
-def _with_cuda_type_names(owner, attr):
-    fn = getattr(owner, attr)
-    raw = fn.__func__ if isinstance(fn, (staticmethod, classmethod)) else fn
-    is_static = isinstance(owner.__dict__.get(attr), staticmethod)
+# megatron functions that call CUDA-only tensor methods: (module, owner or None, function).
+_CUDA_TENSOR_METHOD_USERS = (
+    ("optimizer.distrib_optimizer", "DistributedOptimizer", "_build_model_and_main_param_groups"),
+    ("optimizer.optimizer", "Float16OptimizerWithFloat16Params", "__init__"),
+    ("optimizer.distrib_optimizer", "DistributedOptimizer", "get_parameter_state_dp_zero"),
+    ("optimizer.clip_grads", None, "clip_grad_by_total_norm_fp32"),
+    ("models.common.language_module.language_module", "LanguageModule", "setup_embeddings_and_output_layer"),
+    ("dist_checkpointing.exchange_utils", None, "exchange_loaded_tensors_gather_rounds"),
+    ("dist_checkpointing.exchange_utils", None, "exchange_loaded_tensors_broadcast"),
+)
 
-    @functools.wraps(raw)
+
+def _wrap(owner, attr):
+    raw = owner.__dict__[attr]
+    kind = type(raw) if isinstance(raw, (staticmethod, classmethod)) else None
+    fn = raw.__func__ if kind else raw
+
+    @functools.wraps(fn)
     def wrapped(*args, **kwargs):
-        with _cuda_type_names():
-            return raw(*args, **kwargs)
+        with _cpu_tensors_pass_as_cuda():
+            return fn(*args, **kwargs)
 
-    setattr(owner, attr, staticmethod(wrapped) if is_static else wrapped)
+    setattr(owner, attr, kind(wrapped) if kind else wrapped)
+    return wrapped
 
 
-def _install_type_checks():
+def _rebind(attr: str, original, replacement) -> None:
+    """Modules that did `from x import f` still hold the original f; point them at the replacement."""
+    for module in list(sys.modules.values()):
+        if getattr(module, "__name__", "").startswith(_MEGATRON) and getattr(module, attr, None) is original:
+            setattr(module, attr, replacement)
+
+
+def _install_tensor_methods():
+    for mod_name, owner_name, attr in _CUDA_TENSOR_METHOD_USERS:
+        module = importlib.import_module(f"{_MEGATRON}.{mod_name}")
+        owner = getattr(module, owner_name) if owner_name else module
+        original = owner.__dict__[attr]
+        wrapped = _wrap(owner, attr)
+        if owner_name is None:
+            _rebind(attr, original, wrapped)
+
+
+def _install_moe_split_sizes():
+    moe_utils = importlib.import_module(f"{_MEGATRON}.transformer.moe.moe_utils")
+    importlib.import_module(f"{_MEGATRON}.transformer.moe.token_dispatcher")
+    original = moe_utils.maybe_move_tensor_to_cpu
+
+    @functools.wraps(original)
+    def move_to_cpu(tensor, as_numpy=False, record_stream=False):
+        # Upstream converts to numpy only for CUDA tensors; gloo's all_to_all_single needs
+        # split sizes as a sequence, which a CPU tensor is not.
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    moe_utils.maybe_move_tensor_to_cpu = move_to_cpu
+    _rebind("maybe_move_tensor_to_cpu", original, move_to_cpu)
+
+
+def _install_adam_step_restore():
     distrib = importlib.import_module(f"{_MEGATRON}.optimizer.distrib_optimizer")
-    optimizer = importlib.import_module(f"{_MEGATRON}.optimizer.optimizer")
-    clip = importlib.import_module(f"{_MEGATRON}.optimizer.clip_grads")
-    _with_cuda_type_names(distrib.DistributedOptimizer, "_build_model_and_main_param_groups")
-    _with_cuda_type_names(optimizer.Float16OptimizerWithFloat16Params, "__init__")
-    _with_cuda_type_names(clip, "clip_grad_by_total_norm_fp32")
-    # Other modules bound the function by name at import time.
-    for mod in (optimizer, distrib):
-        if hasattr(mod, "clip_grad_by_total_norm_fp32"):
-            mod.clip_grad_by_total_norm_fp32 = clip.clip_grad_by_total_norm_fp32
+    original = distrib.DistributedOptimizer._set_main_param_and_optimizer_states
+
+    @functools.wraps(original)
+    def set_states(self, model_param, tensors):
+        # The loop copies every tensor in the param's Adam state, torch's tensor `step` included,
+        # but the loader leaves `step` out (restored separately); None is what the loop skips.
+        return original(self, model_param, {"step": None, **tensors})
+
+    distrib.DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+
+
+def _install_mla_linear():
+    mla = importlib.import_module(f"{_MEGATRON}.transformer.multi_latent_attention")
+    if mla.Linear is None:
+        mla.Linear = importlib.import_module(f"{_MEGATRON}.post_training.modelopt.layers").Linear
 
 
 PATCHES: tuple[Patch, ...] = (
@@ -252,11 +307,36 @@ PATCHES: tuple[Patch, ...] = (
         _install_rng,
     ),
     Patch(
-        "tensor_type_checks",
-        "the optimizers and grad clipping accept only tensors whose type() is 'torch.cuda.*Tensor'",
+        "tensor_methods",
+        "optimizers and grad clipping accept only tensors whose type() is 'torch.cuda.*Tensor', and the "
+        "tied-embedding setup and checkpoint exchange call .cuda(); inside those functions CPU tensors pass",
         f"{_MEGATRON}.optimizer.distrib_optimizer",
         ("model_param.type() == 'torch.cuda.FloatTensor'", "def _build_model_and_main_param_groups("),
-        _install_type_checks,
+        _install_tensor_methods,
+    ),
+    Patch(
+        "adam_step_restore",
+        "without apex, torch's Adam keeps `step` as a state tensor, which the distributed optimizer's "
+        "fully-reshardable load does not pass in, so it raises KeyError: 'step'",
+        f"{_MEGATRON}.optimizer.distrib_optimizer",
+        ('if k == "step":', "dst_tensors[key].copy_(tensors[key])"),
+        _install_adam_step_restore,
+    ),
+    Patch(
+        "moe_split_sizes",
+        "the MoE all-to-all dispatcher turns split sizes into numpy only when they were on a GPU; on CPU "
+        "they stay tensors and gloo's all_to_all_single rejects them",
+        f"{_MEGATRON}.transformer.moe.moe_utils",
+        ("if torch.is_tensor(tensor) and tensor.is_cuda:", "cpu_tensor = cpu_tensor.numpy()"),
+        _install_moe_split_sizes,
+    ),
+    Patch(
+        "mla_duplicated_linear",
+        "without Transformer Engine, MLA accepts no duplicated (sequence-sharded) Linear for its "
+        "down-projections, and the column-parallel ones lose the TP sum of the rope key's grad",
+        f"{_MEGATRON}.transformer.multi_latent_attention",
+        ("from megatron.core.post_training.modelopt.layers import Linear", "Linear,\n                TEColumnParallelLinear,"),
+        _install_mla_linear,
     ),
 )
 

@@ -53,9 +53,14 @@ def init_distributed(cfg: Config) -> launch_env.LaunchEnv:
     return env
 
 
-def shutdown() -> None:
+def shutdown_model_parallel() -> None:
+    """Drops megatron's process groups but keeps torch.distributed, so another layout can follow."""
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
+
+
+def shutdown() -> None:
+    shutdown_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

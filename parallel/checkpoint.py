@@ -1,0 +1,188 @@
+"""Checkpoints through megatron dist-checkpointing: saved at one parallel layout, loadable at any other.
+
+Layout on disk: ROOT/step_00000010/ (megatron's sharded files + r1stack.json + rng/), and ROOT/latest,
+a one-line file naming the newest complete step dir. A save writes into ROOT/.tmp.step_*, renames it
+into place when every rank is done, and only then rewrites `latest`: a save cut short at any point
+leaves the previous checkpoint and pointer intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from megatron.core import dist_checkpointing
+from megatron.core import parallel_state as ps
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+from parallel.parallelize import Policy, unwrap
+
+META = "r1stack.json"
+LATEST = "latest"
+# Optimizer state in a canonical per-parameter form, so it reshards across TP/PP/DP.
+_OPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _barrier():
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _fsync_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _sub_optimizers(optimizer) -> list:
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _sharded_state(policy: Policy, with_optimizer: bool, is_loading: bool) -> dict:
+    model_sd = unwrap(policy.chunks[0]).sharded_state_dict(prefix="")
+    state: dict[str, Any] = {"model": model_sd}
+    if with_optimizer:
+        if is_loading:
+            for opt in _sub_optimizers(policy.optimizer):
+                if isinstance(opt, DistributedOptimizer):
+                    opt._init_optimizer_states_with_dummy_values()
+        state["optimizer"] = policy.optimizer.sharded_state_dict(
+            model_sd, is_loading=is_loading, metadata=_OPT_METADATA
+        )
+    return state
+
+
+def save(policy: Policy, root: str | os.PathLike, extra: dict | None = None, with_optimizer: bool = True,
+         keep: int = 0) -> Path:  # fmt: skip
+    """Collective: every rank calls it. Returns the final step dir."""
+    root = Path(root)
+    name = f"step_{policy.step:08d}"
+    tmp, final = root / f".tmp.{name}", root / name
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    dist_checkpointing.save(_sharded_state(policy, with_optimizer, is_loading=False), str(tmp))
+    (tmp / "rng").mkdir(exist_ok=True)
+    torch.save(_rng_state(), tmp / "rng" / f"rank_{_rank():05d}.pt")
+    _barrier()
+    if _rank() == 0:
+        meta = {
+            "step": policy.step,
+            "model": policy.cfg.model.name,
+            "layout": {k: getattr(policy.cfg.parallel, k) for k in ("tensor", "pipeline", "expert", "data")},
+            "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
+            "with_optimizer": with_optimizer,
+            "extra": extra or {},
+        }
+        _fsync_write(tmp / META, json.dumps(meta, indent=1))
+        if final.exists():  # re-saving a step: drop the old copy only once the new one is complete
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_write(root / LATEST, name + "\n")
+        if keep:
+            _prune(root, keep)
+    _barrier()
+    return final
+
+
+def _prune(root: Path, keep: int) -> None:
+    steps = sorted(p for p in root.glob("step_*") if (p / META).exists())
+    for old in steps[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """A step dir, or a root whose `latest` names one."""
+    path = Path(path)
+    if (path / META).exists():
+        return path
+    pointer = path / LATEST
+    if not pointer.exists():
+        raise CheckpointError(f"no checkpoint at {path}: neither {META} nor a '{LATEST}' pointer is there")
+    step_dir = path / pointer.read_text().strip()
+    if not (step_dir / META).exists():
+        raise CheckpointError(f"{pointer} names {step_dir.name}, which is missing or incomplete")
+    return step_dir
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    return json.loads((resolve(path) / META).read_text())
+
+
+def load(policy: Policy, path: str | os.PathLike, with_optimizer: bool = True, with_rng: bool = False) -> dict:
+    """Collective. Loads weights (and optimizer state) saved at any layout; returns the metadata."""
+    step_dir = resolve(path)
+    meta = json.loads((step_dir / META).read_text())
+    if with_optimizer and not meta["with_optimizer"]:
+        raise CheckpointError(f"{step_dir} holds weights only; load it with with_optimizer=False")
+    state = dist_checkpointing.load(_sharded_state(policy, with_optimizer, is_loading=True), str(step_dir))
+    unwrap(policy.chunks[0]).load_state_dict(state["model"], strict=True)
+    if with_optimizer:
+        policy.optimizer.load_state_dict(state["optimizer"])
+        _unshare_adam_steps(policy.optimizer)
+    if with_rng:
+        rng_file = step_dir / "rng" / f"rank_{_rank():05d}.pt"
+        if rng_file.exists():
+            _set_rng_state(torch.load(rng_file, weights_only=False))
+    policy.step = meta["step"]
+    return meta
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    # Upstream bug: DistributedOptimizer.load_state_dict hands every param one shared `step` tensor,
+    # so each Adam update bumps it once per param and bias correction goes wrong silently.
+    for opt in _sub_optimizers(optimizer):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None:
+            continue
+        for state in inner.state.values():
+            if "step" in state and torch.is_tensor(state["step"]):
+                state["step"] = state["step"].clone()
+
+
+def _rng_state() -> dict:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    state = {"cpu": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    torch.set_rng_state(state["cpu"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def model_parallel_layout() -> dict:
+    return {
+        "tensor": ps.get_tensor_model_parallel_world_size(),
+        "pipeline": ps.get_pipeline_model_parallel_world_size(),
+        "expert": ps.get_expert_model_parallel_world_size(),
+        "data": ps.get_data_parallel_world_size(),
+    }
