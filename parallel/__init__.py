@@ -1,5 +1,5 @@
-"""Parallelism: process groups, megatron-core wrapping, the CPU compatibility layer."""
+"""Parallelism: process groups, megatron-core wrapping, checkpoints, the CPU compatibility layer."""
 
-from parallel import cpu_compat
+from parallel import cpu_compat as _cpu_compat
 
-cpu_compat.apply()
+_cpu_compat.apply()

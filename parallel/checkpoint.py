@@ -58,6 +58,11 @@ def _sub_optimizers(optimizer) -> list:
     return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
+def _has_optimizer_state(optimizer) -> bool:
+    # torch creates Adam's state lazily at the first step; before it there is nothing to save.
+    return any(len(getattr(opt, "optimizer", opt).state) for opt in _sub_optimizers(optimizer))
+
+
 def _sharded_state(policy: Policy, with_optimizer: bool, is_loading: bool) -> dict:
     model_sd = unwrap(policy.chunks[0]).sharded_state_dict(prefix="")
     state: dict[str, Any] = {"model": model_sd}
@@ -82,7 +87,8 @@ def save(policy: Policy, root: str | os.PathLike, extra: dict | None = None, wit
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    dist_checkpointing.save(_sharded_state(policy, with_optimizer, is_loading=False), str(tmp))
+    optimizer_state = with_optimizer and _has_optimizer_state(policy.optimizer)
+    dist_checkpointing.save(_sharded_state(policy, optimizer_state, is_loading=False), str(tmp))
     (tmp / "rng").mkdir(exist_ok=True)
     torch.save(_rng_state(), tmp / "rng" / f"rank_{_rank():05d}.pt")
     _barrier()
@@ -93,6 +99,7 @@ def save(policy: Policy, root: str | os.PathLike, extra: dict | None = None, wit
             "layout": {k: getattr(policy.cfg.parallel, k) for k in ("tensor", "pipeline", "expert", "data")},
             "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
             "with_optimizer": with_optimizer,
+            "optimizer_state": optimizer_state,  # False before the first step: load leaves it fresh
             "extra": extra or {},
         }
         _fsync_write(tmp / META, json.dumps(meta, indent=1))
@@ -136,6 +143,7 @@ def load(policy: Policy, path: str | os.PathLike, with_optimizer: bool = True, w
     meta = json.loads((step_dir / META).read_text())
     if with_optimizer and not meta["with_optimizer"]:
         raise CheckpointError(f"{step_dir} holds weights only; load it with with_optimizer=False")
+    with_optimizer = with_optimizer and meta["optimizer_state"]
     state = dist_checkpointing.load(_sharded_state(policy, with_optimizer, is_loading=True), str(step_dir))
     unwrap(policy.chunks[0]).load_state_dict(state["model"], strict=True)
     if with_optimizer:

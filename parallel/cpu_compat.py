@@ -1,16 +1,16 @@
 """Lets megatron-core 0.19 run on CPU with gloo. Active only when CUDA is absent.
 
-Every patch is one `Patch` record: what it replaces, why, and the upstream text it relies on.
-`tests/test_cpu_compat.py` checks each `relies_on` against the installed megatron-core, so an upgrade
-that changes a patched spot fails loudly instead of silently running unpatched code.
-Call `apply()` before the first `import megatron.core`; `parallel.__init__` does.
+Every patch is one `Patch` record: the megatron module it changes, why, the upstream text it relies
+on, and an `install(module)` run right after that module is imported (or at once, if it already is),
+so import order never matters. `tests/test_cpu_compat.py` checks each `relies_on` against the
+installed megatron-core: an upgrade that changes a patched spot fails loudly instead of silently
+running unpatched code. `apply()` is cheap (it imports no megatron); `core` and `parallel` call it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
 import importlib.abc
 import importlib.machinery
 import logging
@@ -28,14 +28,13 @@ _MEGATRON = "megatron.core"
 class Patch:
     name: str
     why: str
-    module: str  # megatron module whose source must contain `relies_on`
+    module: str  # the megatron module patched; its source must contain `relies_on`
     relies_on: tuple[str, ...]
-    install: Callable[[], None]
+    install: Callable[[types.ModuleType | None], None]
+    now: bool = False  # install at apply() time instead of when `module` is imported
 
 
 def _to_cpu_device(device):
-    if device is None:
-        return None
     if isinstance(device, int):
         return torch.device("cpu")
     if isinstance(device, str) and device.startswith("cuda"):
@@ -117,16 +116,19 @@ class _CpuTorch(types.ModuleType):
         return getattr(torch, name)
 
 
-_CPU_TORCH: _CpuTorch | None = None
+_CPU_TORCH = _CpuTorch()
+_PENDING: dict[str, list[Patch]] = {}  # module name -> patches waiting for its import
 
 
-def _swap_torch(module: types.ModuleType) -> None:
+def _on_import(module: types.ModuleType) -> None:
     if getattr(module, "torch", None) is torch:
         module.torch = _CPU_TORCH
+    for patch in _PENDING.pop(module.__name__, []):
+        patch.install(module)
 
 
-class _ProxyTorchFinder(importlib.abc.MetaPathFinder):
-    """Gives every megatron.core module imported from now on the CPU `torch`."""
+class _MegatronImportHook(importlib.abc.MetaPathFinder):
+    """Runs `_on_import` on every megatron.core module right after it executes."""
 
     def find_spec(self, fullname, path, target=None):
         if not fullname.startswith(_MEGATRON):
@@ -136,24 +138,15 @@ class _ProxyTorchFinder(importlib.abc.MetaPathFinder):
             return spec
         exec_module = spec.loader.exec_module
 
-        def exec_and_swap(module):
+        def exec_then_patch(module):
             exec_module(module)
-            _swap_torch(module)
+            _on_import(module)
 
-        spec.loader.exec_module = exec_and_swap
+        spec.loader.exec_module = exec_then_patch
         return spec
 
 
-def _install_torch_proxy():
-    global _CPU_TORCH
-    _CPU_TORCH = _CpuTorch()
-    sys.meta_path.insert(0, _ProxyTorchFinder())
-    for name, module in list(sys.modules.items()):
-        if name.startswith(_MEGATRON) and module is not None:
-            _swap_torch(module)
-
-
-def _install_paged_stash_stub():
+def _stub_paged_stash(_=None):
     name = f"{_MEGATRON}.transformer.moe.ops.paged_stash"
     stub = types.ModuleType(name)
     stub.GLOBAL_BLOCK_SIZE = 1024
@@ -165,8 +158,7 @@ def _install_paged_stash_stub():
     sys.modules[name] = stub
 
 
-def _install_rng():
-    random = importlib.import_module(f"{_MEGATRON}.tensor_parallel.random")
+def _patch_rng(random):
     random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
 
@@ -204,52 +196,28 @@ def _cpu_tensors_pass_as_cuda():
         torch.Tensor.type, torch.Tensor.cuda = type_, cuda
 
 
-# megatron functions that call CUDA-only tensor methods: (module, owner or None, function).
-_CUDA_TENSOR_METHOD_USERS = (
-    ("optimizer.distrib_optimizer", "DistributedOptimizer", "_build_model_and_main_param_groups"),
-    ("optimizer.optimizer", "Float16OptimizerWithFloat16Params", "__init__"),
-    ("optimizer.distrib_optimizer", "DistributedOptimizer", "get_parameter_state_dp_zero"),
-    ("optimizer.clip_grads", None, "clip_grad_by_total_norm_fp32"),
-    ("models.common.language_module.language_module", "LanguageModule", "setup_embeddings_and_output_layer"),
-    ("dist_checkpointing.exchange_utils", None, "exchange_loaded_tensors_gather_rounds"),
-    ("dist_checkpointing.exchange_utils", None, "exchange_loaded_tensors_broadcast"),
-)
+def _pass_cpu_tensors_as_cuda(*targets: str):
+    """An install function wrapping each 'Owner.method' or 'function' of the module."""
+
+    def install(module):
+        for target in targets:
+            owner_name, _, attr = target.rpartition(".")
+            owner = getattr(module, owner_name) if owner_name else module
+            raw = owner.__dict__[attr]
+            kind = type(raw) if isinstance(raw, (staticmethod, classmethod)) else None
+            fn = raw.__func__ if kind else raw
+
+            @functools.wraps(fn)
+            def wrapped(*args, _fn=fn, **kwargs):
+                with _cpu_tensors_pass_as_cuda():
+                    return _fn(*args, **kwargs)
+
+            setattr(owner, attr, kind(wrapped) if kind else wrapped)
+
+    return install
 
 
-def _wrap(owner, attr):
-    raw = owner.__dict__[attr]
-    kind = type(raw) if isinstance(raw, (staticmethod, classmethod)) else None
-    fn = raw.__func__ if kind else raw
-
-    @functools.wraps(fn)
-    def wrapped(*args, **kwargs):
-        with _cpu_tensors_pass_as_cuda():
-            return fn(*args, **kwargs)
-
-    setattr(owner, attr, kind(wrapped) if kind else wrapped)
-    return wrapped
-
-
-def _rebind(attr: str, original, replacement) -> None:
-    """Modules that did `from x import f` still hold the original f; point them at the replacement."""
-    for module in list(sys.modules.values()):
-        if getattr(module, "__name__", "").startswith(_MEGATRON) and getattr(module, attr, None) is original:
-            setattr(module, attr, replacement)
-
-
-def _install_tensor_methods():
-    for mod_name, owner_name, attr in _CUDA_TENSOR_METHOD_USERS:
-        module = importlib.import_module(f"{_MEGATRON}.{mod_name}")
-        owner = getattr(module, owner_name) if owner_name else module
-        original = owner.__dict__[attr]
-        wrapped = _wrap(owner, attr)
-        if owner_name is None:
-            _rebind(attr, original, wrapped)
-
-
-def _install_moe_split_sizes():
-    moe_utils = importlib.import_module(f"{_MEGATRON}.transformer.moe.moe_utils")
-    importlib.import_module(f"{_MEGATRON}.transformer.moe.token_dispatcher")
+def _patch_moe_split_sizes(moe_utils):
     original = moe_utils.maybe_move_tensor_to_cpu
 
     @functools.wraps(original)
@@ -261,11 +229,9 @@ def _install_moe_split_sizes():
         return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
 
     moe_utils.maybe_move_tensor_to_cpu = move_to_cpu
-    _rebind("maybe_move_tensor_to_cpu", original, move_to_cpu)
 
 
-def _install_adam_step_restore():
-    distrib = importlib.import_module(f"{_MEGATRON}.optimizer.distrib_optimizer")
+def _patch_adam_step_restore(distrib):
     original = distrib.DistributedOptimizer._set_main_param_and_optimizer_states
 
     @functools.wraps(original)
@@ -277,68 +243,67 @@ def _install_adam_step_restore():
     distrib.DistributedOptimizer._set_main_param_and_optimizer_states = set_states
 
 
-def _install_mla_linear():
-    mla = importlib.import_module(f"{_MEGATRON}.transformer.multi_latent_attention")
+def _patch_mla_linear(mla):
     if mla.Linear is None:
-        mla.Linear = importlib.import_module(f"{_MEGATRON}.post_training.modelopt.layers").Linear
+        from megatron.core.post_training.modelopt.layers import Linear
+
+        mla.Linear = Linear
+
+
+def _m(name: str) -> str:
+    return f"{_MEGATRON}.{name}"
 
 
 PATCHES: tuple[Patch, ...] = (
-    Patch(
-        "paged_stash_stub",
-        "the MoE paged-stash triton kernels are imported unconditionally but used only with moe_paged_stash",
-        f"{_MEGATRON}.transformer.moe.ops.paged_stash",
-        ("import triton", "GLOBAL_BLOCK_SIZE = 1024"),
-        _install_paged_stash_stub,
-    ),
-    Patch(
-        "torch_proxy",
-        "megatron allocates on torch.cuda.current_device()/device='cuda' and uses CUDA streams, "
-        "events and RNG everywhere; its modules get a torch whose CUDA entry points map to CPU",
-        f"{_MEGATRON}.parallel_state",
-        ("torch.cuda.current_device()",),
-        _install_torch_proxy,
-    ),
-    Patch(
-        "rng_tracker",
-        "the model-parallel RNG tracker reads and writes CUDA generator states directly",
-        f"{_MEGATRON}.tensor_parallel.random",
-        ("def _get_cuda_rng_state(", "def _set_cuda_rng_state(", "torch.cuda.default_generators"),
-        _install_rng,
-    ),
-    Patch(
-        "tensor_methods",
-        "optimizers and grad clipping accept only tensors whose type() is 'torch.cuda.*Tensor', and the "
-        "tied-embedding setup and checkpoint exchange call .cuda(); inside those functions CPU tensors pass",
-        f"{_MEGATRON}.optimizer.distrib_optimizer",
-        ("model_param.type() == 'torch.cuda.FloatTensor'", "def _build_model_and_main_param_groups("),
-        _install_tensor_methods,
-    ),
-    Patch(
-        "adam_step_restore",
-        "without apex, torch's Adam keeps `step` as a state tensor, which the distributed optimizer's "
-        "fully-reshardable load does not pass in, so it raises KeyError: 'step'",
-        f"{_MEGATRON}.optimizer.distrib_optimizer",
-        ('if k == "step":', "dst_tensors[key].copy_(tensors[key])"),
-        _install_adam_step_restore,
-    ),
-    Patch(
-        "moe_split_sizes",
-        "the MoE all-to-all dispatcher turns split sizes into numpy only when they were on a GPU; on CPU "
-        "they stay tensors and gloo's all_to_all_single rejects them",
-        f"{_MEGATRON}.transformer.moe.moe_utils",
-        ("if torch.is_tensor(tensor) and tensor.is_cuda:", "cpu_tensor = cpu_tensor.numpy()"),
-        _install_moe_split_sizes,
-    ),
-    Patch(
-        "mla_duplicated_linear",
-        "without Transformer Engine, MLA accepts no duplicated (sequence-sharded) Linear for its "
-        "down-projections, and the column-parallel ones lose the TP sum of the rope key's grad",
-        f"{_MEGATRON}.transformer.multi_latent_attention",
-        ("from megatron.core.post_training.modelopt.layers import Linear", "Linear,\n                TEColumnParallelLinear,"),
-        _install_mla_linear,
-    ),
-)
+    Patch("paged_stash_stub",
+          "the MoE paged-stash triton kernels are imported unconditionally but used only with moe_paged_stash",
+          _m("transformer.moe.ops.paged_stash"), ("import triton", "GLOBAL_BLOCK_SIZE = 1024"), _stub_paged_stash,
+          now=True),
+    Patch("torch_proxy",
+          "megatron allocates on torch.cuda.current_device()/device='cuda' and uses CUDA streams, events and "
+          "RNG everywhere; each megatron module gets a torch whose CUDA entry points map to CPU",
+          _m("parallel_state"), ("torch.cuda.current_device()",), lambda _: sys.meta_path.insert(0, _MegatronImportHook()),
+          now=True),
+    Patch("rng_tracker", "the model-parallel RNG tracker reads and writes CUDA generator states directly",
+          _m("tensor_parallel.random"),
+          ("def _get_cuda_rng_state(", "def _set_cuda_rng_state(", "torch.cuda.default_generators"), _patch_rng),
+    Patch("distrib_optimizer_cuda_tensors",
+          "the distributed optimizer accepts only params whose type() is 'torch.cuda.*Tensor' and moves "
+          "state to CUDA when gathering it for a checkpoint",
+          _m("optimizer.distrib_optimizer"),
+          ("model_param.type() == 'torch.cuda.FloatTensor'", "send_tensor = send_tensor.cuda()"),
+          _pass_cpu_tensors_as_cuda("DistributedOptimizer._build_model_and_main_param_groups",
+                                    "DistributedOptimizer.get_parameter_state_dp_zero")),
+    Patch("float16_optimizer_cuda_tensors", "the bf16/fp16 optimizer accepts only 'torch.cuda.*Tensor' params",
+          _m("optimizer.optimizer"), ("param.type() == 'torch.cuda.FloatTensor'",),
+          _pass_cpu_tensors_as_cuda("Float16OptimizerWithFloat16Params.__init__")),
+    Patch("clip_grads_cuda_tensors", "grad clipping asserts that grads are 'torch.cuda.FloatTensor'",
+          _m("optimizer.clip_grads"), ("assert param.grad.type() == 'torch.cuda.FloatTensor'",),
+          _pass_cpu_tensors_as_cuda("clip_grad_by_total_norm_fp32")),
+    Patch("tied_embedding_cuda", "the tied-embedding sync between pipeline stages moves the weight to CUDA",
+          _m("models.common.language_module.language_module"), ("weight.data = weight.data.cuda()",),
+          _pass_cpu_tensors_as_cuda("LanguageModule.setup_embeddings_and_output_layer")),
+    Patch("checkpoint_exchange_cuda", "dist-checkpoint loading moves exchanged shards to CUDA",
+          _m("dist_checkpointing.exchange_utils"), ("all_loaded_tensors[shard_id].cuda()",),
+          _pass_cpu_tensors_as_cuda("exchange_loaded_tensors_gather_rounds", "exchange_loaded_tensors_broadcast")),
+    Patch("adam_step_restore",
+          "without apex, torch's Adam keeps `step` as a state tensor, which the distributed optimizer's "
+          "fully-reshardable load does not pass in, so it raises KeyError: 'step'",
+          _m("optimizer.distrib_optimizer"), ('if k == "step":', "dst_tensors[key].copy_(tensors[key])"),
+          _patch_adam_step_restore),
+    Patch("moe_split_sizes",
+          "the MoE all-to-all dispatcher turns split sizes into numpy only when they were on a GPU; on CPU "
+          "they stay tensors and gloo's all_to_all_single rejects them",
+          _m("transformer.moe.moe_utils"),
+          ("if torch.is_tensor(tensor) and tensor.is_cuda:", "cpu_tensor = cpu_tensor.numpy()"),
+          _patch_moe_split_sizes),
+    Patch("mla_duplicated_linear",
+          "without Transformer Engine, MLA accepts no duplicated (sequence-sharded) Linear for its "
+          "down-projections, and the column-parallel ones lose the TP sum of the rope key's grad",
+          _m("transformer.multi_latent_attention"),
+          ("from megatron.core.post_training.modelopt.layers import Linear", "Linear,\n                TEColumnParallelLinear,"),
+          _patch_mla_linear),
+)  # fmt: skip
 
 _applied = False
 
@@ -348,11 +313,17 @@ def needed() -> bool:
 
 
 def apply() -> bool:
-    """Installs every patch once; a no-op (returns False) when CUDA is present."""
+    """Arms every patch once; a no-op (returns False) when CUDA is present."""
     global _applied
     if _applied or not needed():
         return _applied
     for patch in PATCHES:
-        patch.install()
+        if patch.now:
+            patch.install(None)
+        else:
+            _PENDING.setdefault(patch.module, []).append(patch)
+    for name, module in list(sys.modules.items()):  # megatron modules imported before us
+        if name.startswith(_MEGATRON) and module is not None:
+            _on_import(module)
     _applied = True
     return True

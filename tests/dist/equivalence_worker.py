@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -120,12 +121,14 @@ def reference(workdir: Path) -> None:
         policy.optimizer.step()
         policy.step += 1
         ckpt.save(policy, out / "after_step", with_optimizer=False)
+        start = time.perf_counter()
         policy.optimizer.zero_grad()
         P.forward_backward(policy, micro_batches(rows))
         policy.optimizer.step()
         policy.step += 1
+        step_s = time.perf_counter() - start
         ckpt.save(policy, out / "after_two_steps", with_optimizer=False)
-        torch.save({"loss": loss, "logits": logits}, out / "outputs.pt")
+        torch.save({"loss": loss, "logits": logits, "step_s": step_s}, out / "outputs.pt")
     P.shutdown()
 
 
@@ -153,7 +156,8 @@ def run_case(name: str, workdir: Path) -> dict:
     start = workdir / LOADS_FROM[name] / "saved" if name in LOADS_FROM else ref_dir / "init"
     ckpt.load(policy, start, with_optimizer=False)
     rows = dp_rows(global_batch(policy.cfg.model.vocab_size))
-    result = {"case": name, "layout": ckpt.model_parallel_layout(), "world": torch.distributed.get_world_size()}
+    result = {"case": name, "layout": ckpt.model_parallel_layout(), "world": torch.distributed.get_world_size(),
+              "single_process_step_s": expected["step_s"]}  # fmt: skip
 
     logits = run_logits(policy, rows)
     diff = 0.0
@@ -182,10 +186,13 @@ def run_case(name: str, workdir: Path) -> dict:
         result["resumed_step"] = policy.step
     else:
         ckpt.save(policy, case_dir / "after_step", with_optimizer=False)
+    torch.distributed.barrier()
+    start = time.perf_counter()
     policy.optimizer.zero_grad()
     P.forward_backward(policy, micro_batches(rows))
     policy.optimizer.step()
     policy.step += 1
+    result["step_s"] = _all_max(time.perf_counter() - start)  # the second step: no first-call warm-up
     ckpt.save(policy, case_dir / "after_two_steps", with_optimizer=False)
 
     if not distopt:

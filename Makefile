@@ -1,0 +1,19 @@
+# The README's two commands: `make demo` and `make test`. Both set up .venv/ first (a no-op once done).
+PY := .venv/bin/python
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export WANDB_MODE ?= offline
+
+.PHONY: setup test demo clean
+
+setup:
+	@bash tools/setup_env.sh
+
+test: setup
+	$(PY) -m pytest -q tests
+
+demo: setup
+	$(PY) -m rlhf.train stage=pretrain run_dir=runs/demo
+
+clean:
+	rm -rf runs outputs multirun .pytest_cache

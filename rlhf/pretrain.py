@@ -1,0 +1,295 @@
+"""The `pretrain` stage: next-token training of the base model on packed text, then a held-out check.
+
+A run is resumable: checkpoints land in RUN_DIR/checkpoints, and the batch of each step is a pure
+function of (data.seed, step), so re-running the same command after a kill finishes the same job.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import parallel  # noqa: F401  (CPU compatibility layer before megatron loads)
+from core.config import Config, ConfigError
+from core.data import causal_mask_from_segments, load_rows, pack
+from core.model import causal_mask
+from core.tokenizer import build_char_tokenizer, save_tokenizer
+from parallel import checkpoint as ckpt
+from parallel import parallelize as P
+from rlhf.tasks import addition
+
+log = logging.getLogger("r1stack.pretrain")
+
+EVAL_N, EVAL_MAX_NEW_TOKENS, EVAL_SEED = 100, 48, 0
+MAX_BAD_STEPS = 5  # non-finite losses in a row before giving up
+
+
+# ---------------------------------------------------------------- data
+
+
+def load_texts(cfg: Config) -> list[str]:
+    d = cfg.data
+    if d.source == "generated":
+        if d.task != "addition":
+            raise ConfigError(f"data.task={d.task!r}: the pretrain stage generates only 'addition'.")
+        return addition.pretraining_text(random.Random(d.seed), d.num_train)
+    if d.source in ("jsonl", "parquet"):
+        if not d.train_path:
+            raise ConfigError(f"data.source={d.source} needs data.train_path (a file with a 'text' field per row).")
+        return [row["text"] for row in load_rows(d.train_path, "text")]
+    raise ConfigError(f"data.source={d.source!r}: expected generated, jsonl or parquet.")
+
+
+def pack_texts(texts: list[str], tok, seq_len: int, chunk: int = 256) -> dict[str, torch.Tensor]:
+    """bos + text + eos per sample, packed into rows of seq_len. Packing runs per chunk of samples
+    because first-fit over the whole corpus is quadratic."""
+    ids = tok(texts, add_special_tokens=True)["input_ids"]
+    samples = [{"input_ids": x + [tok.eos_token_id]} for x in ids]
+    parts = [pack(samples[i : i + chunk], seq_len, tok.pad_token_id) for i in range(0, len(samples), chunk)]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def batch_rows(step: int, seed: int, num_rows: int, global_batch: int) -> list[int]:
+    """Row indices of the global batch at 0-based `step`: epochs of seeded permutations, so the
+    order depends only on (seed, step) and a resumed run sees the same batches."""
+    out = []
+    for pos in range(step * global_batch, (step + 1) * global_batch):
+        epoch, i = divmod(pos, num_rows)
+        out.append(int(_permutation(seed, epoch, num_rows)[i]))
+    return out
+
+
+_PERM_CACHE: dict[tuple[int, int, int], torch.Tensor] = {}
+
+
+def _permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
+    key = (seed, epoch, n)
+    if key not in _PERM_CACHE:
+        _PERM_CACHE.clear()
+        _PERM_CACHE[key] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return _PERM_CACHE[key]
+
+
+def micro_batches(data: dict[str, torch.Tensor], rows: list[int], micro: int) -> list[dict]:
+    out = []
+    for i in range(0, len(rows), micro):
+        idx = torch.tensor(rows[i : i + micro])
+        out.append({
+            "tokens": data["tokens"][idx],
+            "labels": data["labels"][idx].clamp(min=0),  # ignored positions have loss_mask 0
+            "loss_mask": data["loss_mask"][idx],
+            "position_ids": data["position_ids"][idx],
+            "attention_mask": causal_mask_from_segments(data["segment_ids"][idx]),
+        })  # fmt: skip
+    return out
+
+
+# ---------------------------------------------------------------- optimisation
+
+
+def lr_at(step: int, cfg: Config, max_lr: float, min_lr: float) -> float:
+    """Linear warmup over optim.warmup_steps, then cosine to min_lr (or constant); `step` is 0-based."""
+    o, total = cfg.stage.train.optim, cfg.stage.train.steps
+    if step < o.warmup_steps:
+        return max_lr * (step + 1) / o.warmup_steps
+    if o.schedule == "constant":
+        return max_lr
+    if o.schedule != "cosine":
+        raise ConfigError(f"stage.train.optim.schedule={o.schedule!r}: expected cosine or constant.")
+    progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+    return min_lr + 0.5 * (max_lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(policy: P.Policy, step: int) -> float:
+    # Without megatron's scheduler the groups keep their initial lr and weight decay: apply lr_mult and
+    # wd_mult (0 for norms and biases) here, as OptimizerParamScheduler would.
+    wd = policy.cfg.stage.train.optim.weight_decay
+    for g in policy.optimizer.param_groups:
+        g["lr"] = lr_at(step, policy.cfg, g["max_lr"], g["min_lr"]) * g.get("lr_mult", 1.0)
+        g["weight_decay"] = wd * g.get("wd_mult", 1.0)
+    return lr_at(step, policy.cfg, policy.cfg.stage.train.optim.lr, policy.cfg.stage.train.optim.min_lr)
+
+
+def guarded_step(policy: P.Policy, mbs: list[dict]) -> dict:
+    """P.train_step with the update skipped on a non-finite loss: in fp32 megatron's optimizer only
+    catches inf/NaN when a loss scaler runs (fp16), and would write NaN into the weights."""
+    policy.optimizer.zero_grad()
+    loss = P.reduce_loss(P.forward_backward(policy, mbs))
+    policy.step += 1
+    if loss is None or not math.isfinite(loss):
+        policy.optimizer.zero_grad()
+        return {"loss": loss, "grad_norm": float("nan"), "update_ok": False}
+    ok, grad_norm, _ = policy.optimizer.step()
+    return {"loss": loss, "grad_norm": float(grad_norm or 0.0), "update_ok": bool(ok)}
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, vocab: int,
+             temperature: float = 0.0, generator: torch.Generator | None = None) -> list[list[int]]:  # fmt: skip
+    """Greedy (temperature 0) or sampled decoding that recomputes the full forward per token; fine for
+    a tiny model. Prompts must share one length; finished rows leave the batch."""
+    if len({len(p) for p in prompts}) != 1:
+        raise ValueError("generate: prompts must all have the same length")
+    cur, alive = torch.tensor(prompts), torch.arange(len(prompts))
+    out: list[list[int]] = [[] for _ in prompts]
+    for _ in range(max_new_tokens):
+        s = cur.shape[1]
+        logits = model(cur, torch.arange(s).expand_as(cur), causal_mask(s))[:, -1, :vocab].float()
+        if temperature > 0:
+            nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator)[:, 0]
+        else:
+            nxt = logits.argmax(-1)
+        for i, t in zip(alive.tolist(), nxt.tolist()):
+            out[i].append(t)
+        keep = nxt != eos_id
+        cur, alive = torch.cat([cur, nxt[:, None]], 1)[keep], alive[keep]
+        if not len(alive):
+            break
+    return out
+
+
+def heldout_eval(policy: P.Policy, tok, n: int = EVAL_N, max_new_tokens: int = EVAL_MAX_NEW_TOKENS) -> dict:
+    """Held-out addition: pass@1 and reasoning-first share, greedy and sampled at temperature 1."""
+    rows = addition.eval_prompts(n, EVAL_SEED)
+    prompts = [tok(r["prompt"])["input_ids"] for r in rows]
+    model = P.unwrap(policy.chunks[0])
+    model.eval()
+    result: dict = {"eval/n": n}
+    try:
+        for mode, temp in (("greedy", 0.0), ("sampled", 1.0)):
+            gen = torch.Generator().manual_seed(EVAL_SEED)
+            ids = generate(model, prompts, max_new_tokens, tok.eos_token_id, len(tok), temp, gen)
+            texts = [tok.decode(x, skip_special_tokens=True) for x in ids]
+            result[f"eval/pass@1_{mode}"] = sum(addition.score(t, r["answer"]) for t, r in zip(texts, rows)) / n
+            result[f"eval/reasoning_first_{mode}"] = sum(map(addition.starts_with_trace, texts)) / n
+            result[f"eval/examples_{mode}"] = [r["prompt"] + t for r, t in zip(rows[:3], texts[:3])]
+    finally:
+        model.train()
+    return result
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def _progress(enabled: bool, total: int, start: int):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("pretrain"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s"), TimeRemainingColumn(),
+                   disable=not enabled)  # fmt: skip
+    task = bar.add_task("pretrain", total=total, completed=start, loss="-", tps="-")
+    return bar, task
+
+
+def _trim_metrics(path: Path, keep_until: int) -> None:
+    """Drops lines past the resumed step (a killed run logs steps its last checkpoint never saw)."""
+    if not path.exists():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= keep_until]
+    path.write_text("".join(ln + "\n" for ln in lines))
+
+
+def run(cfg: Config) -> dict:
+    t_start = time.time()
+    env = P.init_distributed(cfg)
+    try:
+        return _run(cfg, env.rank == 0, t_start)
+    finally:
+        P.shutdown()
+
+
+def _run(cfg: Config, rank0: bool, t_start: float) -> dict:
+    t = cfg.stage.train
+    run_dir = Path(cfg.run_dir)
+    ckpt_root, metrics_path = run_dir / "checkpoints", run_dir / "metrics.jsonl"
+
+    tok = build_char_tokenizer()
+    if len(tok) > cfg.model.vocab_size:
+        raise ConfigError(f"the char tokenizer has {len(tok)} tokens > model.vocab_size={cfg.model.vocab_size}. "
+                          f"Fix: set model.vocab_size >= {len(tok)}.")  # fmt: skip
+    if rank0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_tokenizer(tok, run_dir / "tokenizer")
+
+    data = pack_texts(load_texts(cfg), tok, t.seq_length)
+    num_rows = data["tokens"].shape[0]
+    policy = P.build_policy(cfg)
+    if (ckpt_root / ckpt.LATEST).exists():
+        meta = ckpt.load(policy, ckpt_root, with_optimizer=True, with_rng=True)
+        log.info("resumed from %s at step %d", ckpt_root, policy.step)
+        if meta["extra"].get("data_position") != policy.step * t.global_batch_size:
+            log.warning("checkpoint data_position %s does not match step×global batch: the batch size changed",
+                        meta["extra"].get("data_position"))  # fmt: skip
+    start = policy.step
+    if rank0:
+        _trim_metrics(metrics_path, start)
+        log.info("pretrain: %d packed rows of %d tokens; steps %d → %d", num_rows, t.seq_length, start, t.steps)
+
+    show = rank0 and sys.stdout.isatty() and os.environ.get("R1_NO_PROGRESS") != "1"
+    bar, task = _progress(show, t.steps, start)
+    last = {"loss": float("nan")}
+    bad, saved_at = 0, start
+    with bar, open(metrics_path, "a") if rank0 else open(os.devnull, "w") as metrics:
+        for step in range(start, t.steps):
+            t0 = time.perf_counter()
+            rows = batch_rows(step, cfg.data.seed, num_rows, t.global_batch_size)
+            lr = set_lr(policy, step)
+            last = guarded_step(policy, micro_batches(data, P.split_for_data_parallel(rows), t.micro_batch_size))
+            dt = time.perf_counter() - t0
+            tokens = int((data["segment_ids"][rows] >= 0).sum())
+            row = {"step": policy.step, "train/loss": last["loss"], "train/grad_norm": last["grad_norm"],
+                   "train/lr": lr, "train/skipped": not last["update_ok"], "perf/step_s": dt,
+                   "perf/tokens_per_s": tokens / dt, "data/position": policy.step * t.global_batch_size}  # fmt: skip
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+            bar.update(task, completed=policy.step, loss=f"{last['loss']:.3f}", tps=f"{tokens / dt:,.0f}")
+            if rank0 and not show and (policy.step % max(1, t.steps // 10) == 0 or policy.step == t.steps):
+                print(f"step {policy.step}/{t.steps} loss {last['loss']:.4f} lr {lr:.2e} {tokens / dt:,.0f} tok/s",
+                      flush=True)  # fmt: skip
+            if last["update_ok"]:
+                bad = 0
+            else:
+                bad += 1
+                log.warning("step %d: loss %s is not finite; update skipped (%d in a row)", policy.step, last["loss"], bad)
+                if bad >= MAX_BAD_STEPS:
+                    raise RuntimeError(f"{bad} non-finite losses in a row (last at step {policy.step}). Fix: lower "
+                                       "stage.train.optim.lr, raise warmup_steps, or use dtype=fp32.")  # fmt: skip
+            if t.save_every and policy.step % t.save_every == 0:
+                _save(policy, ckpt_root, t)
+                saved_at = policy.step
+    if saved_at != policy.step:
+        _save(policy, ckpt_root, t)
+    train_s = time.time() - t_start
+
+    summary = {"steps": policy.step, "final_loss": last["loss"], "train_s": train_s}
+    p = cfg.parallel
+    if cfg.data.task != "addition":
+        summary["eval/note"] = "skipped: the held-out check is for the addition task"
+    elif (p.tensor, p.pipeline, p.context, p.expert) != (1, 1, 1, 1):
+        summary["eval/note"] = "skipped: held-out decoding runs only without model parallelism"
+    elif rank0:
+        summary.update(heldout_eval(policy, tok))
+    if "eval/note" in summary and rank0:
+        log.warning("held-out eval %s", summary["eval/note"])
+    summary["wall_s"] = time.time() - t_start
+    if rank0:
+        (run_dir / "pretrain_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        print(json.dumps({k: v for k, v in summary.items() if not k.startswith("eval/examples")}), flush=True)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # other ranks wait for rank 0's eval before the groups go away
+    return summary
+
+
+def _save(policy: P.Policy, root: Path, t) -> None:
+    ckpt.save(policy, root, extra={"data_position": policy.step * t.global_batch_size}, keep=t.keep_checkpoints)

@@ -1,0 +1,1 @@
+"""Verifiable tasks: prompts, reference reasoning, generated pretraining text and scorers."""

@@ -1,0 +1,67 @@
+"""Entry point for every stage: `python -m rlhf.train stage=pretrain run_dir=PATH [overrides]`.
+
+Exit status 2 means the configuration (or a data file it names) cannot run; the message on stderr names the key and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from core.config import ConfigError, compose, load_config, register_schema
+from core.data import DataError
+
+register_schema()  # before @hydra.main composes conf/config.yaml, whose defaults name the schema
+
+
+def _pretrain(cfg):
+    from rlhf import pretrain  # imports megatron: only once a stage actually runs
+
+    return pretrain.run(cfg)
+
+
+STAGES = {"pretrain": _pretrain}
+
+
+def run_stage(cfg) -> dict:
+    runner = STAGES.get(cfg.stage.name)
+    if runner is None:
+        raise ConfigError(f"unknown stage.name {cfg.stage.name!r}. Fix: use one of {sorted(STAGES)}.")
+    return runner(cfg)
+
+
+def _fail(e: Exception) -> None:
+    print(f"{'data' if isinstance(e, DataError) else 'config'} error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base=None)
+def main(raw: DictConfig) -> None:
+    try:
+        cfg = load_config(raw)
+        run_stage(cfg)
+    except (ConfigError, DataError) as e:
+        _fail(e)
+
+
+def _precheck(argv: list[str]) -> None:
+    """Hydra rejects an unknown override key before `main` runs, with its own message and status 1;
+    composing the plain overrides first turns that into our message and status 2."""
+    if any(a.startswith("-") for a in argv):  # --multirun, --cfg, ...: leave those to Hydra
+        return
+    try:
+        compose([a for a in argv if not a.lstrip("+~").startswith("hydra.")])
+    except ConfigError as e:
+        _fail(e)
+
+
+if __name__ == "__main__":
+    if os.environ.get("R1_THREADS"):
+        import torch
+
+        torch.set_num_threads(int(os.environ["R1_THREADS"]))
+    _precheck(sys.argv[1:])
+    main()

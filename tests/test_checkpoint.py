@@ -1,0 +1,112 @@
+"""Checkpoints in one process: round trip, atomicity, exact optimizer resume, clear errors.
+Resharding across layouts is tested in test_equivalence.py."""
+
+import pytest
+import torch
+
+from core.config import compose
+from core.model import causal_mask
+
+
+@pytest.fixture(scope="module")
+def P(single_process):
+    single_process.shutdown_model_parallel()
+    single_process.init_distributed(compose([]))
+    return single_process
+
+
+def batch(seed=0, b=4, s=16, vocab=100):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(0, vocab, (b, s + 1), generator=g)
+    return [dict(tokens=t[:, :-1], labels=t[:, 1:], loss_mask=torch.ones(b, s),
+                 position_ids=torch.arange(s).expand(b, s), attention_mask=causal_mask(s))]  # fmt: skip
+
+
+def new_policy(P):
+    torch.manual_seed(0)
+    return P.build_policy(compose(["stage.train.optim.lr=1e-2", "stage.train.micro_batch_size=4",
+                                   "stage.train.global_batch_size=4"]))  # fmt: skip
+
+
+def weights(policy):
+    return {k: v.detach().clone() for k, v in policy.chunks[0].module.state_dict().items() if torch.is_tensor(v)}
+
+
+def test_round_trip_and_latest_pointer(P, tmp_path):
+    from parallel import checkpoint as ckpt
+
+    a = new_policy(P)
+    P.train_step(a, batch())
+    path = ckpt.save(a, tmp_path, extra={"data_position": 7})
+    assert path.name == "step_00000001" and (tmp_path / "latest").read_text().strip() == path.name
+    b = new_policy(P)
+    meta = ckpt.load(b, tmp_path)
+    assert meta["extra"] == {"data_position": 7} and b.step == 1
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_is_exact(P, tmp_path):
+    from parallel import checkpoint as ckpt
+
+    straight = new_policy(P)
+    for i in range(3):
+        P.train_step(straight, batch(i))
+    resumed = new_policy(P)
+    P.train_step(resumed, batch(0))
+    ckpt.save(resumed, tmp_path)
+    resumed = new_policy(P)
+    ckpt.load(resumed, tmp_path)
+    for i in (1, 2):
+        P.train_step(resumed, batch(i))
+    ws, wr = weights(straight), weights(resumed)
+    assert all(torch.equal(ws[k], wr[k]) for k in ws), "a resumed run must match the uninterrupted one exactly"
+
+
+def test_interrupted_save_leaves_the_previous_checkpoint(P, tmp_path, monkeypatch):
+    from megatron.core import dist_checkpointing
+
+    from parallel import checkpoint as ckpt
+
+    policy = new_policy(P)
+    ckpt.save(policy, tmp_path)
+    P.train_step(policy, batch())
+    real_save = dist_checkpointing.save
+
+    def dies_halfway(state, path, **kw):
+        real_save(state, path, **kw)
+        raise KeyboardInterrupt("killed during save")
+
+    monkeypatch.setattr(dist_checkpointing, "save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save(policy, tmp_path)
+    monkeypatch.undo()
+    assert ckpt.resolve(tmp_path).name == "step_00000000"
+    assert ckpt.load(new_policy(P), tmp_path)["step"] == 0
+    ckpt.save(policy, tmp_path)  # the next save cleans up the leftover temporary dir
+    assert ckpt.resolve(tmp_path).name == "step_00000001"
+    assert not list(tmp_path.glob(".tmp.*"))
+
+
+def test_keep_prunes_old_steps(P, tmp_path):
+    from parallel import checkpoint as ckpt
+
+    policy = new_policy(P)
+    for _ in range(3):
+        P.train_step(policy, batch())
+        ckpt.save(policy, tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000002", "step_00000003"]
+
+
+def test_clear_errors(P, tmp_path):
+    from parallel import checkpoint as ckpt
+
+    with pytest.raises(ckpt.CheckpointError, match="no checkpoint at"):
+        ckpt.resolve(tmp_path)
+    (tmp_path / "latest").write_text("step_00000009\n")
+    with pytest.raises(ckpt.CheckpointError, match="names step_00000009, which is missing or incomplete"):
+        ckpt.resolve(tmp_path)
+    policy = new_policy(P)
+    ckpt.save(policy, tmp_path / "weights", with_optimizer=False)
+    with pytest.raises(ckpt.CheckpointError, match="holds weights only"):
+        ckpt.load(policy, tmp_path / "weights")
