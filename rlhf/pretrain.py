@@ -28,7 +28,7 @@ from rlhf.tasks import addition
 
 log = logging.getLogger("r1stack.pretrain")
 
-EVAL_N, EVAL_MAX_NEW_TOKENS, EVAL_SEED = 100, 48, 0
+EVAL_MAX_NEW_TOKENS, EVAL_SEED = 48, 0
 MAX_BAD_STEPS = 5  # non-finite losses in a row before giving up
 
 
@@ -159,7 +159,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, 
     return out
 
 
-def heldout_eval(policy: P.Policy, tok, n: int = EVAL_N, max_new_tokens: int = EVAL_MAX_NEW_TOKENS) -> dict:
+def heldout_eval(policy: P.Policy, tok, n: int, max_new_tokens: int = EVAL_MAX_NEW_TOKENS) -> dict:
     """Held-out addition: pass@1 and reasoning-first share, greedy and sampled at temperature 1."""
     rows = addition.eval_prompts(n, EVAL_SEED)
     prompts = [tok(r["prompt"])["input_ids"] for r in rows]
@@ -251,7 +251,7 @@ def _run(cfg: Config, rank0: bool, t_start: float) -> dict:
             row = {"step": policy.step, "train/loss": last["loss"], "train/grad_norm": last["grad_norm"],
                    "train/lr": lr, "train/skipped": not last["update_ok"], "perf/step_s": dt,
                    "perf/tokens_per_s": tokens / dt, "data/position": policy.step * t.global_batch_size}  # fmt: skip
-            metrics.write(json.dumps(row) + "\n")
+            metrics.write(json.dumps({k: _finite(v) for k, v in row.items()}) + "\n")
             metrics.flush()
             bar.update(task, completed=policy.step, loss=f"{last['loss']:.3f}", tps=f"{tokens / dt:,.0f}")
             if rank0 and not show and (policy.step % max(1, t.steps // 10) == 0 or policy.step == t.steps):
@@ -279,7 +279,7 @@ def _run(cfg: Config, rank0: bool, t_start: float) -> dict:
     elif (p.tensor, p.pipeline, p.context, p.expert) != (1, 1, 1, 1):
         summary["eval/note"] = "skipped: held-out decoding runs only without model parallelism"
     elif rank0:
-        summary.update(heldout_eval(policy, tok))
+        summary.update(heldout_eval(policy, tok, cfg.data.num_eval))
     if "eval/note" in summary and rank0:
         log.warning("held-out eval %s", summary["eval/note"])
     summary["wall_s"] = time.time() - t_start
@@ -289,6 +289,11 @@ def _run(cfg: Config, rank0: bool, t_start: float) -> dict:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # other ranks wait for rank 0's eval before the groups go away
     return summary
+
+
+def _finite(v):
+    # json.dumps writes NaN/Infinity, which strict JSON readers (jq, browsers) reject.
+    return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
 def _save(policy: P.Policy, root: Path, t) -> None:

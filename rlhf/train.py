@@ -5,6 +5,7 @@ Exit status 2 means the configuration (or a data file it names) cannot run; the 
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -40,6 +41,7 @@ def _fail(e: Exception) -> None:
 
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
 def main(raw: DictConfig) -> None:
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lists every parameter and config field
     try:
         cfg = load_config(raw)
         run_stage(cfg)

@@ -13,6 +13,8 @@ checkpoint machinery and are compared at TP1. Results land in WORKDIR/results.js
 from __future__ import annotations
 
 import json
+import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -46,6 +48,7 @@ CASES = {
 SAVES_FOR = {"dense_tp2": "dense_tp2_to_tp1", "dsv3_tp2_ep2_sp": "dsv3_pp2_ep2_from_tp2_ep2"}
 LOADS_FROM = {v: k for k, v in SAVES_FOR.items()}
 BATCH, SEQ, MICRO = 4, 16, 2
+BENCH_STEPS = int(os.environ.get("R1_BENCH_STEPS", "0"))
 
 
 def config(model: str, overrides: list[str]):
@@ -121,13 +124,10 @@ def reference(workdir: Path) -> None:
         policy.optimizer.step()
         policy.step += 1
         ckpt.save(policy, out / "after_step", with_optimizer=False)
-        start = time.perf_counter()
-        policy.optimizer.zero_grad()
-        P.forward_backward(policy, micro_batches(rows))
-        policy.optimizer.step()
-        policy.step += 1
-        step_s = time.perf_counter() - start
+        step_s = timed_step(policy, rows)
         ckpt.save(policy, out / "after_two_steps", with_optimizer=False)
+        if BENCH_STEPS:
+            step_s = statistics.median(timed_step(policy, rows) for _ in range(BENCH_STEPS))
         torch.save({"loss": loss, "logits": logits, "step_s": step_s}, out / "outputs.pt")
     P.shutdown()
 
@@ -140,6 +140,17 @@ def _max_diff_at_tp1(model: str, a: Path, b: Path) -> float:
     ckpt.load(policy, b, with_optimizer=False)
     got = P.unwrap(policy.chunks[0]).state_dict()
     return max(float((got[k].float() - v.float()).abs().max()) for k, v in ref.items() if v.numel())
+
+
+def timed_step(policy, rows) -> float:
+    """Wall seconds of one optimizer step, the slowest rank's."""
+    torch.distributed.barrier()
+    start = time.perf_counter()
+    policy.optimizer.zero_grad()
+    P.forward_backward(policy, micro_batches(rows))
+    policy.optimizer.step()
+    policy.step += 1
+    return _all_max(time.perf_counter() - start)
 
 
 def _all_max(x: float) -> float:
@@ -186,14 +197,10 @@ def run_case(name: str, workdir: Path) -> dict:
         result["resumed_step"] = policy.step
     else:
         ckpt.save(policy, case_dir / "after_step", with_optimizer=False)
-    torch.distributed.barrier()
-    start = time.perf_counter()
-    policy.optimizer.zero_grad()
-    P.forward_backward(policy, micro_batches(rows))
-    policy.optimizer.step()
-    policy.step += 1
-    result["step_s"] = _all_max(time.perf_counter() - start)  # the second step: no first-call warm-up
+    result["step_s"] = timed_step(policy, rows)  # the second step: past the first call's warm-up
     ckpt.save(policy, case_dir / "after_two_steps", with_optimizer=False)
+    if BENCH_STEPS:  # tools/bench: the median of more steps; comparisons below read saved checkpoints
+        result["step_s"] = statistics.median(timed_step(policy, rows) for _ in range(BENCH_STEPS))
 
     if not distopt:
         result["grads_max_diff"] = _max_diff_at_tp1(model, ref_dir / "grads", case_dir / "grads")

@@ -1,0 +1,81 @@
+"""Benchmarks: each one times our path against a peer run in the same script, and writes JSON whose
+top-level `ratios` object holds the comparisons beside the raw figures.
+
+    python -m tools.bench layouts --out bench_layouts.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS: dict[str, Callable[[argparse.Namespace], dict]] = {}
+
+
+def register(name: str):
+    def add(fn):
+        BENCHMARKS[name] = fn
+        return fn
+
+    return add
+
+
+def _run(cmd: list, env: dict) -> None:
+    proc = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"benchmark step failed: {' '.join(map(str, cmd))}\n{proc.stderr[-4000:]}")
+
+
+@register("layouts")
+def layouts(args: argparse.Namespace) -> dict:
+    """Training-step time of each parallel layout vs the single-process run of the same model and
+    batch (tests/dist/equivalence_worker.py; batch 4 x 16 tokens, fp32, gloo, 1 thread per rank)."""
+    worker = ROOT / "tests" / "dist" / "equivalence_worker.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), R1_BENCH_STEPS=str(args.steps))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--master-port"]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        _run([sys.executable, worker, "reference", work], env)
+        for port, world, cases in ((29621, 2, args.cases2), (29622, 4, args.cases4)):
+            _run([*torchrun, port, "--nproc-per-node", world, worker, "cases", work, *cases], env)
+            rows += json.loads((work / "results.json").read_text())
+            (work / "results.json").unlink()
+    figures = {
+        f"{r['case']}@{r['world']}": {
+            "layout": r["layout"], "step_s": r["step_s"], "single_process_step_s": r["single_process_step_s"],
+        }
+        for r in rows if "step_s" in r
+    }  # fmt: skip
+    ratios = {k: round(v["step_s"] / v["single_process_step_s"], 3) for k, v in figures.items()}
+    return {"figures": figures, "ratios": {"step_time_over_single_process": ratios}}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__)
+    parser.add_argument("benchmark", choices=sorted(BENCHMARKS))
+    parser.add_argument("--out", required=True, help="JSON file to write")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per case (median)")
+    parser.add_argument("--cases2", nargs="*", default=["dense_tp2", "dense_pp2", "dense_dp2_distopt", "dsv3_tp2_sp",
+                                                          "dsv3_pp2", "dsv3_ep2", "dsv3_dp2_distopt"])  # fmt: skip
+    parser.add_argument("--cases4", nargs="*", default=["dsv3_tp2_ep2_sp"])
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    result = BENCHMARKS[args.benchmark](args)
+    result["meta"] = {"benchmark": args.benchmark, "wall_s": round(time.perf_counter() - start, 1),
+                      "cpus": os.cpu_count(), "python": platform.python_version()}  # fmt: skip
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(json.dumps(result["ratios"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
