@@ -154,6 +154,9 @@ def load(policy: Policy, path: str | os.PathLike, with_optimizer: bool = True, w
         if rng_file.exists():
             _set_rng_state(torch.load(rng_file, weights_only=False))
     policy.step = meta["step"]
+    if with_optimizer and policy.scheduler is not None:  # the schedule is a function of the step
+        policy.scheduler.num_steps = 0
+        policy.scheduler.step(increment=policy.step)
     return meta
 
 

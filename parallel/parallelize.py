@@ -4,6 +4,7 @@ and one forward/backward over micro-batches through megatron's pipeline schedule
 from __future__ import annotations
 
 import datetime
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -13,11 +14,12 @@ from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from core import model as model_lib
-from core.config import Config, validate
+from core.config import Config, ConfigError, validate
 from parallel import env as launch_env
 from parallel.kernels import use_transformer_engine
 
@@ -109,6 +111,7 @@ class Policy:
     cfg: Config
     chunks: list[torch.nn.Module]
     optimizer: Any = None
+    scheduler: Any = None  # megatron's OptimizerParamScheduler: warmup, decay, per-group lr/wd multipliers
     config: Any = None
     step: int = 0
     extra: dict = field(default_factory=dict)
@@ -140,6 +143,7 @@ def build_policy(cfg: Config, with_optimizer: bool = True) -> Policy:
     policy = Policy(cfg=cfg, chunks=chunks, config=config)
     if with_optimizer:
         policy.optimizer = build_optimizer(cfg, chunks)
+        policy.scheduler = build_scheduler(cfg, policy.optimizer)
         config.grad_scale_func = policy.optimizer.scale_loss
     return policy
 
@@ -161,6 +165,25 @@ def build_optimizer(cfg: Config, chunks: list[torch.nn.Module]):
         use_distributed_optimizer=cfg.parallel.distributed_optimizer,
     )
     return get_megatron_optimizer(opt_config, chunks)
+
+
+def build_scheduler(cfg: Config, optimizer) -> OptimizerParamScheduler:
+    o, steps = cfg.stage.train.optim, cfg.stage.train.steps
+    if o.schedule not in ("cosine", "constant", "linear"):
+        raise ConfigError(f"stage.train.optim.schedule={o.schedule!r}: expected cosine, linear or constant.")
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=o.lr,
+        min_lr=o.min_lr,
+        lr_warmup_steps=o.warmup_steps,
+        lr_decay_steps=max(steps, o.warmup_steps + 1),
+        lr_decay_style=o.schedule,
+        start_wd=o.weight_decay,
+        end_wd=o.weight_decay,
+        wd_incr_steps=max(steps, 1),
+        wd_incr_style="constant",
+    )
 
 
 def token_loss(output: torch.Tensor, loss_mask: torch.Tensor):
@@ -208,12 +231,22 @@ def forward_backward(policy: Policy, micro_batches: list[dict], forward_only: bo
 
 
 def train_step(policy: Policy, micro_batches: list[dict], forward: Callable = _default_forward) -> dict:
-    """One optimizer step; returns the global token-mean loss, grad norm and whether the update ran."""
+    """One optimizer step; returns the global token-mean loss, grad norm, lr and whether the update ran.
+
+    A non-finite loss skips the update: in fp32 megatron's optimizer only catches inf/NaN grads when
+    an fp16 loss scaler runs, and would otherwise write NaN into the weights.
+    """
     policy.optimizer.zero_grad()
-    data = forward_backward(policy, micro_batches, forward=forward)
-    ok, grad_norm, _ = policy.optimizer.step()
+    loss = reduce_loss(forward_backward(policy, micro_batches, forward=forward))
+    lr = policy.optimizer.param_groups[0]["lr"]
     policy.step += 1
-    return {"loss": reduce_loss(data), "grad_norm": float(grad_norm or 0.0), "update_ok": bool(ok)}
+    if loss is None or not math.isfinite(loss):
+        policy.optimizer.zero_grad()
+        ok, grad_norm = False, float("nan")
+    else:
+        ok, grad_norm, _ = policy.optimizer.step()
+    policy.scheduler.step(increment=1)
+    return {"loss": loss, "grad_norm": float(grad_norm or 0.0), "lr": lr, "update_ok": bool(ok)}
 
 
 def reduce_loss(data: list[dict]) -> float | None:

@@ -1,6 +1,7 @@
 """Entry point for every stage: `python -m rlhf.train stage=pretrain run_dir=PATH [overrides]`.
 
-Exit status 2 means the configuration (or a data file it names) cannot run; the message on stderr names the key and the fix.
+Exit status 2 means the configuration (or a data file it names) cannot run; the message on stderr
+names the key and the fix.
 """
 
 from __future__ import annotations

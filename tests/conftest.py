@@ -30,3 +30,12 @@ def single_process():
 
     yield parallelize
     parallelize.shutdown()
+
+
+def lm_batch(seed: int = 0, b: int = 4, s: int = 16, vocab: int = 100) -> list[dict]:
+    """One micro-batch of random tokens in the layout parallel.parallelize expects."""
+    from core.model import causal_mask
+
+    t = torch.randint(0, vocab, (b, s + 1), generator=torch.Generator().manual_seed(seed))
+    return [dict(tokens=t[:, :-1], labels=t[:, 1:], loss_mask=torch.ones(b, s),
+                 position_ids=torch.arange(s).expand(b, s), attention_mask=causal_mask(s))]  # fmt: skip

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from core.config import compose
-from core.model import causal_mask
 
 
 @pytest.fixture(scope="module")
@@ -15,11 +14,7 @@ def P(single_process):
     return single_process
 
 
-def batch(seed=0, b=4, s=16, vocab=100):
-    g = torch.Generator().manual_seed(seed)
-    t = torch.randint(0, vocab, (b, s + 1), generator=g)
-    return [dict(tokens=t[:, :-1], labels=t[:, 1:], loss_mask=torch.ones(b, s),
-                 position_ids=torch.arange(s).expand(b, s), attention_mask=causal_mask(s))]  # fmt: skip
+from tests.conftest import lm_batch as batch
 
 
 def new_policy(P):

@@ -100,10 +100,13 @@ def _slip(rng: random.Random, a: int, b: int) -> tuple[str, str]:
 
 
 def _broken(rng: random.Random, a: int, b: int) -> str:
-    """A format error; most still reason first, as an unfinished R1-style habit would."""
+    """A format error; most still reason first, as an unfinished R1-style habit would.
+
+    The content stays right: random answers after a correct trace taught the base to ignore its own
+    steps (teacher-forced accuracy of the answer digits read back from the trace: 5% with 30% of broken
+    texts answering at random, 96% without, both after 600 steps).
+    """
     text, answer = _render(_steps(a, b))
-    if rng.random() < 0.3:
-        answer = str(rng.randrange(2000))
     variants = [
         f"{text}{THINK_END}{answer}",  # answer without tags
         f"{text}{ANSWER}{answer}{ANSWER_END}",  # no </think>

@@ -8,16 +8,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from core.config import compose  # noqa: E402
-from core.model import causal_mask  # noqa: E402
 from parallel import checkpoint as ckpt  # noqa: E402
 from parallel import parallelize as P  # noqa: E402
-
-
-def batch(vocab, b=4, s=64):
-    g = torch.Generator().manual_seed(0)
-    t = torch.randint(0, vocab, (b, s + 1), generator=g)
-    return [dict(tokens=t[:, :-1], labels=t[:, 1:], loss_mask=torch.ones(b, s),
-                 position_ids=torch.arange(s).expand(b, s), attention_mask=causal_mask(s))]  # fmt: skip
+from tests.conftest import lm_batch  # noqa: E402
 
 
 def logits(policy, mb):
@@ -35,7 +28,7 @@ def main():
         P.init_distributed(local_cfg)
         local = P.build_policy(local_cfg, with_optimizer=False)
         ckpt.save(local, out / "weights", with_optimizer=False)
-        mb = batch(local_cfg.model.vocab_size)[0]
+        mb = lm_batch(s=64, vocab=local_cfg.model.vocab_size)[0]
         want = logits(local, mb)
         te_cfg = compose([f"model={model}", "parallel.transformer_impl=transformer_engine"])
         te = P.build_policy(te_cfg, with_optimizer=False)
@@ -47,7 +40,7 @@ def main():
                        "stage.train.dtype=bf16", "stage.train.optim.lr=1e-3"])  # fmt: skip
         P.init_distributed(cfg)
         policy = P.build_policy(cfg)
-        result = {"losses": [P.train_step(policy, batch(cfg.model.vocab_size))["loss"] for _ in range(5)]}
+        result = {"losses": [P.train_step(policy, lm_batch(s=64, vocab=cfg.model.vocab_size))["loss"] for _ in range(5)]}
     result["backend"] = torch.distributed.get_backend()
     (out / f"{case}.json").write_text(json.dumps(result))
     P.shutdown()
