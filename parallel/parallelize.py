@@ -231,13 +231,17 @@ def forward_backward(policy: Policy, micro_batches: list[dict], forward_only: bo
 
 
 def train_step(policy: Policy, micro_batches: list[dict], forward: Callable = _default_forward) -> dict:
-    """One optimizer step; returns the global token-mean loss, grad norm, lr and whether the update ran.
+    """One optimizer step; returns the global token-mean loss, grad norm, lr and whether the update ran."""
+    policy.optimizer.zero_grad()
+    return optimizer_step(policy, reduce_loss(forward_backward(policy, micro_batches, forward=forward)))
+
+
+def optimizer_step(policy: Policy, loss: float | None) -> dict:
+    """Applies the grads that forward_backward left, then advances the LR/WD schedule.
 
     A non-finite loss skips the update: in fp32 megatron's optimizer only catches inf/NaN grads when
     an fp16 loss scaler runs, and would otherwise write NaN into the weights.
     """
-    policy.optimizer.zero_grad()
-    loss = reduce_loss(forward_backward(policy, micro_batches, forward=forward))
     lr = policy.optimizer.param_groups[0]["lr"]
     policy.step += 1
     if loss is None or not math.isfinite(loss):

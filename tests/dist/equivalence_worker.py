@@ -121,8 +121,7 @@ def reference(workdir: Path) -> None:
         data = P.forward_backward(policy, micro_batches(rows))
         loss = P.reduce_loss(data)
         save_grads(policy, out / "grads")
-        policy.optimizer.step()
-        policy.step += 1
+        P.optimizer_step(policy, loss)
         ckpt.save(policy, out / "after_step", with_optimizer=False)
         step_s = timed_step(policy, rows)
         ckpt.save(policy, out / "after_two_steps", with_optimizer=False)
@@ -146,10 +145,7 @@ def timed_step(policy, rows) -> float:
     """Wall seconds of one optimizer step, the slowest rank's."""
     torch.distributed.barrier()
     start = time.perf_counter()
-    policy.optimizer.zero_grad()
-    P.forward_backward(policy, micro_batches(rows))
-    policy.optimizer.step()
-    policy.step += 1
+    P.train_step(policy, micro_batches(rows))
     return _all_max(time.perf_counter() - start)
 
 
@@ -184,12 +180,12 @@ def run_case(name: str, workdir: Path) -> dict:
 
     policy.optimizer.zero_grad()
     data = P.forward_backward(policy, micro_batches(rows))
-    result["loss_diff"] = abs(P.reduce_loss(data) - expected["loss"])
+    loss = P.reduce_loss(data)
+    result["loss_diff"] = abs(loss - expected["loss"])
     distopt = policy.cfg.parallel.distributed_optimizer
     if not distopt:  # the distributed optimizer keeps only this rank's shard of the reduced grads
         save_grads(policy, case_dir / "grads")
-    policy.optimizer.step()
-    policy.step += 1
+    P.optimizer_step(policy, loss)
     if name == "dense_resume_distopt":
         ckpt.save(policy, case_dir / "resume")
         policy = setup(model, overrides)
