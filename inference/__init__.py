@@ -1,0 +1,1 @@
+"""Rollout engines: one interface (`inference.engine.Engine`), a registry, vLLM by default, HF as reference."""

