@@ -280,6 +280,14 @@ def validate(cfg: Config, world_size: int) -> Config:
                 f"expert×expert_tensor = {ep}×{etp} does not divide the {world_size // pp} ranks of a "
                 "pipeline stage. Fix: pick parallel.expert (and expert_tensor) dividing world/pipeline."
             )
+        groups = m.moe_router_num_groups
+        if m.family == "deepseek_v3" and groups and m.moe_router_topk // (m.moe_router_group_topk or 1) != 2:
+            raise ConfigError(
+                f"model.moe_router_topk={m.moe_router_topk} // moe_router_group_topk={m.moe_router_group_topk} "
+                "must be 2: megatron scores an expert group by its top (topk // group_topk) experts, "
+                "DeepSeek-V3 (HF, vLLM) by its top 2, so the exported model would route differently. "
+                "Fix: set moe_router_topk = 2 × moe_router_group_topk."
+            )
         if tp > 1 and not p.sequence_parallel:
             raise ConfigError(
                 "MoE with parallel.tensor > 1 needs sequence parallelism (megatron-core rejects it "

@@ -47,6 +47,7 @@ def architecture(m: ModelConfig) -> dict[str, Any]:
     if m.multi_latent_attention:
         arch.update(
             multi_latent_attention=True,
+            qk_layernorm=True,  # DeepSeek's q_a_layernorm / kv_a_layernorm on the compressed latents
             q_lora_rank=m.q_lora_rank,
             kv_lora_rank=m.kv_lora_rank,
             qk_head_dim=m.qk_head_dim,

@@ -90,3 +90,7 @@ def test_bad_types_and_presets_are_named():
 def test_every_dataclass_field_is_overridable_without_plus():
     cfg = compose(["stage.train.optim.adam_eps=1e-4", "rollout.top_p=0.95", "model.moe_aux_loss_coeff=0.1"])
     assert (cfg.stage.train.optim.adam_eps, cfg.rollout.top_p, cfg.model.moe_aux_loss_coeff) == (1e-4, 0.95, 0.1)
+
+
+def test_deepseek_group_routing_must_match_hf():
+    bad(["model=tiny_dsv3", "model.moe_router_topk=2"], 1, match=r"must be 2: megatron scores an expert group")
