@@ -32,6 +32,16 @@ def single_process():
     parallelize.shutdown()
 
 
+@pytest.fixture
+def P(single_process):
+    """`parallel.parallelize` on a fresh TP1 layout (other tests may have left another one)."""
+    from core.config import compose
+
+    single_process.shutdown_model_parallel()
+    single_process.init_distributed(compose([]))
+    return single_process
+
+
 def lm_batch(seed: int = 0, b: int = 4, s: int = 16, vocab: int = 100) -> list[dict]:
     """One micro-batch of random tokens in the layout parallel.parallelize expects."""
     from core.model import causal_mask

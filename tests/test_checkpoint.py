@@ -7,13 +7,6 @@ import torch
 from core.config import compose
 
 
-@pytest.fixture(scope="module")
-def P(single_process):
-    single_process.shutdown_model_parallel()
-    single_process.init_distributed(compose([]))
-    return single_process
-
-
 from tests.conftest import lm_batch as batch
 
 

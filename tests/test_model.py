@@ -9,13 +9,6 @@ import torch
 from core.config import compose
 
 
-@pytest.fixture(scope="module")
-def tp1(single_process):
-    single_process.shutdown_model_parallel()
-    single_process.init_distributed(compose([]))
-    return single_process
-
-
 def _walk(node, seen):
     if isinstance(node, type):
         seen.add(node)
@@ -33,7 +26,7 @@ def _walk(node, seen):
 
 
 @pytest.mark.parametrize("name", ["qwen2_5_1_5b", "qwen2_5_7b", "llama3_1_8b", "deepseek_v3_671b"])
-def test_full_size_presets_are_valid_megatron_configs(tp1, name):
+def test_full_size_presets_are_valid_megatron_configs(P, name):
     from core.model import transformer_config
     from parallel.parallelize import runtime_config
 
@@ -44,7 +37,7 @@ def test_full_size_presets_are_valid_megatron_configs(tp1, name):
         assert config.moe_layer_freq[: cfg.model.first_k_dense_replace] == [0] * cfg.model.first_k_dense_replace
 
 
-def test_local_spec_has_no_cpu_incompatible_modules(tp1):
+def test_local_spec_has_no_cpu_incompatible_modules(P):
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
@@ -59,7 +52,7 @@ def test_local_spec_has_no_cpu_incompatible_modules(tp1):
     assert {SDPACoreAttention, TorchNorm, DuplicatedLinear} <= classes
 
 
-def test_sdpa_core_attention_equals_megatron_dot_product_attention(tp1):
+def test_sdpa_core_attention_equals_megatron_dot_product_attention(P):
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType
 
@@ -90,11 +83,11 @@ def test_torch_norm_marks_params_for_the_sequence_parallel_reduce():
 
 
 @pytest.mark.parametrize("name,params", [("tiny_dense", (0.7e6, 0.9e6)), ("tiny_dsv3", (1.5e6, 3e6))])
-def test_tiny_models_build_and_run(tp1, name, params):
+def test_tiny_models_build_and_run(P, name, params):
     from core.model import causal_mask
 
     cfg = compose([f"model={name}"])
-    policy = tp1.build_policy(cfg, with_optimizer=False)
+    policy = P.build_policy(cfg, with_optimizer=False)
     n = sum(p.numel() for p in policy.chunks[0].parameters())
     assert params[0] < n < params[1]
     tokens = torch.randint(0, cfg.model.vocab_size, (2, 10))
