@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
@@ -114,7 +114,6 @@ class Policy:
     scheduler: Any = None  # megatron's OptimizerParamScheduler: warmup, decay, per-group lr/wd multipliers
     config: Any = None
     step: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def build_policy(cfg: Config, with_optimizer: bool = True) -> Policy:
