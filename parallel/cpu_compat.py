@@ -22,6 +22,8 @@ from typing import Callable
 import torch
 
 _MEGATRON = "megatron.core"
+_BRIDGE = "megatron.bridge"  # megatron-bridge's conversion code calls torch.cuda like megatron.core does
+_PROXIED = (_MEGATRON, _BRIDGE)
 
 
 @dataclass(frozen=True)
@@ -128,10 +130,10 @@ def _on_import(module: types.ModuleType) -> None:
 
 
 class _MegatronImportHook(importlib.abc.MetaPathFinder):
-    """Runs `_on_import` on every megatron.core module right after it executes."""
+    """Runs `_on_import` on every megatron.core / megatron.bridge module right after it executes."""
 
     def find_spec(self, fullname, path, target=None):
-        if not fullname.startswith(_MEGATRON):
+        if not fullname.startswith(_PROXIED):
             return None
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
@@ -303,6 +305,10 @@ PATCHES: tuple[Patch, ...] = (
           _m("transformer.multi_latent_attention"),
           ("from megatron.core.post_training.modelopt.layers import Linear", "Linear,\n                TEColumnParallelLinear,"),
           _patch_mla_linear),
+    Patch("bridge_torch_proxy",
+          "megatron-bridge's replicated-weight mapping broadcasts from torch.cuda.current_device() at TP > 1; "
+          "the import hook gives megatron.bridge modules the same CPU torch (nothing else to install)",
+          "megatron.bridge.models.conversion.param_mapping", ("torch.cuda.current_device()",), lambda _: None),
 )  # fmt: skip
 
 _applied = False
@@ -323,7 +329,7 @@ def apply() -> bool:
         else:
             _PENDING.setdefault(patch.module, []).append(patch)
     for name, module in list(sys.modules.items()):  # megatron modules imported before us
-        if name.startswith(_MEGATRON) and module is not None:
+        if name.startswith(_PROXIED) and module is not None:
             _on_import(module)
     _applied = True
     return True
