@@ -49,3 +49,13 @@ def lm_batch(seed: int = 0, b: int = 4, s: int = 16, vocab: int = 100) -> list[d
     t = torch.randint(0, vocab, (b, s + 1), generator=torch.Generator().manual_seed(seed))
     return [dict(tokens=t[:, :-1], labels=t[:, 1:], loss_mask=torch.ones(b, s),
                  position_ids=torch.arange(s).expand(b, s), attention_mask=causal_mask(s))]  # fmt: skip
+
+
+def run_worker(cmd: list, timeout: int = 900) -> None:
+    """Runs a multi-process test worker from the repo root, one thread per rank; fails with its output."""
+    import subprocess
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode:
+        pytest.fail(f"{' '.join(map(str, cmd))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")

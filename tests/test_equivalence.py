@@ -5,13 +5,11 @@ its case's row. What each number means is in tests/dist/equivalence_worker.py.
 """
 
 import json
-import os
-import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_worker
 
 WORKER = ROOT / "tests" / "dist" / "equivalence_worker.py"
 WORLD_2 = ["dense_tp2", "dense_tp2_to_tp1", "dense_pp2", "dense_dp2_distopt", "dense_resume_distopt",
@@ -20,22 +18,15 @@ WORLD_4 = ["dsv3_tp2_ep2_sp", "dsv3_pp2_ep2_from_tp2_ep2"]
 TOL = 1e-5
 
 
-def _run(cmd, workdir):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode:
-        pytest.fail(f"{' '.join(map(str, cmd))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("equivalence")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--master-port"]
-    _run([sys.executable, WORKER, "reference", workdir], workdir)
-    _run([*torchrun, "29611", "--nproc-per-node", "2", WORKER, "cases", workdir, *WORLD_2], workdir)
+    run_worker([sys.executable, WORKER, "reference", workdir])
+    run_worker([*torchrun, "29611", "--nproc-per-node", "2", WORKER, "cases", workdir, *WORLD_2])
     rows = {f"{r['case']}@2": r for r in json.loads((workdir / "results.json").read_text())}
     (workdir / "results.json").unlink()
-    _run([*torchrun, "29612", "--nproc-per-node", "4", WORKER, "cases", workdir, *WORLD_4], workdir)
+    run_worker([*torchrun, "29612", "--nproc-per-node", "4", WORKER, "cases", workdir, *WORLD_4])
     rows.update({f"{r['case']}@4": r for r in json.loads((workdir / "results.json").read_text())})
     return rows
 

@@ -5,13 +5,11 @@ What each number means is in tests/dist/hf_bridge_worker.py.
 """
 
 import json
-import os
-import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_worker
 
 WORKER = ROOT / "tests" / "dist" / "hf_bridge_worker.py"
 SINGLE = ["dense", "dense_vocab100", "dsv3"]
@@ -19,19 +17,12 @@ WORLD_2 = ["dense_tp2", "dense_pp2", "dsv3_tp2_sp", "dsv3_ep2"]
 LOGITS_TOL = 1e-5  # fp32 kernel-order noise (torch SDPA/RMSNorm vs HF eager) is ~2e-6
 
 
-def _run(cmd):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode:
-        pytest.fail(f"{' '.join(map(str, cmd))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("hf_bridge")
-    _run([sys.executable, WORKER, workdir / "single.json", *SINGLE])
-    _run([sys.executable, "-m", "torch.distributed.run", "--master-port", "29631", "--nproc-per-node", "2",
-          WORKER, workdir / "world2.json", *WORLD_2])
+    run_worker([sys.executable, WORKER, workdir / "single.json", *SINGLE], timeout=600)
+    run_worker([sys.executable, "-m", "torch.distributed.run", "--master-port", "29631", "--nproc-per-node", "2",
+                WORKER, workdir / "world2.json", *WORLD_2], timeout=600)
     rows = json.loads((workdir / "single.json").read_text()) + json.loads((workdir / "world2.json").read_text())
     return {r["case"]: r for r in rows}
 
@@ -69,14 +60,14 @@ def test_bridge_import_leaves_no_transformer_engine():
         "assert pm.torch.cuda.current_device() == 'cpu'  # cpu_compat's proxy reaches bridge modules\n"
         "assert 'megatron.training.training' not in sys.modules  # Megatron-LM's training loop not pulled in\n"
     )
-    _run([sys.executable, "-c", code])
+    run_worker([sys.executable, "-c", code], timeout=600)
 
 
 @pytest.mark.slow
 def test_trainer_to_vllm_weight_sync(tmp_path):
     """vLLM from save_hf(initial weights); train; export_hf -> update_weights; engine logprobs == trainer's."""
     pytest.importorskip("vllm")
-    _run([sys.executable, ROOT / "tests" / "dist" / "weight_sync_worker.py", tmp_path / "sync.json"])
+    run_worker([sys.executable, ROOT / "tests" / "dist" / "weight_sync_worker.py", tmp_path / "sync.json"], timeout=600)
     row = json.loads((tmp_path / "sync.json").read_text())
     assert row["step"]["update_ok"] and row["step"]["lr"] > 0
     assert row["init_diff"] <= 1e-4, row  # save_hf's checkpoint serves the trainer's model
