@@ -1,0 +1,125 @@
+"""The GRPO objective, token by token, and how token values reduce to one loss.
+
+    loss_t = max(−A·ρ_t, −A·clip(ρ_t, 1−ε_low, 1+ε_high)) · w_t + β · KL_t,   ρ_t = π/π_old
+
+w_t is the truncated importance weight min(π_old/π_engine, cap) when TIS is on (else 1): it corrects
+for the engine sampling from a slightly different distribution than the trainer computes.
+
+Reductions return (sum, count) so that megatron, which sums both over micro-batches and data-parallel
+ranks and divides once, gives the same loss at every layout.
+Extend with `@register_policy_loss`, `@register_kl`, `@register_loss_agg`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+POLICY_LOSSES: dict[str, Callable] = {}
+KL_ESTIMATORS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
+LOSS_AGGS: dict[str, Callable] = {}
+
+
+def _registrar(table: dict):
+    def register(name: str):
+        def add(fn):
+            table[name] = fn
+            return fn
+
+        return add
+
+    return register
+
+
+register_policy_loss, register_kl, register_loss_agg = map(_registrar, (POLICY_LOSSES, KL_ESTIMATORS, LOSS_AGGS))
+
+
+@register_kl("k1")
+def k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    return logp - ref_logp
+
+
+@register_kl("k2")
+def k2(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (logp - ref_logp) ** 2
+
+
+@register_kl("k3")
+def k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """π_ref/π − log(π_ref/π) − 1: unbiased and never negative (Schulman's k3, as in DeepSeekMath)."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+@register_policy_loss("grpo")
+def clipped_ratio(logp, old_logp, adv, eps_low: float, eps_high: float):
+    """PPO's clipped surrogate per token; returns (loss, clipped) where clipped marks tokens whose
+    gradient the clip removed."""
+    ratio = torch.exp(logp - old_logp)
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1 - eps_low, 1 + eps_high)
+    return torch.maximum(unclipped, clipped), (clipped > unclipped).float()
+
+
+@register_loss_agg("seq_mean_token_mean")
+def seq_mean_token_mean(values, mask, max_len):
+    """GRPO: the token mean of each sequence, then the mean over sequences."""
+    per_seq = (values * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    return per_seq.sum(), values.new_tensor(values.shape[0])
+
+
+@register_loss_agg("token_mean")
+def token_mean(values, mask, max_len):
+    """DAPO: every token of the batch weighs the same, so long answers are not diluted."""
+    return (values * mask).sum(), mask.sum()
+
+
+@register_loss_agg("seq_mean_token_sum_norm")
+def seq_mean_token_sum_norm(values, mask, max_len):
+    """Dr.GRPO: token sums over a constant length, so the loss has no length bias."""
+    return (values * mask).sum() / max_len, values.new_tensor(values.shape[0])
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    loss: str = "grpo"
+    loss_agg: str = "seq_mean_token_mean"
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    kl: str = "k3"
+    kl_coef: float = 0.0
+    tis_cap: float = 0.0
+    max_len: int = 64
+
+    @classmethod
+    def from_config(cls, rl, max_len: int) -> "LossSettings":
+        for key, table in (("loss", POLICY_LOSSES), ("loss_agg", LOSS_AGGS)):
+            if getattr(rl, key) not in table:
+                raise KeyError(f"stage.rl.{key}={getattr(rl, key)!r}: expected one of {sorted(table)}")
+        if rl.kl != "none" and rl.kl not in KL_ESTIMATORS:
+            raise KeyError(f"stage.rl.kl={rl.kl!r}: expected none or one of {sorted(KL_ESTIMATORS)}")
+        return cls(rl.loss, rl.loss_agg, rl.clip_eps_low, rl.clip_eps_high, rl.kl, rl.kl_coef, rl.tis_cap, max_len)
+
+
+def rl_loss(logp, batch: dict, s: LossSettings):
+    """Token log-probs of the current policy ([b, t], masked by batch["loss_mask"]) → (loss_sum, count,
+    metric sums). `batch` holds per-token old_logp, advantages, and ref_logp / engine_logp when used."""
+    mask = batch["loss_mask"].float()
+    pg, clipped = POLICY_LOSSES[s.loss](logp, batch["old_logp"], batch["advantages"], s.eps_low, s.eps_high)
+    if s.tis_cap > 0:
+        pg = pg * torch.exp(batch["old_logp"] - batch["engine_logp"]).clamp(max=s.tis_cap)
+    total = pg
+    kl = None
+    if s.kl != "none" and "ref_logp" in batch:
+        kl = KL_ESTIMATORS[s.kl](logp, batch["ref_logp"])
+        if s.kl_coef:
+            total = pg + s.kl_coef * kl
+    agg = LOSS_AGGS[s.loss_agg]
+    loss_sum, count = agg(total, mask, s.max_len)
+    with torch.no_grad():  # per-sequence token means, summed: the caller divides by the sequence count
+        seq = lambda v: ((v * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum()  # noqa: E731
+        metrics = {"clip_frac": seq(clipped), "kl": seq(kl) if kl is not None else torch.tensor(float("nan")),
+                   "sequences": torch.tensor(float(logp.shape[0]))}  # fmt: skip
+    return loss_sum, count, metrics
