@@ -25,6 +25,7 @@ from core.tokenizer import build_char_tokenizer, save_tokenizer
 from parallel import checkpoint as ckpt
 from parallel import parallelize as P
 from rlhf.tasks import addition
+from rlhf.tracking import Tracker
 
 log = logging.getLogger("r1stack.pretrain")
 
@@ -160,27 +161,20 @@ def _progress(enabled: bool, total: int, start: int):
     return bar, task
 
 
-def _trim_metrics(path: Path, keep_until: int) -> None:
-    """Drops lines past the resumed step (a killed run logs steps its last checkpoint never saw)."""
-    if not path.exists():
-        return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= keep_until]
-    path.write_text("".join(ln + "\n" for ln in lines))
-
-
 def run(cfg: Config) -> dict:
     t_start = time.time()
     env = P.init_distributed(cfg)
     try:
-        return _run(cfg, env.rank == 0, t_start)
+        with Tracker(cfg, cfg.run_dir, enabled=env.rank == 0) as tracker:
+            return _run(cfg, env.rank == 0, t_start, tracker)
     finally:
         P.shutdown()
 
 
-def _run(cfg: Config, rank0: bool, t_start: float) -> dict:
+def _run(cfg: Config, rank0: bool, t_start: float, tracker: Tracker) -> dict:
     t = cfg.stage.train
     run_dir = Path(cfg.run_dir)
-    ckpt_root, metrics_path = run_dir / "checkpoints", run_dir / "metrics.jsonl"
+    ckpt_root = run_dir / "checkpoints"
 
     tok = build_char_tokenizer()
     if len(tok) > cfg.model.vocab_size:
@@ -201,14 +195,14 @@ def _run(cfg: Config, rank0: bool, t_start: float) -> dict:
                         meta["extra"].get("data_position"))  # fmt: skip
     start = policy.step
     if rank0:
-        _trim_metrics(metrics_path, start)
+        tracker.trim(start)
         log.info("pretrain: %d packed rows of %d tokens; steps %d → %d", num_rows, t.seq_length, start, t.steps)
 
     show = rank0 and sys.stdout.isatty() and os.environ.get("R1_NO_PROGRESS") != "1"
     bar, task = _progress(show, t.steps, start)
     last, recent = {"loss": float("nan")}, []
     bad, saved_at = 0, start
-    with bar, open(metrics_path, "a") if rank0 else open(os.devnull, "w") as metrics:
+    with bar:
         for step in range(start, t.steps):
             t0 = time.perf_counter()
             rows = batch_rows(step, cfg.data.seed, num_rows, t.global_batch_size)
@@ -219,8 +213,7 @@ def _run(cfg: Config, rank0: bool, t_start: float) -> dict:
             row = {"step": policy.step, "train/loss": last["loss"], "train/grad_norm": last["grad_norm"],
                    "train/lr": lr, "train/skipped": not last["update_ok"], "perf/step_s": dt,
                    "perf/tokens_per_s": tokens / dt, "data/position": policy.step * t.global_batch_size}  # fmt: skip
-            metrics.write(json.dumps({k: _finite(v) for k, v in row.items()}) + "\n")
-            metrics.flush()
+            tracker.log(row)
             bar.update(task, completed=policy.step, loss=f"{last['loss']:.3f}", tps=f"{tokens / dt:,.0f}")
             if rank0 and not show and (policy.step % max(1, t.steps // 10) == 0 or policy.step == t.steps):
                 print(f"step {policy.step}/{t.steps} loss {last['loss']:.4f} lr {lr:.2e} {tokens / dt:,.0f} tok/s",
@@ -255,6 +248,7 @@ def _run(cfg: Config, rank0: bool, t_start: float) -> dict:
     if rank0:
         summary = {k: _finite(v) for k, v in summary.items()}
         (run_dir / "pretrain_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        tracker.summary(summary)
         print(json.dumps({k: v for k, v in summary.items() if not k.startswith("eval/examples")}), flush=True)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # other ranks wait for rank 0's eval before the groups go away
