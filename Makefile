@@ -12,8 +12,12 @@ setup:
 test: setup
 	$(PY) -m pytest -q tests
 
+# The tiny R1-Zero recipe end to end: pretrain a base, GRPO on it, report and held-out summary.
 demo: setup
-	$(PY) -m rlhf.train stage=pretrain run_dir=runs/demo
+	$(PY) -m rlhf.train stage=pretrain run_dir=runs/demo/pretrain
+	$(PY) -m rlhf.train stage=r1_zero stage.init_from=runs/demo/pretrain run_dir=runs/demo/r1_zero
+	$(PY) -m tools.report run_dir=runs/demo/r1_zero
+	$(PY) -m tools.demo_summary runs/demo
 
 clean:
 	rm -rf runs outputs multirun .pytest_cache

@@ -122,10 +122,45 @@ class TrainConfig:
 
 
 @dataclass
+class RLConfig:
+    """GRPO as DeepSeekMath/R1 define it by default; each common variant is one switch."""
+
+    prompts_per_step: int = 16  # × rollout.n samples per step
+    minibatches: int = 2  # optimizer updates per rollout batch
+    advantage: str = "grpo"  # grpo (group z-score) | dr_grpo (no std) | rloo
+    loss: str = "grpo"  # clipped-ratio policy loss (rlhf.losses.POLICY_LOSSES)
+    loss_agg: str = "seq_mean_token_mean"  # | token_mean (DAPO) | seq_mean_token_sum_norm (Dr.GRPO)
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.2  # > clip_eps_low is DAPO's clip-higher
+    kl: str = "k3"  # k1 | k2 | k3 | none
+    kl_coef: float = 0.0  # β; R1-Zero uses 0.001. 0 = no reference model, no KL term (train/kl is null)
+    ref_refresh_every: int = 0  # copy the policy into the reference every N steps (R1-Zero: 400); 0 = never
+    tis_cap: float = 0.0  # truncated importance sampling cap on π_trainer/π_engine; 0 = off
+    dynamic_sampling: bool = False  # drop groups whose rewards are all equal and refill (DAPO)
+    max_refill_rounds: int = 3
+    overlong_buffer: int = 0  # DAPO soft overlong penalty over the last N tokens of max_new_tokens; 0 = off
+    overlong_penalty: float = 1.0
+    eval_every: int = 0  # held-out pass@1 every N steps; 0 = only at the end
+    max_bad_steps: int = 5  # non-finite losses in a row before the run stops
+
+
+@dataclass
 class StageConfig:
     name: str = MISSING  # pretrain | sft | r1_zero | ...
-    init_from: Optional[str] = None  # checkpoint dir the stage starts from
+    init_from: Optional[str] = None  # run dir or checkpoint dir the stage starts from
     train: TrainConfig = field(default_factory=TrainConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+
+
+@dataclass
+class EvalConfig:
+    """pass@1 averaged over k samples per held-out prompt, and cons@k (majority answer), as the R1 paper."""
+
+    k: int = 4
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_new_tokens: Optional[int] = None  # None: rollout.max_new_tokens
+    seed: int = 0
 
 
 @dataclass
@@ -139,6 +174,9 @@ class DataConfig:
     num_eval: int = 200
     tokenizer: str = "char"  # char (built locally) or a local HF tokenizer dir
     seed: int = 0
+    # RL prompts (rlhf.prompts.TEMPLATES): auto = the task's own (addition: its compact one for the 64-token
+    # demo model; everything else: r1_zero) | r1_zero | none (file prompts already templated). Checked at load.
+    template: str = "auto"
 
 
 @dataclass
@@ -150,6 +188,8 @@ class RolloutConfig:
     max_new_tokens: int = 64
     kv_cache_bytes: int = 256 * 2**20
     colocate: bool = True
+    overlong_prompt: str = "error"  # error | truncate: a prompt that leaves no room for max_new_tokens
+    timeout_s: float = 600.0  # a generate or weight update running longer is an error, not a hang; 0 = none
     sync_bucket_bytes: int = 64 * 2**20
 
 
@@ -187,6 +227,7 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     run_dir: str = "runs/default"
     seed: int = 1234
 
@@ -312,8 +353,31 @@ def validate(cfg: Config, world_size: int) -> Config:
             f"stage.train.global_batch_size={t.global_batch_size} is not a multiple of "
             f"micro_batch_size×data = {t.micro_batch_size}×{dp}. Fix: adjust either batch size."
         )
+    if cfg.stage.name == "r1_zero":
+        _validate_rl(cfg, dp)
     p.data = dp
     return cfg
+
+
+def _validate_rl(cfg: Config, dp: int) -> None:
+    rl, r, t = cfg.stage.rl, cfg.rollout, cfg.stage.train
+    if r.n < 2:
+        raise ConfigError(f"rollout.n={r.n}: GRPO compares samples within a group. Fix: rollout.n >= 2.")
+    if rl.prompts_per_step % dp:
+        raise ConfigError(f"stage.rl.prompts_per_step={rl.prompts_per_step} does not split over {dp} data-parallel "
+                          "ranks (groups never span ranks). Fix: make it a multiple of parallel.data.")
+    per_update = rl.prompts_per_step // dp * r.n
+    if per_update % rl.minibatches or (per_update // rl.minibatches) % t.micro_batch_size:
+        raise ConfigError(f"each rank's {per_update} samples per step (prompts_per_step/data × rollout.n) must split "
+                          f"into stage.rl.minibatches={rl.minibatches} updates of whole micro-batches of "
+                          f"stage.train.micro_batch_size={t.micro_batch_size}. Fix: adjust one of them.")
+    if r.max_new_tokens >= t.seq_length:
+        raise ConfigError(f"rollout.max_new_tokens={r.max_new_tokens} leaves no room for a prompt in "
+                          f"stage.train.seq_length={t.seq_length}. Fix: lower it or raise seq_length.")
+    if rl.clip_eps_low < 0 or rl.clip_eps_high < 0 or rl.clip_eps_low >= 1:
+        raise ConfigError("stage.rl.clip_eps_low must be in [0, 1) and clip_eps_high >= 0.")
+    if r.overlong_prompt not in ("error", "truncate"):
+        raise ConfigError(f"rollout.overlong_prompt={r.overlong_prompt!r}: expected error or truncate.")
 
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"

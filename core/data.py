@@ -268,3 +268,16 @@ def causal_mask_from_segments(segment_ids: torch.Tensor) -> torch.Tensor:
     same = segment_ids[:, :, None] == segment_ids[:, None, :]
     causal = torch.ones(s, s, dtype=torch.bool, device=segment_ids.device).tril()
     return ~(same & causal)[:, None]
+
+
+def shuffled_rows(position: int, count: int, seed: int, num_rows: int) -> list[int]:
+    """Row indices at stream positions [position, position+count): epochs of seeded permutations, so
+    the order depends only on (seed, position) and a resumed run reads the same rows."""
+    out, perm_epoch, perm = [], None, None
+    for pos in range(position, position + count):
+        epoch, i = divmod(pos, num_rows)
+        if epoch != perm_epoch:
+            perm_epoch = epoch
+            perm = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        out.append(int(perm[i]))
+    return out

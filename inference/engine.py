@@ -7,7 +7,10 @@ tokenizer is the only tokenizer, so the engine can never tokenize differently fr
 from __future__ import annotations
 
 import abc
+import contextlib
 import logging
+import signal
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -33,7 +36,7 @@ class Sampling:
 @dataclass
 class Completion:
     token_ids: list[int]
-    logprobs: list[float]  # log π(token | prefix) under the engine's weights, one per token
+    logprobs: list[float]  # log π(token | prefix) at the sampling temperature (before top-p), one per token
     finish_reason: str  # "stop" (a stop token) or "length"
 
 
@@ -49,6 +52,7 @@ class Engine(abc.ABC):
     """Implementations: `generate`, `update_weights`; `sleep`/`wake_up`/`shutdown` where meaningful."""
 
     max_model_len: int
+    timeout_s: float = 0.0  # generate/update_weights past this raise EngineError (see `deadline`); 0 = none
 
     @abc.abstractmethod
     def generate(self, prompts: list[list[int]], sampling: Sampling) -> Rollout:
@@ -66,6 +70,12 @@ class Engine(abc.ABC):
 
     def shutdown(self) -> None:
         pass
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
 
     def fit_prompts(self, prompts: list[list[int]], sampling: Sampling, policy: str) -> tuple[list[list[int]], list[int]]:
         """Applies the over-long prompt policy: 'error' names the prompt; 'truncate' keeps its tail."""
@@ -92,6 +102,27 @@ class Engine(abc.ABC):
         return fitted, truncated
 
 
+@contextlib.contextmanager
+def deadline(seconds: float, what: str):
+    """Raises EngineError in the main thread if the block runs past `seconds` (0 = no limit): a hung
+    in-process engine becomes a clear error instead of a silent hang. SIGALRM, so main thread only."""
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def fire(signum, frame):
+        raise EngineError(f"{what} did not finish within {seconds:g} s: the engine hung or is far slower than "
+                          "expected. Fix: check the log above, or raise rollout.timeout_s.")  # fmt: skip
+
+    previous = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 ENGINES: dict[str, Callable[..., Engine]] = {}
 
 
@@ -103,10 +134,12 @@ def register_engine(name: str):
     return add
 
 
-def build_engine(name: str, **kwargs) -> Engine:
+def build_engine(name: str, timeout_s: float = 0.0, **kwargs) -> Engine:
     # Importing the implementations registers them; vLLM is imported only when chosen.
     from inference import hf_engine, vllm_engine  # noqa: F401
 
     if name not in ENGINES:
         raise EngineError(f"unknown rollout.engine {name!r}. Fix: use one of {sorted(ENGINES)}.")
-    return ENGINES[name](**kwargs)
+    engine = ENGINES[name](**kwargs)
+    engine.timeout_s = timeout_s
+    return engine

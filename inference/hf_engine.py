@@ -35,11 +35,12 @@ class HFEngine(Engine):
         for _ in range(s.max_new_tokens):
             out = self.model(ids if past is None else ids[:, -1:], past_key_values=past, use_cache=True)
             past = out.past_key_values
-            logp = torch.log_softmax(out.logits[0, -1].float(), -1)
+            logits = out.logits[0, -1].float()
+            logp = torch.log_softmax(logits / (s.temperature or 1.0), -1)  # vLLM's processed_logprobs
             if s.temperature == 0:
                 token = int(logp.argmax())
             else:
-                probs = torch.softmax(logp / s.temperature, -1)
+                probs = logp.exp()
                 if s.top_p < 1.0:
                     sorted_p, order = probs.sort(descending=True)
                     keep = sorted_p.cumsum(-1) - sorted_p < s.top_p

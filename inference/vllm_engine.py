@@ -7,6 +7,7 @@ ratios of GRPO rely on (bf16 drifts after a few tokens).
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Iterable
 
@@ -15,6 +16,17 @@ import torch
 from inference.engine import Completion, Engine, EngineError, Rollout, Sampling, log, register_engine
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines come at every step and weight sync
+
+
+class _RotaryReloadNotice(logging.Filter):
+    # Every reload warns "RotaryEmbedding: Failed to load weights": its cos/sin cache is no checkpoint
+    # weight, and vLLM puts the cache back itself (the sync tests compare logprobs after a reload).
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.getMessage().startswith("RotaryEmbedding") and "Failed to load weights" in record.getMessage())
+
+
+logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_RotaryReloadNotice())
 
 
 def _repack_moe_experts(worker) -> int:
@@ -41,6 +53,11 @@ class VLLMEngine(Engine):
         if not self.on_gpu:
             # The CPU rotary custom op gets DeepSeek's interleaved rope wrong past position 0.
             extra["compilation_config"] = {"custom_ops": ["-rotary_embedding"]}
+            # A prefill split over steps rewinds the seeded request's generator with set_offset, which CPU
+            # generators lack ("CPU Generator does not use offset"): give every running prompt room to
+            # prefill in one step.
+            extra["max_num_seqs"] = 256
+            extra["max_num_batched_tokens"] = 256 * max_model_len
         self.llm = LLM(
             model=model_dir,
             skip_tokenizer_init=True,  # token ids in and out: the trainer's tokenizer is the only one
@@ -50,6 +67,7 @@ class VLLMEngine(Engine):
             enforce_eager=not self.on_gpu,
             kv_cache_memory_bytes=kv_cache_bytes,  # without it vLLM claims 90% of RAM on CPU
             enable_sleep_mode=self.on_gpu,
+            logprobs_mode="processed_logprobs",  # at the sampling temperature, as the trainer computes them
             **extra,
         )
 
@@ -87,7 +105,8 @@ class VLLMEngine(Engine):
         return Rollout(completions=completions, truncated_prompts=truncated)
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        weights = [(name, t.detach().contiguous()) for name, t in named_tensors]
+        # In-process engine: the iterator is consumed inside reload_weights, one bucket held at a time.
+        weights = ((name, t.detach().contiguous()) for name, t in named_tensors)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         self.llm.collective_rpc(_repack_moe_experts)
         self.llm.reset_prefix_cache()

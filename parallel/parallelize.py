@@ -267,6 +267,18 @@ def reduce_loss(data: list[dict]) -> float | None:
     return float(t[0] / t[1]) if t[1] > 0 else None
 
 
+def reduce_sums(data: list[dict], keys: list[str]) -> dict[str, float]:
+    """Per-micro-batch scalar sums → global sums over micro-batches and DP, the same on every rank."""
+    t = torch.zeros(len(keys), dtype=torch.float64)
+    if ps.is_pipeline_last_stage(ignore_virtual=True):
+        for d in data:
+            t += torch.stack([d[k].double().cpu().reshape(()) for k in keys])
+        torch.distributed.all_reduce(t, group=ps.get_data_parallel_group(with_context_parallel=True))
+    last = ps.get_pipeline_model_parallel_last_rank()
+    torch.distributed.broadcast(t, src=last, group=ps.get_pipeline_model_parallel_group())
+    return dict(zip(keys, t.tolist()))
+
+
 def gather_logits(logits: torch.Tensor) -> torch.Tensor:
     """Vocab-parallel logits [b, s, v/tp] → full [b, s, v]."""
     return tensor_parallel.gather_from_tensor_model_parallel_region(logits)

@@ -25,7 +25,13 @@ def _pretrain(cfg):
     return pretrain.run(cfg)
 
 
-STAGES = {"pretrain": _pretrain}
+def _r1_zero(cfg):
+    from rlhf import r1_zero
+
+    return r1_zero.run(cfg)
+
+
+STAGES = {"pretrain": _pretrain, "r1_zero": _r1_zero}
 
 
 def run_stage(cfg) -> dict:

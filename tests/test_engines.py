@@ -114,3 +114,30 @@ def test_sleep_is_a_logged_no_op_on_cpu(engines, caplog):
 def test_unknown_engine_is_named():
     with pytest.raises(EngineError, match=r"unknown rollout.engine 'sglang'.*\['hf', 'vllm'\]"):
         build_engine("sglang", model_dir=".", max_model_len=8)
+
+
+def test_a_hung_call_becomes_a_clear_error_within_the_deadline():
+    import time
+
+    from inference.engine import EngineError, deadline
+
+    t0 = time.perf_counter()
+    with pytest.raises(EngineError, match="did not finish within 0.3 s.*rollout.timeout_s"):
+        with deadline(0.3, "generating 4×8 completions"):
+            while True:  # a hang that never returns on its own
+                time.sleep(0.05)
+    assert time.perf_counter() - t0 < 2
+    with deadline(0.3, "fast"):  # the timer is gone afterwards: no stray alarm
+        pass
+    time.sleep(0.5)
+
+
+def test_weight_buckets_respect_the_size_and_keep_order():
+    import torch
+
+    from parallel.weight_sync import buckets
+
+    named = [(f"w{i}", torch.zeros(n)) for i, n in enumerate([10, 10, 30, 5, 5, 100])]  # fp32: 4 bytes each
+    out = list(buckets(iter(named), bucket_bytes=80))
+    assert [[n for n, _ in b] for b in out] == [["w0", "w1"], ["w2"], ["w3", "w4"], ["w5"]]
+    assert all(sum(t.numel() * 4 for _, t in b) <= 80 for b in out if len(b) > 1)

@@ -1,0 +1,53 @@
+"""Trainer → colocated engine: Megatron shards gathered over TP/EP/PP into full HF-named tensors,
+grouped into buckets of `bucket_bytes`, handed to the engine, prefix cache reset by the engine.
+
+The full state is always sent (a subset leaves a tied lm_head stale, NOTES.md). export_hf is
+collective, so every rank runs this; only ranks that host an engine pass one.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Iterable, Iterator
+
+import torch
+
+from parallel.hf_bridge import export_hf
+
+
+def buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Consecutive groups of tensors of at most bucket_bytes each (a bigger tensor is a bucket alone)."""
+    bucket, size = [], 0
+    for name, t in named:
+        nbytes = t.numel() * t.element_size()
+        if bucket and size + nbytes > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, t.contiguous()))
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+def sync_weights(policy, engine, bucket_bytes: int) -> dict:
+    """Sends the policy's weights to `engine` (None on ranks without one); returns timing and volume."""
+    t0 = time.perf_counter()
+    stats = {"tensors": 0, "bytes": 0, "buckets": 0}
+
+    def stream():
+        for bucket in buckets(export_hf(policy), bucket_bytes):
+            stats["buckets"] += 1
+            for name, t in bucket:
+                stats["tensors"] += 1
+                stats["bytes"] += t.numel() * t.element_size()
+                yield name, t
+
+    if engine is None:
+        for _ in stream():  # the gathers are collective: take part, keep nothing
+            pass
+    else:
+        from inference.engine import deadline
+
+        with deadline(engine.timeout_s, "the weight update of the rollout engine"):
+            engine.update_weights(stream())
+    return {**stats, "seconds": time.perf_counter() - t0}

@@ -1,0 +1,105 @@
+"""What a GRPO step reports: the metrics.jsonl row (the same keys go to W&B), timings, the progress bar."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+
+import torch
+from megatron.core import parallel_state as ps
+
+from parallel import parallelize as P
+
+
+class StepClock:
+    """Wall time per phase of a step: lap("rollout") closes the phase that ran since the last lap."""
+
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+        self.cpu_start = time.process_time()
+        self.phases: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.phases[name] = self.phases.get(name, 0.0) + now - self.last
+        self.last = now
+
+
+def step_metrics(step: int, groups, batch: dict, stats: dict, info: dict, sync: dict, clock: StepClock) -> dict:
+    """Global (all DP ranks) metrics of one step; every rank returns the same row."""
+    samples = [s for g in groups for s in g]
+    mask = batch["loss_mask"]
+    lengths = mask.sum(-1)
+    diff = (batch["old_logp"] - batch["engine_logp"]).abs() * mask
+    seq_log_ratio = ((batch["old_logp"] - batch["engine_logp"]) * mask).sum(-1)
+    names = sorted({k for s in samples for k in s.rewards})
+    sums = {
+        "samples": len(samples), "reward": sum(s.reward for s in samples),
+        "length": float(lengths.sum()), "tokens": float(mask.sum()), "diff": float(diff.sum()),
+        "seq_ratio": float(torch.exp(seq_log_ratio).sum()), "finish_length": sum(s.finish_reason == "length" for s in samples),
+        "prompts": info["prompts"], "truncated": info["truncated"], "reward_errors": info["reward_errors"],
+        "reward_timeouts": info["reward_timeouts"], "informative": info["informative_frac"] * len(groups), "groups": len(groups),
+        **{f"r_{n}": sum(s.rewards.get(n, 0.0) for s in samples) for n in names},
+    }  # fmt: skip
+    g = P.reduce_sums([{k: torch.tensor(float(v)) for k, v in sums.items()}], list(sums))
+    peak = torch.tensor([float(diff.max()) if ps.is_pipeline_last_stage(ignore_virtual=True) else 0.0, float(lengths.max())])
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(peak, torch.distributed.ReduceOp.MAX)
+    n, step_s = max(g["samples"], 1), time.perf_counter() - clock.start
+    row = {
+        "step": step,
+        "reward/mean": g["reward"] / n,
+        **{f"reward/{name}": g[f"r_{name}"] / n for name in names},
+        "reward/errors": g["reward_errors"], "reward/timeouts": g["reward_timeouts"],
+        "response_length/mean": g["length"] / n, "response_length/max": float(peak[1]),
+        "response_length/clip_frac": g["finish_length"] / n,
+        "train/loss": stats.get("loss"), "train/kl": stats.get("kl"), "train/entropy": stats.get("entropy"),
+        "train/clip_frac": stats.get("clip_frac"), "train/grad_norm": stats.get("grad_norm"), "train/lr": stats.get("lr"),
+        "train/skipped": not stats["update_ok"],
+        "rollout/logprob_diff_mean": g["diff"] / max(g["tokens"], 1), "rollout/logprob_diff_max": float(peak[0]),
+        "rollout/seq_importance_ratio": g["seq_ratio"] / n, "rollout/prompts": g["prompts"],
+        "rollout/truncated_prompts": g["truncated"], "rollout/informative_frac": g["informative"] / max(g["groups"], 1),
+        "perf/step_s": step_s, "perf/samples_per_s": n / step_s, "perf/tokens_per_s": g["tokens"] / step_s,
+        "perf/rollout_s": clock.phases.get("rollout", 0.0), "perf/train_s": clock.phases.get("train", 0.0),
+        "perf/sync_s": sync["seconds"], "perf/cpu_s": time.process_time() - clock.cpu_start, "perf/sync_mb": sync["bytes"] / 2**20,
+    }  # fmt: skip
+    return row
+
+
+class _Bar:
+    def __init__(self, bar, task):
+        self.bar, self.task = bar, task
+
+    def advance(self, row: dict) -> None:
+        if self.bar is None:
+            if row["step"] % 10 == 0:
+                print(f"step {row['step']} reward {row['reward/mean']:.3f} acc {row.get('reward/accuracy', 0):.3f} "
+                      f"len {row['response_length/mean']:.1f} {row['perf/tokens_per_s']:,.0f} tok/s", flush=True)  # fmt: skip
+            return
+        self.bar.update(self.task, completed=row["step"], reward=f"{row['reward/mean']:.3f}",
+                        tps=f"{row['perf/tokens_per_s']:,.0f}")  # fmt: skip
+
+
+@contextlib.contextmanager
+def progress(rank0: bool, total: int, start: int):
+    """A rich bar (step, reward, tok/s) on an interactive rank 0; a line every 10 steps otherwise."""
+    if not rank0:
+        yield _Silent()
+        return
+    if not sys.stdout.isatty() or os.environ.get("R1_NO_PROGRESS") == "1":
+        yield _Bar(None, None)
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("GRPO"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("reward {task.fields[reward]}  {task.fields[tps]} tok/s"), TimeRemainingColumn())  # fmt: skip
+    task = bar.add_task("grpo", total=total, completed=start, reward="-", tps="-")
+    with bar:
+        yield _Bar(bar, task)
+
+
+class _Silent:
+    def advance(self, row: dict) -> None:
+        pass

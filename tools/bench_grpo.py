@@ -1,0 +1,96 @@
+"""`python -m tools.bench grpo_vs_trl`: one GRPO step of ours (r1_zero stage: vLLM rollouts, megatron
+updates) vs TRL's GRPOTrainer (tools/trl_peer.py), same base model, task, group size, lengths and
+thread count; plus the train phase's FLOP/s over this machine's measured fp32 matmul peak."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _sh(cmd: list, env: dict) -> None:
+    proc = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"benchmark step failed: {' '.join(map(str, cmd))}\n{proc.stderr[-4000:]}")
+
+
+def matmul_peak(threads: int, n: int = 1024, seconds: float = 2.0) -> float:
+    """Best fp32 FLOP/s of an n×n matmul on `threads` threads (the roofline MFU is measured against)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
+def train_flops(cfg: dict, params: int) -> float:
+    """Matmul FLOPs of one step's train phase: forward-only passes (old log-probs, and the reference
+    when a KL estimator is on) at 2·P per token, the updates at 6·P per token, over the padded batch."""
+    rl, train = cfg["stage"]["rl"], cfg["stage"]["train"]
+    tokens = rl["prompts_per_step"] * cfg["rollout"]["n"] * train["seq_length"]
+    forward_only = 1 + (rl["kl"] != "none" and rl["kl_coef"] > 0)
+    return (2 * forward_only + 6) * params * tokens
+
+
+def grpo_vs_trl(args) -> dict:
+    threads = args.threads
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT), R1_NO_PROGRESS="1", WANDB_MODE="offline")
+    py = sys.executable
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(args.base) if args.base else Path(tmp) / "base"
+        if not args.base:  # a short pretrain: completions need realistic lengths, not a random model's
+            _sh([py, "-m", "rlhf.train", "stage=pretrain", f"run_dir={base}", "stage.train.steps=300", "logger=none"], env)
+        ours = Path(tmp) / "ours"
+        steps = args.steps + 1
+        _sh([py, "-m", "rlhf.train", "stage=r1_zero", f"stage.init_from={base}", f"run_dir={ours}",
+             f"stage.train.steps={steps}", "stage.train.save_every=0", "data.num_eval=4", "eval.k=1", "logger=none"], env)  # fmt: skip
+        rows = [json.loads(line) for line in (ours / "metrics.jsonl").read_text().splitlines()][1:]  # step 1: warm-up
+        cfg = json.loads(subprocess.run([py, "-c", _CFG.format(base=base)], cwd=ROOT, env=env, capture_output=True,
+                                        text=True, check=True).stdout.splitlines()[-1])  # fmt: skip
+        rl, rollout = cfg["stage"]["rl"], cfg["rollout"]
+        _sh([py, ROOT / "tools" / "trl_peer.py", "--model-dir", ours / "hf_init", "--out", Path(tmp) / "trl.json",
+             "--prompts", rl["prompts_per_step"], "--generations", rollout["n"], "--max-new-tokens", rollout["max_new_tokens"],
+             "--minibatches", rl["minibatches"], "--rollouts", steps, "--threads", threads, "--lr", cfg["stage"]["train"]["optim"]["lr"], "--beta", rl["kl_coef"]], env)  # fmt: skip
+        trl = json.loads((Path(tmp) / "trl.json").read_text())
+    med = lambda key: statistics.median(r[key] for r in rows)  # noqa: E731
+    samples = rl["prompts_per_step"] * rollout["n"]
+    flops = train_flops(cfg, cfg["params"])
+    peak = matmul_peak(threads)
+    ours_fig = {"median_step_s": med("perf/step_s"), "median_cpu_s": med("perf/cpu_s"), "samples_per_s": samples / med("perf/step_s"),
+                "rollout_s": med("perf/rollout_s"), "train_s": med("perf/train_s"), "sync_s": med("perf/sync_s"),
+                "mean_completion_tokens": statistics.mean(r["response_length/mean"] for r in rows),
+                "train_flops": flops, "train_flops_per_s": flops / med("perf/train_s")}  # fmt: skip
+    return {
+        "figures": {"ours": ours_fig, "trl": trl, "matmul_peak_flops_per_s": peak, "threads": threads, "params": cfg["params"],
+                    "samples_per_step": samples, "timed_steps": len(rows)},
+        "ratios": {"ours_over_trl": ours_fig["samples_per_s"] / trl["samples_per_s"],
+                   "ours_over_trl_cpu": trl["median_cpu_s"] / ours_fig["median_cpu_s"],
+                   "mfu": ours_fig["train_flops_per_s"] / peak},
+    }  # fmt: skip
+
+
+# The composed r1_zero config and the model's parameter count, printed as one JSON line.
+_CFG = """
+import json, dataclasses, torch
+import parallel
+from core.config import compose
+from parallel import parallelize as P
+cfg = compose(["stage=r1_zero", "logger=none"])
+P.init_distributed(cfg)
+params = sum(p.numel() for p in P.build_policy(cfg, with_optimizer=False).chunks[0].parameters())
+P.shutdown()
+print(json.dumps({{**dataclasses.asdict(cfg), "params": params, "base": "{base}"}}))
+"""
