@@ -24,6 +24,7 @@ from core.model import causal_mask
 from core.tokenizer import build_char_tokenizer, save_tokenizer
 from parallel import checkpoint as ckpt
 from parallel import parallelize as P
+from rlhf.guard import NonFiniteGuard
 from rlhf.tasks import addition
 from rlhf.tracking import Tracker
 
@@ -201,7 +202,8 @@ def _run(cfg: Config, rank0: bool, t_start: float, tracker: Tracker) -> dict:
     show = rank0 and sys.stdout.isatty() and os.environ.get("R1_NO_PROGRESS") != "1"
     bar, task = _progress(show, t.steps, start)
     last, recent = {"loss": float("nan")}, []
-    bad, saved_at = 0, start
+    saved_at = start
+    guard = NonFiniteGuard(MAX_BAD_STEPS, "lower stage.train.optim.lr, raise warmup_steps, or use dtype=fp32.")
     with bar:
         for step in range(start, t.steps):
             t0 = time.perf_counter()
@@ -218,14 +220,9 @@ def _run(cfg: Config, rank0: bool, t_start: float, tracker: Tracker) -> dict:
             if rank0 and not show and (policy.step % max(1, t.steps // 10) == 0 or policy.step == t.steps):
                 print(f"step {policy.step}/{t.steps} loss {last['loss']:.4f} lr {lr:.2e} {tokens / dt:,.0f} tok/s",
                       flush=True)  # fmt: skip
+            guard.update(last["update_ok"], policy.step, last["loss"])
             if last["update_ok"]:
-                bad, recent = 0, (recent + [last["loss"]])[-50:]
-            else:
-                bad += 1
-                log.warning("step %d: non-finite loss %s, update skipped (%d in a row)", policy.step, last["loss"], bad)
-                if bad >= MAX_BAD_STEPS:
-                    raise RuntimeError(f"{bad} non-finite losses in a row (last at step {policy.step}). Fix: lower "
-                                       "stage.train.optim.lr, raise warmup_steps, or use dtype=fp32.")  # fmt: skip
+                recent = (recent + [last["loss"]])[-50:]
             if t.save_every and policy.step % t.save_every == 0:
                 _save(policy, ckpt_root, t)
                 saved_at = policy.step

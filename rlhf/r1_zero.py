@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import time
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ from parallel import parallelize as P
 from parallel.weight_sync import sync_weights
 from rlhf import grpo
 from rlhf.evaluate import evaluate
+from rlhf.guard import NonFiniteGuard
 from rlhf.losses import LossSettings
 from rlhf.prompts import load_prompts
 from rlhf.rewards import RewardPool
@@ -63,7 +63,7 @@ def train(cfg: Config, rank0: bool) -> dict:
         tracker.trim(policy.step // rl.minibatches)
         if "base" not in evals:
             evals["base"] = evaluate(engine, tok, eval_rows, cfg.eval, eval_pool, r.max_new_tokens)
-        bad = 0
+        guard = NonFiniteGuard(rl.max_bad_steps, "lower stage.train.optim.lr or raise stage.rl.kl_coef.")
         for step in range(policy.step // rl.minibatches + 1, t.steps + 1):
             clock = StepClock()
             sampling = Sampling(n=r.n, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
@@ -83,10 +83,7 @@ def train(cfg: Config, rank0: bool) -> dict:
                 copy_weights(policy, ref)
                 ckpt.save(ref, run_dir / "reference", keep=1, with_optimizer=False)
             clock.lap("sync")
-            bad = 0 if stats["update_ok"] else bad + 1
-            if bad >= rl.max_bad_steps:
-                raise RuntimeError(f"{bad} non-finite losses in a row (last at step {step}). Fix: lower "
-                                   "stage.train.optim.lr or raise stage.rl.kl_coef.")  # fmt: skip
+            guard.update(stats["update_ok"], step, stats.get("loss"))
             if rl.eval_every and step % rl.eval_every == 0:
                 result = evaluate(engine, tok, eval_rows, cfg.eval, eval_pool, r.max_new_tokens)
                 evals.setdefault("history", []).append({"step": step, **result})

@@ -105,3 +105,13 @@ def test_group_advantages():
         advantages.compute("ppo", r)
     with pytest.raises(ValueError, match="group"):
         advantages.compute("grpo", r[:, :1])
+
+
+def test_non_finite_guard_skips_then_stops():
+    from rlhf.guard import NonFiniteGuard
+
+    guard = NonFiniteGuard(3, "lower the lr")
+    for ok in (False, False, True, False, False):  # a good step resets the count
+        guard.update(ok, 1, float("nan"))
+    with pytest.raises(RuntimeError, match="3 non-finite losses in a row.*Fix: lower the lr"):
+        guard.update(False, 6, float("nan"))

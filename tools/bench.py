@@ -2,6 +2,8 @@
 top-level `ratios` object holds the comparisons beside the raw figures.
 
     python -m tools.bench layouts --out bench_layouts.json
+    python -m tools.bench rollout --out bench_rollout.json [--base runs/demo/pretrain]
+    python -m tools.bench weight_sync --out bench_sync.json
     python -m tools.bench grpo_vs_trl --out bench_grpo.json [--base runs/demo/pretrain] [--threads 2]
 """
 
@@ -68,6 +70,20 @@ def grpo_vs_trl(args: argparse.Namespace) -> dict:
     return run(args)
 
 
+@register("rollout")
+def rollout(args: argparse.Namespace) -> dict:
+    from tools.bench_rollout import rollout as run
+
+    return run(args)
+
+
+@register("weight_sync")
+def weight_sync(args: argparse.Namespace) -> dict:
+    from tools.bench_rollout import weight_sync as run
+
+    return run(args)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__)
     parser.add_argument("benchmark", choices=sorted(BENCHMARKS))
@@ -76,8 +92,8 @@ def main(argv=None) -> None:
     parser.add_argument("--cases2", nargs="*", default=["dense_tp2", "dense_pp2", "dense_dp2_distopt", "dsv3_tp2_sp",
                                                           "dsv3_pp2", "dsv3_ep2", "dsv3_dp2_distopt"])  # fmt: skip
     parser.add_argument("--cases4", nargs="*", default=["dsv3_tp2_ep2_sp"])
-    parser.add_argument("--threads", type=int, default=2, help="grpo_vs_trl: torch threads for both sides")
-    parser.add_argument("--base", help="grpo_vs_trl: a pretrain run dir (default: a 300-step pretrain made here)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (grpo_vs_trl, rollout, weight_sync)")
+    parser.add_argument("--base", help="a pretrain run dir (grpo_vs_trl default: a 300-step pretrain made here; others: random weights)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     result = BENCHMARKS[args.benchmark](args)

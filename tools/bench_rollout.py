@@ -1,0 +1,108 @@
+"""`python -m tools.bench rollout|weight_sync`, in one process each, on the demo's tiny_dense model.
+
+rollout: the same prompts, sampling and thread count through our engine path (token ids in, samples
+with log-probs out), through bare vLLM (`LLM.generate` on the same engine object), and through the
+transformers reference engine. weight_sync: one trainer → engine sync vs one GRPO training step.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+
+def _setup(threads: int, base: str | None):
+    import os
+
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # else vLLM drops the process to 1 thread when it starts
+    torch.set_num_threads(threads)
+    import parallel  # noqa: F401
+    from core.config import compose
+    from core.tokenizer import build_char_tokenizer
+    from parallel import checkpoint as ckpt
+    from parallel import hf_bridge
+    from parallel import parallelize as P
+
+    cfg = compose(["stage=r1_zero", "logger=none"])
+    P.init_distributed(cfg)
+    policy = P.build_policy(cfg)
+    if base:
+        ckpt.load(policy, Path(base) / "checkpoints", with_optimizer=False)
+        policy.step = 0
+    tok = build_char_tokenizer()
+    hf_dir = Path(tempfile.mkdtemp(prefix="bench_rollout_"))
+    hf_bridge.save_hf(policy, hf_dir, tokenizer=tok)
+    return cfg, policy, tok, hf_dir
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def rollout(args) -> dict:
+    from inference.engine import Sampling, build_engine
+    from rlhf.prompts import load_prompts
+    from rlhf.rollout import generate_groups
+
+    cfg, policy, tok, hf_dir = _setup(args.threads, args.base)
+    r, rl = cfg.rollout, cfg.stage.rl
+    rows = load_prompts(cfg.data, "train")[: rl.prompts_per_step]
+    sampling = Sampling(n=r.n, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens, seed=1,
+                        stop_token_ids=(tok.eos_token_id,))  # fmt: skip
+    samples = len(rows) * r.n
+    engine = build_engine("vllm", model_dir=str(hf_dir), max_model_len=cfg.stage.train.seq_length, kv_cache_bytes=r.kv_cache_bytes)
+    from vllm import SamplingParams, TokensPrompt
+
+    ids = [tok(row["prompt"])["input_ids"] for row in rows]
+    params = SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_new_tokens, seed=1,
+                            stop_token_ids=[tok.eos_token_id], logprobs=0, detokenize=False)  # fmt: skip
+    bare = lambda: engine.llm.generate([TokensPrompt(prompt_token_ids=p) for p in ids], params, use_tqdm=False)  # noqa: E731
+    ours = lambda: generate_groups(engine, tok, rows, sampling)  # noqa: E731
+    tokens = sum(len(s.completion_ids) for g in generate_groups(engine, tok, rows, sampling)[0] for s in g)
+    t_ours, t_bare = _median_time(ours, args.steps), _median_time(bare, args.steps)
+    engine.shutdown()
+    hf = build_engine("hf", model_dir=str(hf_dir), max_model_len=cfg.stage.train.seq_length)
+    t_hf = _median_time(lambda: generate_groups(hf, tok, rows, sampling), max(1, args.steps // 3))
+    figures = {"samples": samples, "completion_tokens": tokens, "threads": args.threads,
+               "ours_s": t_ours, "bare_vllm_s": t_bare, "hf_generate_s": t_hf,
+               "ours_samples_per_s": samples / t_ours, "bare_vllm_samples_per_s": samples / t_bare,
+               "hf_samples_per_s": samples / t_hf}  # fmt: skip
+    return {"figures": figures, "ratios": {"ours_over_vllm": t_bare / t_ours, "ours_over_hf": t_hf / t_ours}}
+
+
+def weight_sync(args) -> dict:
+    import torch
+
+    from inference.engine import build_engine
+    from parallel.weight_sync import sync_weights
+    from rlhf import grpo
+    from rlhf.losses import LossSettings
+
+    cfg, policy, tok, hf_dir = _setup(args.threads, args.base)
+    r, rl, t = cfg.rollout, cfg.stage.rl, cfg.stage.train
+    engine = build_engine("vllm", model_dir=str(hf_dir), max_model_len=t.seq_length, kv_cache_bytes=r.kv_cache_bytes)
+    n, length = rl.prompts_per_step * r.n, t.seq_length
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(3, 100, (n, length), generator=g)
+    batch = {"tokens": tokens, "labels": torch.roll(tokens, -1, 1), "loss_mask": torch.ones(n, length),
+             "engine_logp": torch.zeros(n, length), "position_ids": torch.arange(length).expand(n, length),
+             "advantages": torch.randn(n, 1, generator=g).expand(n, length)}  # fmt: skip
+    batch["old_logp"], _ = grpo.logprobs(policy, batch, t.micro_batch_size, 1.0)
+    settings = LossSettings.from_config(rl, r.max_new_tokens)
+    t_step = _median_time(lambda: grpo.update(policy, batch, settings, rl.minibatches, t.micro_batch_size, 1.0), args.steps)
+    stats = sync_weights(policy, engine, r.sync_bucket_bytes)
+    t_sync = _median_time(lambda: sync_weights(policy, engine, r.sync_bucket_bytes), args.steps)
+    engine.shutdown()
+    figures = {"sync_s": t_sync, "train_step_s": t_step, "tensors": stats["tensors"], "bytes": stats["bytes"],
+               "buckets": stats["buckets"], "threads": args.threads, "samples_per_step": n}  # fmt: skip
+    return {"figures": figures, "ratios": {"sync_over_step": t_sync / t_step}}
