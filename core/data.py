@@ -20,6 +20,7 @@ Packing concatenates tokenized samples into fixed-length rows. Per-sample
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -273,11 +274,13 @@ def causal_mask_from_segments(segment_ids: torch.Tensor) -> torch.Tensor:
 def shuffled_rows(position: int, count: int, seed: int, num_rows: int) -> list[int]:
     """Row indices at stream positions [position, position+count): epochs of seeded permutations, so
     the order depends only on (seed, position) and a resumed run reads the same rows."""
-    out, perm_epoch, perm = [], None, None
+    out = []
     for pos in range(position, position + count):
         epoch, i = divmod(pos, num_rows)
-        if epoch != perm_epoch:
-            perm_epoch = epoch
-            perm = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        out.append(int(perm[i]))
+        out.append(int(_permutation(seed, epoch, num_rows)[i]))
     return out
+
+
+@functools.lru_cache(maxsize=2)  # called every step: keep the current epoch's (and the next) permutation
+def _permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))

@@ -3,16 +3,15 @@ pass@1 is the mean accuracy over all k·N samples, cons@k the accuracy of each p
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 
 import torch
 
 from inference.engine import Sampling
 from parallel import parallelize as P
+from rlhf.rewards import extract_answer
 from rlhf.rollout import generate_groups
-
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)
+from rlhf.tasks.addition import starts_with_trace
 
 
 def evaluate(engine, tok, rows: list[dict], ecfg, pool, max_new_tokens: int) -> dict:
@@ -33,7 +32,7 @@ def evaluate(engine, tok, rows: list[dict], ecfg, pool, max_new_tokens: int) -> 
             a = acc[i : i + len(g)]
             sums += torch.tensor([1, sum(a) / len(g), _consensus(g, a), sum(fmt[i : i + len(g)]) / len(g),
                                   sum(len(s.completion_ids) for s in g) / len(g),
-                                  sum(bool(re.match(r"\d\+\d\+\d=", s.text)) for s in g) / len(g)], dtype=torch.float64)  # fmt: skip
+                                  sum(starts_with_trace(s.text) for s in g) / len(g)], dtype=torch.float64)  # fmt: skip
             i += len(g)
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(sums)  # every rank; ranks without an engine add zeros
@@ -48,7 +47,7 @@ def evaluate(engine, tok, rows: list[dict], ecfg, pool, max_new_tokens: int) -> 
 
 def _consensus(group, accuracy: list[float]) -> float:
     """1 if the most common extracted answer (ties: first seen) is a correct one."""
-    answers = [(m.group(1).strip() if (m := _ANSWER.search(s.text)) else None) for s in group]
+    answers = [(a.strip() if (a := extract_answer(s.text)) is not None else None) for s in group]
     votes = Counter(a for a in answers if a is not None)
     if not votes:
         return 0.0

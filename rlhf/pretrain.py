@@ -19,7 +19,7 @@ import torch
 
 import parallel  # noqa: F401  (CPU compatibility layer before megatron loads)
 from core.config import Config, ConfigError
-from core.data import causal_mask_from_segments, load_rows, pack
+from core.data import causal_mask_from_segments, load_rows, pack, shuffled_rows
 from core.model import causal_mask
 from core.tokenizer import build_char_tokenizer, save_tokenizer
 from parallel import checkpoint as ckpt
@@ -60,24 +60,8 @@ def pack_texts(texts: list[str], tok, seq_len: int, chunk: int = 256) -> dict[st
 
 
 def batch_rows(step: int, seed: int, num_rows: int, global_batch: int) -> list[int]:
-    """Row indices of the global batch at 0-based `step`: epochs of seeded permutations, so the
-    order depends only on (seed, step) and a resumed run sees the same batches."""
-    out = []
-    for pos in range(step * global_batch, (step + 1) * global_batch):
-        epoch, i = divmod(pos, num_rows)
-        out.append(int(_permutation(seed, epoch, num_rows)[i]))
-    return out
-
-
-_PERM_CACHE: dict[tuple[int, int, int], torch.Tensor] = {}
-
-
-def _permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
-    key = (seed, epoch, n)
-    if key not in _PERM_CACHE:
-        _PERM_CACHE.clear()
-        _PERM_CACHE[key] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    return _PERM_CACHE[key]
+    """Row indices of the global batch at 0-based `step`; a resumed run sees the same batches."""
+    return shuffled_rows(step * global_batch, global_batch, seed, num_rows)
 
 
 def micro_batches(data: dict[str, torch.Tensor], rows: list[int], micro: int) -> list[dict]:
