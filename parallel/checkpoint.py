@@ -1,13 +1,16 @@
 """Checkpoints through megatron dist-checkpointing: saved at one parallel layout, loadable at any other.
 
-Layout on disk: ROOT/step_00000010/ (megatron's sharded files + r1stack.json + rng/), and ROOT/latest,
-a one-line file naming the newest complete step dir. A save writes into ROOT/.tmp.step_*, renames it
-into place when every rank is done, and only then rewrites `latest`: a save cut short at any point
-leaves the previous checkpoint and pointer intact.
+Layout on disk: ROOT/step_00000010/ (megatron's sharded files + rng/ + manifest.json + r1stack.json),
+and ROOT/latest, a one-line file naming the newest complete step dir. A save writes into
+ROOT/.tmp.step_*, fsyncs every file and lists it with its size and sha256 in manifest.json, renames the
+dir into place when every rank is done, and only then rewrites `latest`: a save cut short at any point
+leaves the previous checkpoint and pointer intact. A load checks the manifest first (the hashing is
+split across ranks), so a checkpoint damaged after the fact is refused with the previous one named.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -22,6 +25,7 @@ from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from parallel.parallelize import Policy, unwrap
 
 META = "r1stack.json"
+MANIFEST = "manifest.json"
 LATEST = "latest"
 # Optimizer state in a canonical per-parameter form, so it reshards across TP/PP/DP.
 _OPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
@@ -38,6 +42,18 @@ def _barrier():
 
 def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _world() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def _gather(obj) -> list:
+    if not torch.distributed.is_initialized():
+        return [obj]
+    out = [None] * _world()
+    torch.distributed.all_gather_object(out, obj)
+    return out
 
 
 def _fsync_write(path: Path, text: str) -> None:
@@ -92,12 +108,14 @@ def save(policy: Policy, root: str | os.PathLike, extra: dict | None = None, wit
     (tmp / "rng").mkdir(exist_ok=True)
     torch.save(_rng_state(), tmp / "rng" / f"rank_{_rank():05d}.pt")
     _barrier()
+    manifest = _hash_files(tmp, sorted(str(f.relative_to(tmp)) for f in tmp.rglob("*") if f.is_file()), sync=True)
     if _rank() == 0:
+        _fsync_write(tmp / MANIFEST, json.dumps(manifest, indent=0, sort_keys=True))
         meta = {
             "step": policy.step,
             "model": policy.cfg.model.name,
             "layout": {k: getattr(policy.cfg.parallel, k) for k in ("tensor", "pipeline", "expert", "data")},
-            "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
+            "world_size": _world(),
             "with_optimizer": with_optimizer,
             "optimizer_state": optimizer_state,  # False before the first step: load leaves it fresh
             "extra": extra or {},
@@ -117,6 +135,48 @@ def _prune(root: Path, keep: int) -> None:
     steps = sorted(p for p in root.glob("step_*") if (p / META).exists())
     for old in steps[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _hash_files(root: Path, names: list[str], sync: bool = False) -> dict:
+    """{name: [size, sha256]} for every file, each rank hashing a strided share; `sync` also fsyncs
+    them, so the manifest never lists bytes that a power cut could still lose."""
+    mine = {}
+    for name in names[_rank()::_world()]:
+        digest, size = hashlib.sha256(), 0
+        with open(root / name, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+                size += len(chunk)
+            if sync:
+                os.fsync(f.fileno())
+        mine[name] = [size, digest.hexdigest()]
+    return {k: v for part in _gather(mine) for k, v in part.items()}
+
+
+def verify(step_dir: str | os.PathLike) -> list[str]:
+    """Collective. What is wrong with a step dir against its manifest: [] when it is intact."""
+    step_dir = Path(step_dir)
+    if not (step_dir / MANIFEST).exists():
+        return [f"{MANIFEST} is missing"]
+    try:
+        manifest = json.loads((step_dir / MANIFEST).read_text())
+    except json.JSONDecodeError as e:
+        return [f"{MANIFEST} is unreadable ({e})"]
+    present = {str(f.relative_to(step_dir)) for f in step_dir.rglob("*") if f.is_file()}
+    missing = sorted(set(manifest) - present)
+    found = _hash_files(step_dir, sorted(set(manifest) & present))
+    bad = [f"{n}: {found[n][0]} bytes, sha256 {found[n][1][:12]}…; the manifest says {manifest[n][0]} bytes, "
+           f"sha256 {manifest[n][1][:12]}…" for n in sorted(found) if found[n] != manifest[n]]  # fmt: skip
+    return [f"{n} is missing" for n in missing] + bad
+
+
+def _refuse_corrupt(step_dir: Path, problems: list[str]) -> None:
+    root = step_dir.parent
+    older = sorted(p.name for p in root.glob("step_*") if (p / META).exists() and p.name < step_dir.name)
+    offer = (f"The previous checkpoint is {older[-1]}: resume from it with `echo {older[-1]} > {root / LATEST}` "
+             f"(or load {root / older[-1]})" if older else "No earlier checkpoint is kept under " + str(root))
+    raise CheckpointError(f"checkpoint {step_dir} is damaged: " + "; ".join(problems[:5])
+                          + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "") + f". {offer}.")
 
 
 def resolve(path: str | os.PathLike) -> Path:
@@ -140,6 +200,9 @@ def read_meta(path: str | os.PathLike) -> dict:
 def load(policy: Policy, path: str | os.PathLike, with_optimizer: bool = True, with_rng: bool = False) -> dict:
     """Collective. Loads weights (and optimizer state) saved at any layout; returns the metadata."""
     step_dir = resolve(path)
+    problems = verify(step_dir)
+    if problems:
+        _refuse_corrupt(step_dir, problems)
     meta = json.loads((step_dir / META).read_text())
     if with_optimizer and not meta["with_optimizer"]:
         raise CheckpointError(f"{step_dir} holds weights only; load it with with_optimizer=False")

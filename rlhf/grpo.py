@@ -30,13 +30,6 @@ def generate_and_share(engine, tok, rows: list[dict], sampling) -> tuple[list[li
     return out[0]
 
 
-def all_ranks_true(flag: bool) -> bool:
-    t = torch.tensor([0 if flag else 1])
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(t)
-    return int(t) == 0
-
-
 def score(groups: list[list[Sample]], pool, rl, max_new_tokens: int) -> dict:
     """Sets each sample's rewards (weighted total in .reward); returns per-reward counts for metrics."""
     flat = [s for g in groups for s in g]

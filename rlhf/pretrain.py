@@ -25,6 +25,7 @@ from core.tokenizer import build_char_tokenizer, save_tokenizer
 from parallel import checkpoint as ckpt
 from parallel import parallelize as P
 from rlhf.guard import NonFiniteGuard
+from rlhf.preempt import PreemptionWatch
 from rlhf.tasks import addition
 from rlhf.tracking import Tracker
 
@@ -188,7 +189,7 @@ def _run(cfg: Config, rank0: bool, t_start: float, tracker: Tracker) -> dict:
     last, recent = {"loss": float("nan")}, []
     saved_at = start
     guard = NonFiniteGuard(MAX_BAD_STEPS, "lower stage.train.optim.lr, raise warmup_steps, or use dtype=fp32.")
-    with bar:
+    with bar, PreemptionWatch() as watch:
         for step in range(start, t.steps):
             t0 = time.perf_counter()
             rows = batch_rows(step, cfg.data.seed, num_rows, t.global_batch_size)
@@ -207,9 +208,12 @@ def _run(cfg: Config, rank0: bool, t_start: float, tracker: Tracker) -> dict:
             guard.update(last["update_ok"], policy.step, last["loss"])
             if last["update_ok"]:
                 recent = (recent + [last["loss"]])[-50:]
-            if t.save_every and policy.step % t.save_every == 0:
+            preempted = watch.requested()
+            if preempted or (t.save_every and policy.step % t.save_every == 0):
                 _save(policy, ckpt_root, t)
                 saved_at = policy.step
+            if preempted:
+                raise watch.stop(policy.step)
     if saved_at != policy.step:
         _save(policy, ckpt_root, t)
     train_s = time.time() - t_start

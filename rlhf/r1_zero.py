@@ -29,6 +29,7 @@ from rlhf import grpo
 from rlhf.evaluate import evaluate
 from rlhf.guard import NonFiniteGuard
 from rlhf.losses import LossSettings
+from rlhf.preempt import PreemptionWatch
 from rlhf.prompts import load_prompts
 from rlhf.rewards import RewardPool
 from rlhf.rollout import to_batch
@@ -59,7 +60,8 @@ def train(cfg: Config, rank0: bool) -> dict:
     with engine or contextlib.nullcontext(), \
          RewardPool(dict(cfg.reward.weights), cfg.reward.timeout_s, cfg.reward.workers) as pool, \
          RewardPool({"accuracy": 1.0, "format": 1.0}, cfg.reward.timeout_s, cfg.reward.workers) as eval_pool, \
-         Tracker(cfg, run_dir, rank0) as tracker, progress(rank0, t.steps, policy.step // rl.minibatches) as bar:  # fmt: skip
+         Tracker(cfg, run_dir, rank0) as tracker, progress(rank0, t.steps, policy.step // rl.minibatches) as bar, \
+         PreemptionWatch() as watch:  # fmt: skip
         tracker.trim(policy.step // rl.minibatches)
         if "base" not in evals:
             evals["base"] = evaluate(engine, tok, eval_rows, cfg.eval, eval_pool, r.max_new_tokens)
@@ -90,9 +92,12 @@ def train(cfg: Config, rank0: bool) -> dict:
             row = step_metrics(step, groups, batch, stats, info, sync, clock)
             tracker.log(row)
             bar.advance(row)
-            if (t.save_every and step % t.save_every == 0) or step == t.steps:
+            preempted = watch.requested()
+            if preempted or (t.save_every and step % t.save_every == 0) or step == t.steps:
                 ckpt.save(policy, run_dir / "checkpoints", keep=t.keep_checkpoints,
                           extra={"rl_step": step, "prompt_position": position, "evals": evals})  # fmt: skip
+            if preempted:
+                raise watch.stop(step)
         evals["final"] = evaluate(engine, tok, eval_rows, cfg.eval, eval_pool, r.max_new_tokens)
     if rank0:
         (run_dir / "eval.json").write_text(json.dumps(evals, indent=1) + "\n")
@@ -117,7 +122,7 @@ def collect(engine, tok, rows, position, sampling, pool, rl):
         good = {id(g) for g in (grpo.informative(groups) if rl.dynamic_sampling else groups)}
         keep += [g for g in groups if id(g) in good]
         dropped += [g for g in groups if id(g) not in good]
-        if grpo.all_ranks_true(len(keep) >= want):
+        if P.all_ranks_true(len(keep) >= want):
             break
     groups = (keep + dropped)[:want]
     grpo.set_advantages(groups, rl.advantage)

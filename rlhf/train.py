@@ -1,7 +1,8 @@
 """Entry point for every stage: `python -m rlhf.train stage=pretrain run_dir=PATH [overrides]`.
 
 Exit status 2 means the configuration (or a data file it names) cannot run; the message on stderr
-names the key and the fix.
+names the key and the fix. Exit status 75 means the run was preempted (SIGUSR1 or SIGTERM) and left a
+checkpoint: the same command resumes it (rlhf/preempt.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from omegaconf import DictConfig
 
 from core.config import ConfigError, compose, load_config, register_schema
 from core.data import DataError
+from rlhf.preempt import REQUEUE_EXIT, Preempted
 
 register_schema()  # before @hydra.main composes conf/config.yaml, whose defaults name the schema
 
@@ -54,6 +56,9 @@ def main(raw: DictConfig) -> None:
         run_stage(cfg)
     except (ConfigError, DataError) as e:
         _fail(e)
+    except Preempted as e:
+        print(f"preempted: {e}. Exit {REQUEUE_EXIT}: run the same command to resume.", file=sys.stderr)
+        sys.exit(REQUEUE_EXIT)
 
 
 def _precheck(argv: list[str]) -> None:

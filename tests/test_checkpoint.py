@@ -1,6 +1,8 @@
 """Checkpoints in one process: round trip, atomicity, exact optimizer resume, clear errors.
 Resharding across layouts is tested in test_equivalence.py."""
 
+import json
+
 import pytest
 import torch
 
@@ -98,3 +100,24 @@ def test_clear_errors(P, tmp_path):
     ckpt.save(policy, tmp_path / "weights", with_optimizer=False)
     with pytest.raises(ckpt.CheckpointError, match="holds weights only"):
         ckpt.load(policy, tmp_path / "weights")
+
+
+def test_damaged_checkpoint_is_refused_and_the_previous_one_offered(P, tmp_path):
+    from parallel import checkpoint as ckpt
+
+    policy = new_policy(P)
+    ckpt.save(policy, tmp_path)
+    P.train_step(policy, batch())
+    newest = ckpt.save(policy, tmp_path)
+    manifest = json.loads((newest / ckpt.MANIFEST).read_text())
+    assert ckpt.verify(newest) == [] and "rng/rank_00000.pt" in manifest
+    shard = max((n for n in manifest if n.endswith(".distcp")), key=lambda n: manifest[n][0])
+    data = bytearray((newest / shard).read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte, same size: only the checksum can tell
+    (newest / shard).write_bytes(bytes(data))
+    with pytest.raises(ckpt.CheckpointError, match=rf"damaged: {shard}: .*sha256.*previous checkpoint is step_00000000"):
+        ckpt.load(new_policy(P), tmp_path)
+    (newest / "rng" / "rank_00000.pt").unlink()
+    assert any("rng/rank_00000.pt is missing" in p for p in ckpt.verify(newest))
+    (tmp_path / "latest").write_text("step_00000000\n")  # the offered fix works
+    assert ckpt.load(new_policy(P), tmp_path)["step"] == 0

@@ -1,10 +1,13 @@
 """The r1_zero stage end to end through `python -m rlhf.train` with real vLLM: metrics, eval.json, W&B,
 report, resume, and the trainer-vs-engine log-prob agreement during training."""
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -98,3 +101,54 @@ def test_a_data_file_without_an_answer_is_a_clear_error(tmp_path):
                   "logger=none", check=False)  # fmt: skip
     assert proc.returncode == 2
     assert "bad.jsonl line 2" in proc.stderr and "answer" in proc.stderr
+
+
+def _start_killable(cmd, log):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), R1_NO_PROGRESS="1")
+    with open(log, "w") as out:  # not a pipe: an orphan holding it open would block the reader
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _kill_group(proc):
+    """SIGKILL the run and whatever it started: megatron's checkpoint writer keeps a multiprocessing
+    Manager process that outlives a killed parent."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+# Wall-clock figures differ from run to run; everything else in a metrics row must repeat exactly.
+def _deterministic(rows):
+    return [{k: v for k, v in r.items() if not k.startswith("perf/") and k not in ("cpu_s", "time")} for r in rows]
+
+
+def test_kill_9_at_three_points_resumes_to_the_same_metrics(base, tmp_path):
+    """The same command after each SIGKILL (mid-step, inside a checkpoint save, between the step dir's
+    rename and the `latest` pointer) must end with exactly the metrics of an uninterrupted run."""
+    args = ["stage=r1_zero", f"stage.init_from={base}", "stage.train.steps=6", "stage.train.save_every=1",
+            "stage.rl.kl_coef=0.001", *SMALL[:3], "data.num_eval=4", "eval.k=1", "reward.workers=1", "logger=none"]  # fmt: skip
+    straight = tmp_path / "straight"
+    _train(*args, f"run_dir={straight}")
+
+    run = tmp_path / "killed"
+    proc = _start_killable([sys.executable, "-m", "rlhf.train", *args, f"run_dir={run}"], tmp_path / "kill1.log")
+    metrics = run / "metrics.jsonl"
+    while proc.poll() is None and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(0.05)
+    _kill_group(proc)  # mid-step 3: steps 1-2 are checkpointed, step 3's work is lost
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    killed_at = [r["step"] for r in _rows(run)]
+    # Policy steps count optimizer updates: rollout step k ends at policy step 2k (2 minibatches).
+    for point, policy_step in (("shards", 8), ("pointer", 10)):
+        log = tmp_path / f"{point}.log"
+        crash = _start_killable([sys.executable, "tests/dist/crash_run.py", point, str(policy_step), *args,
+                                 f"run_dir={run}"], log)  # fmt: skip
+        crash.wait(timeout=600)
+        _kill_group(crash)
+        assert crash.returncode == -signal.SIGKILL, log.read_text()[-3000:]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000008"  # the interrupted save left 8
+    assert list((run / "checkpoints").glob(".tmp.step_00000008")) == []  # … and 10 is complete but not pointed at
+    _train(*args, f"run_dir={run}")
+    assert len(killed_at) >= 2
+    assert _deterministic(_rows(run)) == _deterministic(_rows(straight))
+    assert json.loads((run / "eval.json").read_text()) == json.loads((straight / "eval.json").read_text())
