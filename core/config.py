@@ -84,6 +84,10 @@ class ParallelConfig:
     context: int = 1
     expert: int = 1
     expert_tensor: Optional[int] = None  # None = same as tensor
+    # Uneven pipeline split (megatron's names): layers on the first and last stage, the rest evenly over the
+    # middle stages; None = an even split. DeepSeek-V3's 61 layers need it at PP 12 or 16.
+    num_layers_in_first_pipeline_stage: Optional[int] = None
+    num_layers_in_last_pipeline_stage: Optional[int] = None
     data: Optional[int] = None  # None = whatever the world size leaves
     sequence_parallel: bool = False
     distributed_optimizer: bool = False
@@ -215,6 +219,25 @@ class ClusterConfig:
     gpus_per_node: int = 0
     nodes: int = 1
     gpu: Optional[str] = None  # h100 | h800 | h20 | h200, for the planner
+    gpus: Optional[int] = None  # all GPUs of the job (tools.plan's world size); None = nodes × gpus_per_node
+
+
+@dataclass
+class PlanConfig:
+    """What `python -m tools.plan` models beyond the fields above: the measured lengths of a run and the
+    engine, offload and schedule choices of a published one. Only the planner reads it."""
+
+    workload: str = "auto"  # auto (stage.name r1_zero -> grpo, else pretrain) | pretrain | grpo
+    schedule: str = "1f1b"  # 1f1b | dualpipe (DeepSeek-V3: EP all-to-all under compute, two weight copies)
+    prompt_tokens: Optional[int] = None  # mean prompt length; None = seq_length - rollout.max_new_tokens
+    response_tokens: Optional[int] = None  # mean response length; None = rollout.max_new_tokens
+    micro_batch_tokens: Optional[int] = None  # packed micro-batches of at most this many tokens; None = unpacked
+    rollout_tensor: int = 1  # vLLM tensor-parallel size
+    rollout_gpus: Optional[int] = None  # GPUs of a separate generation pool (rollout.colocate=false)
+    rollout_memory_fraction: float = 0.9  # vLLM gpu_memory_utilization: its weights plus KV cache
+    off_policy: int = 0  # 1 = async GRPO: step k+1's generation overlaps step k's training
+    optimizer_offload: float = 0.0  # share of the optimizer (fp32 states and the Adam update) on the CPU
+    param_offload: bool = False  # training weights and grads wait on the CPU outside their phase
 
 
 @dataclass
@@ -227,6 +250,7 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run_dir: str = "runs/default"
     seed: int = 1234
@@ -271,6 +295,55 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def pipeline_layers(num_layers: int, p: ParallelConfig) -> list[int]:
+    """Decoder layers per pipeline stage as megatron splits them: the first and last stage as set, the rest
+    evenly over the middle stages. Raises ConfigError naming the field and a split that works."""
+    pp, first, last = p.pipeline, p.num_layers_in_first_pipeline_stage, p.num_layers_in_last_pipeline_stage
+    names = ("num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage")
+    for name, v in zip(names, (first, last)):
+        if v is not None and (v < 1 or pp < 2):
+            raise ConfigError(f"parallel.{name}={v} needs parallel.pipeline >= 2 and a value >= 1. "
+                              "Fix: set it to null.")
+    if first is not None and last is not None and pp == 2 and first + last != num_layers:
+        raise ConfigError(f"parallel.{names[0]}={first} + {names[1]}={last} != model.num_layers={num_layers} at "
+                          f"parallel.pipeline=2. Fix: make them sum to {num_layers}.")
+    if first is None and last is None:
+        if num_layers % pp:
+            raise ConfigError(
+                f"model.num_layers={num_layers} is not divisible by parallel.pipeline={pp}. "
+                f"Fix: use parallel.pipeline in {_divisors(num_layers)}, or an uneven split: "
+                f"{_uneven_hint(num_layers, pp)}."
+            )
+        return [num_layers // pp] * pp
+    middle_stages = pp - (first is not None) - (last is not None)
+    middle = num_layers - (first or 0) - (last or 0)
+    if middle_stages and (middle < middle_stages or middle % middle_stages):
+        raise ConfigError(
+            f"model.num_layers={num_layers} minus parallel.{names[0]}={_yaml(first)} and {names[1]}={_yaml(last)} "
+            f"leaves {middle} layers for {middle_stages} middle pipeline stages, which does not divide. "
+            f"Fix: {_uneven_hint(num_layers, pp)}."
+        )
+    per = middle // middle_stages if middle_stages else 0
+    return ([first] if first is not None else []) + [per] * middle_stages + ([last] if last is not None else [])
+
+
+def _yaml(v) -> str:
+    return "null" if v is None else str(v)
+
+
+def _uneven_hint(num_layers: int, pp: int) -> str:
+    """The most even (first, last) splits that megatron accepts, for an error message."""
+    if pp < 3:
+        return (f"parallel.pipeline=2 with num_layers_in_first_pipeline_stage + num_layers_in_last_pipeline_stage"
+                f" = {num_layers}")
+    even = num_layers / pp
+    pairs = [(f, ls) for f in range(1, num_layers) for ls in range(1, num_layers)
+             if num_layers - f - ls >= pp - 2 and (num_layers - f - ls) % (pp - 2) == 0]  # fmt: skip
+    pairs.sort(key=lambda fl: (abs(fl[0] - even) + abs(fl[1] - even), -fl[0]))
+    shown = ", ".join(f"({f}, {ls})" for f, ls in pairs[:3])
+    return f"set parallel.num_layers_in_first_pipeline_stage/num_layers_in_last_pipeline_stage to one of {shown}"
+
+
 def validate(cfg: Config, world_size: int) -> Config:
     """Checks the parallel layout against the model and the world size; fills parallel.data."""
     m, p = cfg.model, cfg.parallel
@@ -294,11 +367,7 @@ def validate(cfg: Config, world_size: int) -> Config:
             f"parallel.tensor={tp} does not divide the padded vocabulary {m.padded_vocab_size}. "
             "Fix: set model.vocab_pad_multiple to a multiple of parallel.tensor."
         )
-    if m.num_layers % pp:
-        raise ConfigError(
-            f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline={pp}. "
-            f"Fix: use parallel.pipeline in {_divisors(m.num_layers)}."
-        )
+    pipeline_layers(m.num_layers, p)
     if world_size % (tp * pp * cp):
         raise ConfigError(
             f"world size {world_size} is not a multiple of tensor×pipeline×context = {tp}×{pp}×{cp}. "

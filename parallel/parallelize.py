@@ -96,6 +96,9 @@ def runtime_config(cfg: Config) -> dict[str, Any]:
         moe_grouped_gemm=False,
         deterministic_mode=not on_gpu,
     )
+    for name in ("num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage"):
+        if getattr(p, name) is not None:  # an uneven pipeline split (DeepSeek-V3's 61 layers at PP 12 or 16)
+            rt[name] = getattr(p, name)
     if p.recompute != "none":
         rt.update(recompute_granularity=p.recompute, recompute_method="uniform" if p.recompute == "full" else None,
                   recompute_num_layers=1 if p.recompute == "full" else None)  # fmt: skip
@@ -265,6 +268,14 @@ def reduce_loss(data: list[dict]) -> float | None:
     last = ps.get_pipeline_model_parallel_last_rank()
     torch.distributed.broadcast(t, src=last, group=ps.get_pipeline_model_parallel_group())
     return float(t[0] / t[1]) if t[1] > 0 else None
+
+
+def all_ranks_true(flag: bool) -> bool:
+    """The same answer on every rank: whether `flag` holds on all of them."""
+    t = torch.tensor([0 if flag else 1])
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+    return int(t) == 0
 
 
 def reduce_sums(data: list[dict], keys: list[str]) -> dict[str, float]:
