@@ -89,9 +89,11 @@ def _read_jsonl(path: Path, kind: str) -> list[dict]:
                 continue
             try:
                 obj = json.loads(line)
-            except json.JSONDecodeError as e:
+            except (ValueError, RecursionError) as e:  # also a number past int's 4300-digit limit, deep nesting
+                bad = isinstance(e, json.JSONDecodeError)
+                what = f"{e.msg} at column {e.colno}" if bad else f"{type(e).__name__}: {e}"
                 raise DataError(
-                    f"{where}: invalid JSON ({e.msg} at column {e.colno}); each line must be "
+                    f"{where}: invalid JSON ({what:.200}); each line must be "
                     f"one complete JSON object, e.g. {_example(kind)}"
                 ) from e
             rows.append(_check_row(obj, kind, where))

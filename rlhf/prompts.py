@@ -6,9 +6,10 @@ A row is ``{"prompt": templated text ending in "<think>", "answer": gold answer,
 
 Sources (``data.source``):
 
-* ``generated``: ``data.task`` = ``addition`` (the tiny demo: train pairs vs pairs held out by hash) or a
-  reasoning-gym dataset (presets: countdown, basic_arithmetic, gsm_symbolic; any other works too). Train
-  and eval come from seeds 10^9 apart, and eval questions that also occur in train are dropped.
+* ``generated``: ``data.task`` = ``addition`` (the tiny demo: train pairs vs pairs held out by hash), ``code``
+  (rlhf.tasks.code: write a Python function, scored on hidden tests in a sandbox; specs held out by hash)
+  or a reasoning-gym dataset (presets: countdown, basic_arithmetic, gsm_symbolic; any other works too).
+  Train and eval come from seeds 10^9 apart, and eval questions that also occur in train are dropped.
 * ``jsonl`` / ``parquet``: ``data.train_path`` (and ``data.eval_path``, else the last ``num_eval`` rows
   are held out), rows with ``prompt`` and ``answer`` (core.data), task ``math`` unless a row (or
   ``data.task``) says otherwise. Gold answers are checked at load (rlhf.rewards.validate_gold).
@@ -23,7 +24,7 @@ from pathlib import Path
 from core.config import ConfigError
 from core.data import DataError, load_rows
 from rlhf.rewards import validate_gold
-from rlhf.tasks import addition
+from rlhf.tasks import addition, code
 
 # DeepSeek-R1 paper, Table 1. It ends inside the think block, so completions start with the reasoning.
 R1_ZERO_TEMPLATE = (
@@ -91,20 +92,32 @@ def _generated(data_cfg, split: str) -> list[dict]:
             {"question": _addition_question(r["prompt"]), "answer": r["answer"], "task": "addition", "metadata": {}}
             for r in make(n, seed=data_cfg.seed)
         ]  # fmt: skip
+    if task == "code":
+        return _code_rows(data_cfg, split)
     from reasoning_gym.factory import DATASETS
 
     name = task.removeprefix("rg/")
     if name not in DATASETS:
-        close = difflib.get_close_matches(name, ["addition", *DATASETS], n=3)
+        close = difflib.get_close_matches(name, ["addition", "code", *DATASETS], n=3)
         raise ConfigError(
-            f"data.task={data_cfg.task!r}: source=generated makes 'addition' or a reasoning-gym dataset"
-            f"{f' (close: {close})' if close else ''}. Fix: use addition, one of the presets {list(RG_PRESETS)}, "
+            f"data.task={data_cfg.task!r}: source=generated makes 'addition', 'code' or a reasoning-gym dataset"
+            f"{f' (close: {close})' if close else ''}. Fix: use addition, code, one of the presets {list(RG_PRESETS)}, "
             f"or another of the {len(DATASETS)} names in reasoning_gym.factory.DATASETS."
         )
     train = _rg_entries(name, data_cfg.num_train, data_cfg.seed)
     if split == "train":
         return [_rg_row(name, e) for e in train]
     return _rg_eval(name, data_cfg, {e["question"] for e in train})
+
+
+def _code_rows(data_cfg, split: str) -> list[dict]:
+    try:
+        rows = code.train_rows(data_cfg.num_train, data_cfg.seed) if split == "train" else \
+            code.eval_rows(data_cfg.num_eval, data_cfg.seed)  # fmt: skip
+    except ValueError as e:
+        raise ConfigError(f"data.task=code: {e}. Fix: lower data.num_eval.") from e
+    validate_gold(rows, where=f"data.task=code {split}")  # also fails here, not mid-run, when no sandbox works
+    return rows
 
 
 def _addition_question(prompt: str) -> str:

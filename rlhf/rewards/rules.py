@@ -2,13 +2,16 @@
 
 Accuracy looks the sample's ``task`` up in SCORERS; a scorer takes the text inside ``<answer>`` and the
 sample. Built in: ``addition`` (exact match), ``math`` (math-verify), ``rg/<dataset>`` (reasoning-gym's
-own scorer for that dataset). Add one with ``@register_scorer("task")``.
+own scorer for that dataset), ``code`` (hidden tests in a sandbox: rlhf.rewards.coding). Add one with
+``@register_scorer("task")``.
 """
 
 from __future__ import annotations
 
+import ast
 import functools
 import re
+import sys
 import threading
 from typing import Callable, Sequence
 
@@ -19,8 +22,10 @@ from rlhf.rewards import register_reward
 THINK, THINK_END, ANSWER, ANSWER_END = "<think>", "</think>", "<answer>", "</answer>"
 TAGS = (THINK, THINK_END, ANSWER, ANSWER_END)
 _FORMAT_RE = re.compile(r"<think>(.*)</think>\s*<answer>(.*)</answer>\s*", re.S)
-_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.S)
 _MATH_DELIMITERS = ("$", "\\(", "\\[", "\\boxed")
+# LaTeX spacing between two digits (``10 000``, ``1\\,000``, ``1~000``): LaTeX renders the digits as one
+# number, while math-verify reads the gap as a product or a mixed number (10·0 = 0, ``12 5`` = 12 + 5).
+_DIGIT_GAP = re.compile(r"(?<=\d)(?:\s|\\[,;:! ]|~)+(?=\d)")
 
 Scorer = Callable[[str, dict], float]
 SCORERS: dict[str, Scorer] = {}
@@ -43,9 +48,15 @@ def scorer_for(task: str) -> Scorer:
 
 
 def extract_answer(completion: str) -> str | None:
-    """The text inside the first ``<answer>...</answer>``, or None."""
-    m = _ANSWER_RE.search(completion)
-    return None if m is None else m.group(1)
+    """The text inside the first ``<answer>...</answer>``, or None. Later blocks never count, so listing
+    candidates in several blocks earns nothing. Linear time: the regex ``<answer>(.*?)</answer>`` it
+    replaces was quadratic on a run of unclosed ``<answer>`` tags (11 s for 128k characters)."""
+    start = completion.find(ANSWER)
+    if start < 0:
+        return None
+    start += len(ANSWER)
+    end = completion.find(ANSWER_END, start)
+    return None if end < 0 else completion[start:end]
 
 
 @register_reward("format")
@@ -85,9 +96,11 @@ def _timeout(seconds: int) -> int | None:
 
 def parse_math(text: str) -> list:
     """math-verify's parse; text without math delimiters is read as LaTeX math first (``x^2+1`` and
-    ``\\frac12`` parse only that way), then as plain text."""
+    ``\\frac12`` parse only that way), then as plain text. An escaped ``\\$`` (``\\$18.90``) is not a
+    delimiter, and spacing between digits is dropped as LaTeX does (``10 000`` and ``1\\,000`` are 10000)."""
+    text = _DIGIT_GAP.sub("", text)
     out = []
-    if not any(d in text for d in _MATH_DELIMITERS):
+    if not any(d in text.replace("\\$", "") for d in _MATH_DELIMITERS):
         out = parse(f"${text}$", parsing_timeout=_timeout(5))
     if not is_parsed(out):
         out = parse(text, parsing_timeout=_timeout(5))
@@ -112,16 +125,50 @@ def _score_math(answer: str, sample: dict) -> float:
     return 1.0 if verify(list(_parse_gold(sample["answer"].strip())), pred, timeout_seconds=_timeout(5)) else 0.0
 
 
+# reasoning-gym scorers that run the answer as Python. Unguarded, a completion runs code in the reward
+# worker: it can exit it (exit()), or patch the scorer so that it and every later answer there score 1
+# (countdown: "setattr(__import__('numpy'), 'isclose', 'x'.format) or <the numbers>"; tests/test_fuzz.py).
+# These eval() it only for partial credit (a Python list), which _score_rg drops: literals only.
+_RG_EVAL = frozenset({"binary_matrix", "n_queens", "spiral_matrix", "string_insertion"})
+# These need sympy.parse_expr (an eval) for full credit: only arithmetic and math functions reach it.
+_RG_PARSE_EXPR = frozenset(
+    {"countdown", "intermediate_integration", "polynomial_multiplication", "puzzle24", "simple_integration"}
+)
+_MATH_NAMES = frozenset(
+    "sin cos tan cot sec csc asin acos atan acot asec acsc sinh cosh tanh coth sech csch asinh acosh atanh "
+    "acoth exp log ln sqrt cbrt root Abs abs sign floor ceiling factorial binomial gamma pi oo Integral".split()
+)
+# Non-ASCII (Python reads fullwidth ｅｘｉｔ as exit), string literals, attribute access, dunders.
+_NOT_PLAIN_MATH = re.compile(r"[^\t\n\r\x20-\x7e]|['\"`\\]|__|\.\s*[A-Za-z_]")
+_NAME = re.compile(r"[A-Za-z_]\w*")
+
+
+def _plain_math(answer: str) -> bool:
+    """Whether ``answer`` holds only numbers, operators, brackets, one-letter symbols and _MATH_NAMES:
+    with no strings, attributes or other names, parse_expr's eval can call nothing but math."""
+    return not _NOT_PLAIN_MATH.search(answer) and all(len(w) == 1 or w in _MATH_NAMES for w in _NAME.findall(answer))
+
+
+def _literal_eval(source, *_):
+    return ast.literal_eval(source)
+
+
 @functools.cache
 def _rg_dataset(name: str):
     import reasoning_gym  # ~1 s to import: only where an rg task is scored
 
-    return reasoning_gym.create_dataset(name, size=1, seed=0)  # only its score_answer is used
+    dataset = reasoning_gym.create_dataset(name, size=1, seed=0)  # only its score_answer is used
+    if name in _RG_EVAL:  # a module global shadows the builtin for the scorer's eval(answer)
+        sys.modules[type(dataset).__module__].eval = _literal_eval
+    return dataset
 
 
 def _score_rg(answer: str, sample: dict) -> float:
     name = sample["task"].removeprefix("rg/")
-    score = _rg_dataset(name).score_answer(answer.strip(), sample["metadata"]["entry"])
+    answer = answer.strip()
+    if name in _RG_PARSE_EXPR and not _plain_math(answer):
+        return 0.0  # never a right answer there (tests/test_fuzz.py checks the generated golds pass)
+    score = _rg_dataset(name).score_answer(answer, sample["metadata"]["entry"])
     # reasoning-gym gives partial credit for the form (countdown: 0.05 for any expression using the
     # numbers, 0.01 for any text); that is format reward, which would dilute R1-Zero's 0/1 accuracy.
     return 1.0 if score >= 1.0 else 0.0
@@ -129,7 +176,8 @@ def _score_rg(answer: str, sample: dict) -> float:
 
 def validate_gold(rows: Sequence[dict], where: str = "rows") -> None:
     """Raises DataError for a row no scorer could ever reward: unknown task, a math gold answer
-    math-verify cannot parse, an rg row without its reasoning-gym entry. Run at load time.
+    math-verify cannot parse, an rg row without its reasoning-gym entry, a code row without usable hidden
+    tests (and SandboxUnavailable when code cannot be sandboxed here). Run at load time.
 
     A row's location is its ``_where`` ("data.jsonl line 3"), else ``f"{where} row {i}"``.
     """
@@ -151,6 +199,10 @@ def validate_gold(rows: Sequence[dict], where: str = "rows") -> None:
             )
         if task.startswith("rg/"):
             _check_rg(row, task, loc, DataError)
+        if task == "code":
+            from rlhf.rewards.coding import check_code_row
+
+            check_code_row(row, loc, DataError)
 
 
 def _check_rg(row: dict, task: str, loc: str, error: type[Exception]) -> None:
