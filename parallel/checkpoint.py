@@ -22,6 +22,7 @@ from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
+from core.data import DataError
 from parallel.parallelize import Policy, unwrap
 
 META = "r1stack.json"
@@ -31,7 +32,7 @@ LATEST = "latest"
 _OPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(DataError):  # bad input: rlhf.train reports it as such (exit 2), no traceback
     pass
 
 
@@ -157,7 +158,7 @@ def verify(step_dir: str | os.PathLike) -> list[str]:
     """Collective. What is wrong with a step dir against its manifest: [] when it is intact."""
     step_dir = Path(step_dir)
     if not (step_dir / MANIFEST).exists():
-        return [f"{MANIFEST} is missing"]
+        return [f"{MANIFEST} is missing (an older r1stack wrote it, or something removed it), so it cannot be checked"]
     try:
         manifest = json.loads((step_dir / MANIFEST).read_text())
     except json.JSONDecodeError as e:

@@ -2,6 +2,8 @@
 asks a run to stop at the end of the current step. Every rank learns it at the same step, the stage
 writes a checkpoint and raises Preempted, and rlhf.train exits with REQUEUE_EXIT, which the sbatch
 scripts answer with `scontrol requeue`; the requeued job resumes from `latest` and nothing is lost.
+srun may kill the other tasks as soon as one exits non-zero, so its exit status is not a reliable
+signal: the scripts set R1_PREEMPTED_FILE, which rank 0 writes before any rank exits.
 """
 
 from __future__ import annotations
@@ -49,4 +51,14 @@ class PreemptionWatch:
         return not all_ranks_true(self.signum is None)
 
     def stop(self, step: int) -> Preempted:
+        """Call after the checkpoint is written; raise what it returns."""
+        import torch
+
+        marker = os.environ.get("R1_PREEMPTED_FILE")
+        rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+        if marker and rank0:
+            with open(marker, "w") as f:
+                f.write(f"{step}\n")
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()  # no rank exits before the marker exists
         return Preempted(step, self.signum)
