@@ -7,8 +7,10 @@ ratios of GRPO rely on (bf16 drifts after a few tokens).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -26,7 +28,22 @@ class _RotaryReloadNotice(logging.Filter):
         return not (record.getMessage().startswith("RotaryEmbedding") and "Failed to load weights" in record.getMessage())
 
 
+class _MLAReloadNotice(logging.Filter):
+    # MLA's absorbed matrices (W_UK_T, W_UV) are no checkpoint weights: vLLM derives them from kv_b_proj
+    # after every reload, and warns at each sync that they "were not loaded from checkpoint". Other
+    # missing weights still warn.
+    DERIVED = ("W_UK_T", "W_UV", "W_UK_T_dcp_qrep")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("Following weights were not loaded from checkpoint"):
+            return True
+        names = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        return not (isinstance(names, (set, frozenset, list)) and names
+                    and all(n.rsplit(".", 1)[-1] in self.DERIVED for n in names))
+
+
 logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_RotaryReloadNotice())
+logging.getLogger("vllm.model_executor.model_loader.reload.inplace").addFilter(_MLAReloadNotice())
 
 
 def _repack_moe_experts(worker) -> int:
@@ -39,6 +56,12 @@ def _repack_moe_experts(worker) -> int:
             kernel.fused_experts.process_weights_after_loading(module)
             count += 1
     return count
+
+
+def _uses_mla(model_dir: str) -> bool:
+    """Whether the HF config under model_dir describes multi-latent attention (DeepSeek V2/V3)."""
+    path = Path(model_dir) / "config.json"
+    return path.exists() and bool(json.loads(path.read_text()).get("kv_lora_rank"))
 
 
 @register_engine("vllm")
@@ -58,6 +81,11 @@ class VLLMEngine(Engine):
             # prefill in one step.
             extra["max_num_seqs"] = 256
             extra["max_num_batched_tokens"] = 256 * max_model_len
+            if _uses_mla(model_dir) and dtype != "bfloat16":
+                # On CPUs with AMX tiles vLLM picks AMX_MLA for MLA models, which packs only bf16 weights
+                # ("expect weight to be bfloat16, float16, int8, ..." at load); the reference CPU_MLA
+                # backend takes any dtype.
+                extra["attention_config"] = {"backend": "CPU_MLA"}
         self.llm = LLM(
             model=model_dir,
             skip_tokenizer_init=True,  # token ids in and out: the trainer's tokenizer is the only one

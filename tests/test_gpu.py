@@ -16,8 +16,8 @@ pytestmark = pytest.mark.gpu
 WORKER = ROOT / "tests" / "dist" / "gpu_worker.py"
 
 
-def run(case, tmp_path):
-    pytest.importorskip("transformer_engine", reason="transformer-engine not installed (R1_EXTRAS=gpu)")
+def run(case, tmp_path, needs="transformer_engine"):
+    pytest.importorskip(needs, reason=f"{needs} not installed (R1_EXTRAS=gpu)")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, WORKER, case, tmp_path], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-5000:]
@@ -34,3 +34,24 @@ def test_te_spec_matches_local_spec(tmp_path, model):
 def test_fp8_training_step(tmp_path):
     out = run("fp8:tiny_dense", tmp_path)
     assert out["losses"][-1] < out["losses"][0] and all(map(lambda x: x == x, out["losses"]))
+
+
+def test_vllm_sleep_frees_gpu_memory_and_wake_up_serves_the_same_model(tmp_path):
+    out = run("vllm_sleep:tiny_dense", tmp_path, needs="vllm")
+    assert out["freed_bytes"] >= 0.9 * out["kv_bytes"], out  # level 1: KV cache dropped, weights to host
+    assert out["rewoken_bytes"] >= 0.9 * out["kv_bytes"], out  # wake_up takes it back
+    assert out["same_tokens"] and out["logprob_max_diff"] <= 1e-5, out
+    assert out["changed_after_sync"], out  # a sync after sleep/wake_up reaches the engine
+
+
+@pytest.mark.parametrize("model", ["tiny_dense", "tiny_dsv3"])
+def test_trainer_to_vllm_weight_sync_on_gpu(tmp_path, model):
+    """tests/test_hf_bridge.py's weight-sync check on CUDA vLLM (its MoE and MLA kernels, not the CPU ones)."""
+    pytest.importorskip("vllm")
+    from tests.test_hf_bridge import check_weight_sync
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, ROOT / "tests" / "dist" / "weight_sync_worker.py", tmp_path / "sync.json", model]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    check_weight_sync(json.loads((tmp_path / "sync.json").read_text()))

@@ -63,13 +63,32 @@ def test_bridge_import_leaves_no_transformer_engine():
     run_worker([sys.executable, "-c", code], timeout=600)
 
 
-@pytest.mark.slow
-def test_trainer_to_vllm_weight_sync(tmp_path):
-    """vLLM from save_hf(initial weights); train; export_hf -> update_weights; engine logprobs == trainer's."""
-    pytest.importorskip("vllm")
-    run_worker([sys.executable, ROOT / "tests" / "dist" / "weight_sync_worker.py", tmp_path / "sync.json"], timeout=600)
-    row = json.loads((tmp_path / "sync.json").read_text())
+SYNC_TOL = 1e-4  # fp32 trainer vs engine log-probs (measured on CPU: 4.8e-7 for both models)
+
+
+def check_weight_sync(row: dict) -> None:
+    """What tests/dist/weight_sync_worker.py measured: the engine serves the trainer's model at start-up
+    (save_hf) and after a training step and parallel.weight_sync.sync_weights, on a fixed sequence (every
+    position) and on a completion sampled at temperature 1."""
     assert row["step"]["update_ok"] and row["step"]["lr"] > 0
-    assert row["init_diff"] <= 1e-4, row  # save_hf's checkpoint serves the trainer's model
-    assert row["stale_diff"] > 1e-3, row  # the training step really changed what the trainer computes
-    assert row["synced_diff"] <= 1e-4, row  # after update_weights vLLM serves the trained weights
+    for seq in ("fixed", "sampled"):
+        assert row["init"][seq] <= SYNC_TOL, row  # save_hf's checkpoint serves the trainer's model
+        assert row["synced"][seq] <= SYNC_TOL, row  # after the sync vLLM serves the trained weights
+        assert row["resynced"][seq] <= SYNC_TOL, row  # syncing unchanged weights again changes nothing
+    assert row["stale"]["fixed"] > 1e-3, row  # the training step really changed what the trainer computes
+    if row["model"] == "tiny_dsv3":
+        # The aux-loss-free expert bias is a buffer the step moves; the engine must get it (routing).
+        assert row["bias_moved"] > 0 and row["stale_bias_gap"] > 0, row
+        assert row["init_bias_gap"] == 0 and row["synced_bias_gap"] == 0, row
+        # MLA's absorbed W_UK_T / W_UV are re-derived from the synced kv_b_proj (decode uses them).
+        assert row["synced_mla_absorbed_gap"] is None or row["synced_mla_absorbed_gap"] <= 1e-6, row
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["tiny_dense", "tiny_dsv3"])
+def test_trainer_to_vllm_weight_sync(tmp_path, model):
+    """vLLM from save_hf(initial weights); train; sync_weights; engine logprobs == trainer's (fp32, CPU)."""
+    pytest.importorskip("vllm")
+    run_worker([sys.executable, ROOT / "tests" / "dist" / "weight_sync_worker.py", tmp_path / "sync.json", model],
+               timeout=600)  # fmt: skip
+    check_weight_sync(json.loads((tmp_path / "sync.json").read_text()))

@@ -19,6 +19,53 @@ def logits(policy, mb):
         return policy.chunks[0](mb["tokens"], mb["position_ids"], mb["attention_mask"]).float()
 
 
+def vllm_sleep(model: str, out: Path) -> dict:
+    """The colocated engine's sleep()/wake_up() (vLLM sleep mode, level 1): sleeping gives back the KV
+    cache and the weights' GPU memory; after wake_up the engine serves the same model, and a weight sync
+    after wake_up (the RL order: sleep, train, wake_up, sync) serves the new one."""
+    from inference.engine import Sampling, build_engine
+    from parallel import hf_bridge
+
+    cfg = compose([f"model={model}", "logger=none"])
+    P.init_distributed(cfg)
+    policy = P.build_policy(cfg, with_optimizer=False)
+    hf_bridge.save_hf(policy, out / "hf")
+    kv_bytes = 2 * 2**30
+    engine = build_engine("vllm", model_dir=str(out / "hf"), max_model_len=64, kv_cache_bytes=kv_bytes, timeout_s=300)
+    greedy = Sampling(temperature=0.0, max_new_tokens=16)
+    prompt = [[1, 64, 36, 22, 35, 85, 9, 80]]
+
+    def serve():
+        c = engine.generate(prompt, greedy).completions[0][0]
+        return c.token_ids, c.logprobs
+
+    def free() -> int:
+        torch.cuda.synchronize()
+        return torch.cuda.mem_get_info()[0]
+
+    try:
+        before, free_awake = serve(), free()
+        engine.sleep()
+        free_asleep = free()
+        engine.wake_up()
+        free_woken = free()
+        after = serve()
+        # Changed weights synced after a sleep/wake cycle reach the engine.
+        with torch.no_grad():
+            for p in policy.chunks[0].parameters():
+                p.mul_(1.5)
+        engine.sleep()
+        engine.wake_up()
+        engine.update_weights(hf_bridge.export_hf(policy))
+        changed = serve()
+    finally:
+        engine.shutdown()
+    return {"kv_bytes": kv_bytes, "freed_bytes": free_asleep - free_awake, "rewoken_bytes": free_asleep - free_woken,
+            "same_tokens": before[0] == after[0],
+            "logprob_max_diff": max(abs(a - b) for a, b in zip(before[1], after[1])),
+            "changed_after_sync": changed != before}  # fmt: skip
+
+
 def main():
     case, out = sys.argv[1], Path(sys.argv[2])
     name, model = case.split(":")
@@ -41,6 +88,8 @@ def main():
         P.init_distributed(cfg)
         policy = P.build_policy(cfg)
         result = {"losses": [P.train_step(policy, lm_batch(s=64, vocab=cfg.model.vocab_size))["loss"] for _ in range(5)]}
+    elif name == "vllm_sleep":
+        result = vllm_sleep(model, out)
     result["backend"] = torch.distributed.get_backend()
     (out / f"{case}.json").write_text(json.dumps(result))
     P.shutdown()

@@ -1,16 +1,22 @@
-"""Trainer -> vLLM weight sync through parallel.hf_bridge, end to end (tiny_dense, one process, CPU).
+"""Trainer -> vLLM weight sync through parallel.hf_bridge, end to end (one process; CPU, or GPU in tests/test_gpu.py).
 
-    python tests/dist/weight_sync_worker.py OUT.json
+    python tests/dist/weight_sync_worker.py OUT.json [MODEL]      (MODEL: tiny_dense (default), tiny_dsv3)
 
-vLLM starts from save_hf(initial weights); one train_step; export_hf -> VLLMEngine.update_weights; the
-engine's greedy completion logprobs must equal the trainer's (megatron forward, log_softmax) on that sequence.
+vLLM starts from save_hf(initial weights); one train_step; parallel.weight_sync.sync_weights (the call the
+R1-Zero loop makes) -> VLLMEngine.update_weights. At each point the engine's log-probs are compared with the
+trainer's (megatron forward through rlhf.grpo.logprobs, temperature 1) on two sequences: a fixed token
+sequence (every position scored by the engine as prompt log-probs) and a completion the engine samples at
+temperature 1 (seeded). For DeepSeek-V3 the router's expert bias (a buffer that the step moves) is also read
+back from the engine.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -21,66 +27,140 @@ from core.config import compose  # noqa: E402
 from core.model import causal_mask  # noqa: E402
 from parallel import hf_bridge  # noqa: E402
 from parallel import parallelize as P  # noqa: E402
+from parallel.weight_sync import sync_weights  # noqa: E402
 
 PROMPT = [1, 64, 36, 22, 35, 85, 9, 80]
+FIXED = PROMPT + [17, 3, 99, 42, 42, 7, 120, 56, 0, 88, 31, 64, 5, 77, 12, 101]  # every id < 128 (both vocabularies)
+SAMPLE_TOKENS = 12
 
 
-def logits_forward(batch, model):
-    out = model(batch["tokens"], batch["position_ids"], batch["attention_mask"])
-    return out, lambda o: (o.sum() * 0, torch.tensor(1, dtype=torch.int), {"logits": P.gather_logits(o).detach()})
+def trainer_logprobs(policy, prompt: list[int], completion: list[int]) -> list[float]:
+    """log p(completion | prompt) per token as GRPO computes old_logp: rlhf.grpo.logprobs at temperature 1."""
+    from rlhf import grpo
+    from rlhf.rollout import Sample, to_batch
+
+    sample = Sample({}, prompt, completion, [0.0] * len(completion), "length")
+    batch = to_batch([sample], len(prompt) + len(completion) - 1, pad_id=0)
+    logp, _ = grpo.logprobs(policy, batch, 1, 1.0)
+    mask = batch["loss_mask"][0].bool()
+    return logp[0].cpu()[mask].tolist()
 
 
-def trainer_logprobs(policy, prompt, tokens, vocab):
-    ids = torch.tensor([prompt + tokens])
-    s = ids.shape[1]
-    mb = dict(tokens=ids, position_ids=torch.arange(s).expand(1, s), attention_mask=causal_mask(s))
-    for c in policy.chunks:
-        c.eval()
-    with torch.no_grad():
-        logits = P.forward_backward(policy, [mb], forward_only=True, forward=logits_forward)[0]["logits"]
-    for c in policy.chunks:
-        c.train()
-    logp = torch.log_softmax(logits[0, :, :vocab].float(), -1)
-    return [float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(tokens)]
+def engine_fixed_logprobs(engine, seq: list[int]) -> list[float]:
+    """The engine's log p(seq[i] | seq[:i]) for i >= 1 (prompt log-probs)."""
+    from vllm import SamplingParams, TokensPrompt
+
+    params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False, seed=0)
+    out = engine.llm.generate([TokensPrompt(prompt_token_ids=seq)], params, use_tqdm=False)[0]
+    return [step[t].logprob for step, t in zip(out.prompt_logprobs[1:], seq[1:])]
+
+
+def max_gap(a: list[float], b: list[float]) -> float:
+    assert len(a) == len(b) and a, (len(a), len(b))
+    return max(abs(x - y) for x, y in zip(a, b))
+
+
+def compare(engine, policy, sampling) -> dict:
+    fixed_engine = engine_fixed_logprobs(engine, FIXED)
+    fixed_trainer = trainer_logprobs(policy, FIXED[:1], FIXED[1:])
+    c = engine.generate([PROMPT], sampling).completions[0][0]
+    sampled_trainer = trainer_logprobs(policy, PROMPT, c.token_ids)
+    return {"fixed": max_gap(fixed_engine, fixed_trainer), "sampled": max_gap(c.logprobs, sampled_trainer),
+            "sampled_tokens": c.token_ids, "fixed_mean_logp": sum(fixed_trainer) / len(fixed_trainer)}
+
+
+def _engine_expert_bias(worker) -> dict:
+    """On the vLLM worker: every e_score_correction_bias (the DeepSeek-V3 router's expert bias), as lists."""
+    return {n: b.detach().float().cpu().tolist() for n, b in worker.model_runner.model.named_buffers()
+            if n.endswith("e_score_correction_bias")} | {
+            n: b.detach().float().cpu().tolist() for n, b in worker.model_runner.model.named_parameters()
+            if n.endswith("e_score_correction_bias")}  # fmt: skip
+
+
+def _engine_mla_absorbed_gap(worker) -> float | None:
+    """On the vLLM worker: how far MLA's absorbed W_UK_T / W_UV (derived from kv_b_proj after a load, not
+    synced themselves) are from the kv_b_proj the engine now holds; None without MLA."""
+    gaps = []
+    for module in worker.model_runner.model.modules():
+        if getattr(module, "W_UV", None) is None or getattr(module, "kv_b_proj", None) is None:
+            continue
+        w = module.kv_b_proj.weight.detach().T.reshape(module.kv_lora_rank, module.num_heads, -1)
+        w_uk, w_uv = w.split([module.qk_nope_head_dim, module.v_head_dim], dim=-1)
+        gaps.append(float((module.W_UV - w_uv.transpose(0, 1)).abs().max()))
+        gaps.append(float((module.W_UK_T - w_uk.permute(1, 2, 0)).abs().max()))
+    return max(gaps) if gaps else None
+
+
+def trainer_expert_bias(policy) -> list[torch.Tensor]:
+    """The router expert biases of the decoder's MoE layers, in layer order (MTP layers excluded)."""
+    model = P.unwrap(policy.chunks[0])
+    return [b.detach().float().cpu().clone() for n, b in model.named_buffers()
+            if n.startswith("decoder.") and n.endswith("router.expert_bias")]
+
+
+def engine_bias_gap(engine, policy) -> float | None:
+    theirs = engine.llm.collective_rpc(_engine_expert_bias)[0]
+    ours = trainer_expert_bias(policy)
+    if not ours and not theirs:
+        return None
+    assert len(theirs) == len(ours), (sorted(theirs), len(ours))
+    by_layer = [torch.tensor(theirs[k]) for k in sorted(theirs, key=lambda k: int(k.split(".")[2]))]
+    return max(float((a - b).abs().max()) for a, b in zip(by_layer, ours))
 
 
 def main() -> None:
     torch.set_num_threads(1)  # before vLLM starts: its CPU worker freezes the thread count
     out = Path(sys.argv[1])
-    cfg = compose(["model=tiny_dense", "logger=none", "stage.train.optim.lr=0.01", "stage.train.optim.schedule=constant"])
+    model = sys.argv[2] if len(sys.argv) > 2 else "tiny_dense"
+    t_start = time.perf_counter()
+    cfg = compose([f"model={model}", "logger=none", "stage.train.optim.lr=0.01", "stage.train.optim.schedule=constant"])
     P.init_distributed(cfg)
     policy = P.build_policy(cfg)
     m = cfg.model
     workdir = Path(tempfile.mkdtemp(prefix="weight_sync_"))
     hf_bridge.save_hf(policy, workdir / "init")
 
-    from inference.engine import Sampling
-    from inference.vllm_engine import VLLMEngine
+    from inference.engine import Sampling, build_engine
 
-    engine = VLLMEngine(str(workdir / "init"), max_model_len=64, kv_cache_bytes=64 * 2**20)
-    greedy = Sampling(temperature=0.0, max_new_tokens=8)
+    engine = build_engine("vllm", model_dir=str(workdir / "init"), max_model_len=64, kv_cache_bytes=64 * 2**20,
+                          timeout_s=300)
+    sampling = Sampling(temperature=1.0, max_new_tokens=SAMPLE_TOKENS, seed=1234)
+    t_engine = time.perf_counter()
     try:
-        c0 = engine.generate([PROMPT], greedy).completions[0][0]
-        init_diff = max(abs(a - b) for a, b in zip(c0.logprobs, trainer_logprobs(policy, PROMPT, c0.token_ids, m.vocab_size)))
+        init = compare(engine, policy, sampling)
+        init_bias = engine_bias_gap(engine, policy)
+        bias_before = trainer_expert_bias(policy)
 
         t = torch.randint(0, m.vocab_size, (4, 17), generator=torch.Generator().manual_seed(0))
         batch = [dict(tokens=t[:, :-1], labels=t[:, 1:], loss_mask=torch.ones(4, 16),
                       position_ids=torch.arange(16).expand(4, 16), attention_mask=causal_mask(16))]
         steps = [P.train_step(policy, batch) for _ in range(2)]  # the scheduler reports lr 0 on step 1
         step = steps[-1]
+        moved = [float((a - b).abs().max()) for a, b in zip(trainer_expert_bias(policy), bias_before)]
+        bias_moved = max(moved) if moved else None
 
-        c_stale = engine.generate([PROMPT], greedy).completions[0][0]
-        engine.update_weights(hf_bridge.export_hf(policy))
-        c1 = engine.generate([PROMPT], greedy).completions[0][0]
-        mine = trainer_logprobs(policy, PROMPT, c1.token_ids, m.vocab_size)
-        synced_diff = max(abs(a - b) for a, b in zip(c1.logprobs, mine))
-        stale = trainer_logprobs(policy, PROMPT, c_stale.token_ids, m.vocab_size)
-        stale_diff = max(abs(a - b) for a, b in zip(c_stale.logprobs, stale))
+        stale = compare(engine, policy, sampling)  # engine still on the initial weights
+        stale_bias = engine_bias_gap(engine, policy)
+        t_sync = time.perf_counter()
+        sync = sync_weights(policy, engine, cfg.rollout.sync_bucket_bytes)
+        sync_s = time.perf_counter() - t_sync
+        synced = compare(engine, policy, sampling)
+        synced_bias = engine_bias_gap(engine, policy)
+        mla_gap = engine.llm.collective_rpc(_engine_mla_absorbed_gap)[0]
+        # A second sync of unchanged weights, in many small buckets, must not move what the engine serves
+        # (the MoE re-pack is idempotent; buckets only group the stream).
+        resync = sync_weights(policy, engine, 2**20)
+        resynced = compare(engine, policy, sampling)
     finally:
         engine.shutdown()
-    out.write_text(json.dumps(dict(init_diff=init_diff, synced_diff=synced_diff, stale_diff=stale_diff,
-                                   step={k: (v if isinstance(v, (int, float, bool)) else str(v)) for k, v in step.items()},
-                                   tokens=c1.token_ids, logprobs=c1.logprobs), indent=1))
+        shutil.rmtree(workdir, ignore_errors=True)
+    out.write_text(json.dumps(dict(
+        model=model, init=init, stale=stale, synced=synced, resynced=resynced,
+        init_bias_gap=init_bias, stale_bias_gap=stale_bias, synced_bias_gap=synced_bias, bias_moved=bias_moved,
+        synced_mla_absorbed_gap=mla_gap,
+        sync={**sync, "wall_s": sync_s}, resync_buckets=resync["buckets"], seconds={"setup": t_engine - t_start, "total": time.perf_counter() - t_start},
+        step={k: (v if isinstance(v, (int, float, bool)) else str(v)) for k, v in step.items()},
+    ), indent=1))  # fmt: skip
     P.shutdown()
 
 
