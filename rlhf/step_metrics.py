@@ -63,7 +63,8 @@ def step_metrics(step: int, groups, batch: dict, stats: dict, info: dict, sync: 
         "rollout/truncated_prompts": g["truncated"], "rollout/informative_frac": g["informative"] / max(g["groups"], 1),
         "perf/step_s": step_s, "perf/samples_per_s": n / step_s, "perf/tokens_per_s": g["tokens"] / step_s,
         "perf/rollout_s": clock.phases.get("rollout", 0.0), "perf/train_s": clock.phases.get("train", 0.0),
-        "perf/sync_s": sync["seconds"], "perf/cpu_s": time.process_time() - clock.cpu_start, "perf/sync_mb": sync["bytes"] / 2**20,
+        "perf/cpu_s": time.process_time() - clock.cpu_start,
+        "sync/seconds": sync["seconds"], "sync/mb": sync["bytes"] / 2**20,
     }  # fmt: skip
     return row
 

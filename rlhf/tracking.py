@@ -12,6 +12,7 @@ keeps every step it logged. W&B mirroring follows `logger.backend=wandb` with `l
 run id lives in RUN_DIR/wandb_id.txt and the run is opened with resume="allow", so re-running the same
 command continues the same W&B run; offline, each resumed segment is its own folder with that id
 (`wandb sync --id $(cat RUN_DIR/wandb_id.txt) RUN_DIR/wandb/offline-run-*` uploads them in order).
+The resolved config and the code's git commit go to RUN_DIR/config.json and to the W&B run's config.
 On ranks other than 0 (`enabled=False`) every method is a no-op.
 """
 
@@ -25,6 +26,7 @@ import numbers
 import os
 import secrets
 import string
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,8 @@ from core.config import ConfigError
 log = logging.getLogger("r1stack.tracking")
 
 METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"
+REPO = Path(__file__).resolve().parents[1]
 WANDB_ID_FILE = "wandb_id.txt"
 BACKENDS = ("wandb", "none")
 MODES = ("offline", "online", "disabled")
@@ -86,6 +90,7 @@ class Tracker:
         if mode not in MODES:
             raise ConfigError(f"logger.mode={mode!r}. Fix: use one of {list(MODES)}.")
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / CONFIG_FILE).write_text(json.dumps(clean(run_config(cfg)), indent=1) + "\n")
         if backend == "wandb" and mode != "disabled":
             self.wandb_run = _init_wandb(cfg, self.run_dir)
             self._wandb_next_step = self.wandb_run.step
@@ -167,6 +172,23 @@ class Tracker:
         self.finish(exit_code=0 if exc_type is None else 1)
 
 
+def git_state() -> dict:
+    """The commit the code runs at, and whether the tree had uncommitted changes."""
+    def git(*args):
+        out = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        return {"commit": commit, "dirty": bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None}
+    except (OSError, subprocess.TimeoutExpired):  # no git binary, or a hung filesystem
+        return {"commit": None, "dirty": None}
+
+
+def run_config(cfg) -> dict:
+    return {**_config_dict(cfg), "git": git_state()}
+
+
 def _config_dict(cfg) -> dict:
     if dataclasses.is_dataclass(cfg):
         return dataclasses.asdict(cfg)
@@ -186,7 +208,7 @@ def _init_wandb(cfg, run_dir: Path):
     try:
         run = wandb.init(
             mode=lg.mode, project=lg.project, entity=lg.entity, dir=str(run_dir), name=run_dir.resolve().name,
-            config=_config_dict(cfg), id=run_id, resume="allow",
+            config=clean(run_config(cfg)), id=run_id, resume="allow",
             # console="off": leave stdout/stderr (and the progress bar) alone.
             settings=wandb.Settings(silent=True, console="off"),
         )  # fmt: skip

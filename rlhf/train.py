@@ -27,13 +27,20 @@ def _pretrain(cfg):
     return pretrain.run(cfg)
 
 
+def _sft(cfg):
+    from rlhf import sft
+
+    return sft.run(cfg)
+
+
 def _r1_zero(cfg):
     from rlhf import r1_zero
 
     return r1_zero.run(cfg)
 
 
-STAGES = {"pretrain": _pretrain, "r1_zero": _r1_zero}
+# reasoning_rl (R1 stage 2) is the same GRPO loop as r1_zero; its stage and reward configs differ.
+STAGES = {"pretrain": _pretrain, "sft": _sft, "r1_zero": _r1_zero, "reasoning_rl": _r1_zero}
 
 
 def run_stage(cfg) -> dict:
@@ -51,6 +58,7 @@ def _fail(e: Exception) -> None:
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
 def main(raw: DictConfig) -> None:
     logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lists every parameter and config field
+    _per_job_run_dir(raw)
     try:
         cfg = load_config(raw)
         run_stage(cfg)
@@ -59,6 +67,17 @@ def main(raw: DictConfig) -> None:
     except Preempted as e:
         print(f"preempted: {e}. Exit {REQUEUE_EXIT}: run the same command to resume.", file=sys.stderr)
         sys.exit(REQUEUE_EXIT)
+
+
+def _per_job_run_dir(raw: DictConfig) -> None:
+    """In a sweep (`-m`) every job gets its own run_dir: RUN_DIR/sweep/<job number>, where Hydra puts
+    that job's files; otherwise all jobs would share checkpoints and metrics."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN:
+        raw.run_dir = hc.runtime.output_dir
 
 
 def _precheck(argv: list[str]) -> None:

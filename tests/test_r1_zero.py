@@ -18,7 +18,9 @@ SMALL = ["stage.rl.prompts_per_step=4", "rollout.n=4", "stage.train.micro_batch_
          "eval.k=2", "stage.train.save_every=2", "reward.workers=1"]  # fmt: skip
 REQUIRED = ["step", "reward/mean", "reward/accuracy", "reward/format", "response_length/mean", "train/loss",
             "train/kl", "train/entropy", "train/clip_frac", "rollout/logprob_diff_mean", "perf/step_s",
-            "perf/samples_per_s", "perf/rollout_s", "perf/train_s", "perf/sync_s"]  # fmt: skip
+            "perf/samples_per_s", "perf/rollout_s", "perf/train_s", "sync/seconds", "sync/mb"]  # fmt: skip
+
+GROUPS = {"reward", "response_length", "rollout", "train", "perf", "sync"}
 
 
 def _train(*overrides, check=True):
@@ -49,6 +51,7 @@ def test_grpo_runs_logs_evaluates_and_resumes(base, tmp_path):
     for r in rows:
         missing = [k for k in REQUIRED if r.get(k) is None]
         assert not missing, missing
+        assert {k.split("/")[0] for k in r if k != "step"} <= GROUPS  # the W&B dashboard's sections
         assert r["rollout/logprob_diff_mean"] < 1e-4  # fp32 trainer and engine agree on the sampled tokens
         assert abs(r["rollout/seq_importance_ratio"] - 1) < 1e-3
         assert r["train/kl"] >= 0 and 0 <= r["train/clip_frac"] <= 1

@@ -1,10 +1,12 @@
 """rlhf.tracking.Tracker: strict-JSON metrics.jsonl, trim on resume, W&B offline runs that resume by id."""
 
 import json
+import subprocess
 
 import pytest
 
 from core.config import ConfigError, compose
+from tests.conftest import ROOT
 from rlhf.tracking import Tracker, TrackingError
 
 
@@ -61,6 +63,10 @@ def test_wandb_offline_run_lands_in_run_dir_and_resumes_by_id(tmp_path, capfd):
     with Tracker(cfg, tmp_path) as tr:
         first = tr.run_id
         assert tr.wandb_run.name == tmp_path.name and tr.wandb_run.config["model"]["name"] == "tiny_dense"
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        assert tr.wandb_run.config["git"]["commit"] == head and len(head) == 40
+        saved = json.loads((tmp_path / "config.json").read_text())
+        assert saved["git"]["commit"] == head and saved["stage"]["train"]["steps"] == cfg.stage.train.steps
         tr.log({"step": 1, "train/loss": 2.0, "note": "not numeric", "train/kl": float("nan")})
         tr.log({"step": 2, "train/loss": 1.5})
         tr.summary({"final_loss": 1.5, "eval/examples": ["x"]})

@@ -70,7 +70,7 @@ def grpo_vs_trl(args) -> dict:
     flops = train_flops(cfg, cfg["params"])
     peak = matmul_peak(threads)
     ours_fig = {"median_step_s": med("perf/step_s"), "median_cpu_s": med("perf/cpu_s"), "samples_per_s": samples / med("perf/step_s"),
-                "rollout_s": med("perf/rollout_s"), "train_s": med("perf/train_s"), "sync_s": med("perf/sync_s"),
+                "rollout_s": med("perf/rollout_s"), "train_s": med("perf/train_s"), "sync_s": med("sync/seconds"),
                 "mean_completion_tokens": statistics.mean(r["response_length/mean"] for r in rows),
                 "train_flops": flops, "train_flops_per_s": flops / med("perf/train_s")}  # fmt: skip
     return {
