@@ -152,6 +152,8 @@ class RLConfig:
 class StageConfig:
     name: str = MISSING  # pretrain | sft | r1_zero | ...
     init_from: Optional[str] = None  # run dir or checkpoint dir the stage starts from
+    data_from: Optional[str] = None  # a dataset a previous stage wrote (file or its run dir), for sft stages
+    epochs: Optional[float] = None  # sft: passes over the data; sets train.steps
     train: TrainConfig = field(default_factory=TrainConfig)
     rl: RLConfig = field(default_factory=RLConfig)
 
@@ -181,6 +183,7 @@ class DataConfig:
     # RL prompts (rlhf.prompts.TEMPLATES): auto = the task's own (addition: its compact one for the 64-token
     # demo model; everything else: r1_zero) | r1_zero | none (file prompts already templated). Checked at load.
     template: str = "auto"
+    language: str = "en"  # the reasoning's target language (ISO 639-1) for the language_consistency reward
 
 
 @dataclass

@@ -194,6 +194,12 @@ def resolve(path: str | os.PathLike) -> Path:
     return step_dir
 
 
+def of_run(path: str | os.PathLike) -> Path:
+    """What a stage's `init_from` names: a run dir holding checkpoints/, or a checkpoint root or step dir."""
+    p = Path(path)
+    return p / "checkpoints" if (p / "checkpoints" / LATEST).exists() else p
+
+
 def read_meta(path: str | os.PathLike) -> dict:
     return json.loads((resolve(path) / META).read_text())
 

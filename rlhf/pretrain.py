@@ -147,17 +147,22 @@ def _progress(enabled: bool, total: int, start: int):
     return bar, task
 
 
-def run(cfg: Config) -> dict:
+def packed_texts(cfg: Config, tok) -> dict[str, torch.Tensor]:
+    return pack_texts(load_texts(cfg), tok, cfg.stage.train.seq_length)
+
+
+def run(cfg: Config, packed_data=packed_texts) -> dict:
+    """`packed_data(cfg, tok)` gives the packed rows (pretrain: plain text; rlhf.sft: prompt/response)."""
     t_start = time.time()
     env = P.init_distributed(cfg)
     try:
         with Tracker(cfg, cfg.run_dir, enabled=env.rank == 0) as tracker:
-            return _run(cfg, env.rank == 0, t_start, tracker)
+            return _run(cfg, env.rank == 0, t_start, tracker, packed_data)
     finally:
         P.shutdown()
 
 
-def _run(cfg: Config, rank0: bool, t_start: float, tracker: Tracker) -> dict:
+def _run(cfg: Config, rank0: bool, t_start: float, tracker: Tracker, packed_data) -> dict:
     t = cfg.stage.train
     run_dir = Path(cfg.run_dir)
     ckpt_root = run_dir / "checkpoints"
@@ -170,7 +175,7 @@ def _run(cfg: Config, rank0: bool, t_start: float, tracker: Tracker) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_tokenizer(tok, run_dir / "tokenizer")
 
-    data = pack_texts(load_texts(cfg), tok, t.seq_length)
+    data = packed_data(cfg, tok)
     num_rows = data["tokens"].shape[0]
     policy = P.build_policy(cfg)
     if (ckpt_root / ckpt.LATEST).exists():
@@ -179,6 +184,9 @@ def _run(cfg: Config, rank0: bool, t_start: float, tracker: Tracker) -> dict:
         if meta["extra"].get("data_position") != policy.step * t.global_batch_size:
             log.warning("checkpoint data_position %s does not match step×global batch: the batch size changed",
                         meta["extra"].get("data_position"))  # fmt: skip
+    elif cfg.stage.init_from:  # fine-tuning (or continued pretraining): its weights, a fresh optimizer
+        ckpt.load(policy, ckpt.of_run(cfg.stage.init_from), with_optimizer=False)
+        policy.step = 0
     start = policy.step
     if rank0:
         tracker.trim(start)

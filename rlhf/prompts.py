@@ -61,6 +61,8 @@ def load_prompts(data_cfg, split: str) -> list[dict]:
         raise ConfigError(f"data.source={data_cfg.source!r}: expected generated, jsonl or parquet.")
     for row in rows:
         row["prompt"] = fill(template, row.pop("question"))
+        # A row may name its own target language (bilingual sets); else the data config's.
+        row["metadata"] = {"language": data_cfg.language, **(row.get("metadata") or {})}
     return rows
 
 

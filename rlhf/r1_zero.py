@@ -155,17 +155,11 @@ def start_from(cfg: Config, policy, run_dir: Path) -> tuple[int, dict]:
         log.info("resumed from %s at RL step %d", root, meta["extra"]["rl_step"])
         return meta["extra"]["prompt_position"], meta["extra"]["evals"]
     if cfg.stage.init_from:
-        ckpt.load(policy, init_checkpoint(cfg.stage.init_from), with_optimizer=False)
+        ckpt.load(policy, ckpt.of_run(cfg.stage.init_from), with_optimizer=False)
         policy.step = 0
     else:
         log.warning("stage.init_from is unset: GRPO starts from random weights")
     return 0, {}
-
-
-def init_checkpoint(path: str) -> Path:
-    """A checkpoint dir, or a run dir holding checkpoints/."""
-    p = Path(path)
-    return p / "checkpoints" if (p / "checkpoints" / ckpt.LATEST).exists() else p
 
 
 def reference(cfg: Config, policy, run_dir: Path):
@@ -174,7 +168,7 @@ def reference(cfg: Config, policy, run_dir: Path):
     if (run_dir / "reference" / ckpt.LATEST).exists():
         ckpt.load(ref, run_dir / "reference", with_optimizer=False)
     elif cfg.stage.init_from:
-        ckpt.load(ref, init_checkpoint(cfg.stage.init_from), with_optimizer=False)
+        ckpt.load(ref, ckpt.of_run(cfg.stage.init_from), with_optimizer=False)
     else:
         copy_weights(policy, ref)
     return ref

@@ -32,7 +32,7 @@ def test_addition_keeps_its_compact_prompt_and_holds_out_eval_pairs():
     assert all(addition.is_held_out(*p) for p in pairs(evals))
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in evals}
     a, b = pairs(train[:1]).pop()
-    assert train[0] == {"prompt": addition.make_prompt(a, b), "answer": str(a + b), "task": "addition", "metadata": {}}
+    assert train[0] == {"prompt": addition.make_prompt(a, b), "answer": str(a + b), "task": "addition", "metadata": {"language": "en"}}
     r1 = load_prompts(cfg(task="addition", template="r1_zero"), "train")[0]
     assert r1["prompt"].endswith(f"User: {a:03d}+{b:03d}. Assistant: <think>")
 

@@ -193,3 +193,17 @@ def test_an_unpicklable_sample_is_an_error_not_a_hang(pool):
     samples[0] = {**samples[0], "metadata": {"fn": lambda: 0}}
     out = pool.score(comps, samples)
     assert out.per_reward["accuracy"] == [0, 1, 1, 0] and out.errors["accuracy"] == 1
+
+
+def test_language_consistency_is_the_share_of_target_language_words_in_the_reasoning():
+    from rlhf.rewards.language import language_consistency as lc
+
+    en, zh = {"metadata": {"language": "en"}}, {"metadata": {"language": "zh"}}
+    assert lc("first add the units, then carry the one</think><answer>5</answer>", en) == 1.0
+    assert lc("先把个位相加，然后进位</think><answer>5</answer>", zh) == 1.0
+    mixed = lc("first add the units, 然后进位一, then write the answer</think>", en)
+    assert 0.5 < mixed < 0.7  # 8 English words of 13 (a Han character is a word)
+    assert lc("first add the units, then carry the one</think>", zh) == 0.0
+    assert lc("5+7=12;8+4+1=13</think><answer>12</answer>", en) == 1.0  # no words: nothing mixed
+    assert lc("the units first</think><answer>然后进位 然后进位 然后进位</answer>", en) == 1.0  # only the reasoning counts
+    assert lc("", {"metadata": {}}) == 1.0

@@ -155,3 +155,9 @@ def train_prompts(n: int, seed: int = 0) -> list[dict]:
     """n problems from the training split (for RL), same row form as eval_prompts."""
     pairs = sample_pairs(random.Random(seed), n)
     return [{"prompt": make_prompt(a, b), "answer": gold(a, b)} for a, b in pairs]
+
+
+def sft_rows(n: int, seed: int = 0) -> list[dict]:
+    """n supervised rows from the training split: the prompt and a correct, readable trace (cold-start style)."""
+    pairs = sample_pairs(random.Random(seed), n)
+    return [{"prompt": make_prompt(a, b), "response": trace(a, b)} for a, b in pairs]
