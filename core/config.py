@@ -149,6 +149,20 @@ class RLConfig:
 
 
 @dataclass
+class SamplingConfig:
+    """Rejection sampling (R1 stage 3): which samples of rollout.n per prompt become SFT rows."""
+
+    prompts: int = 0  # prompts to sample from (0 = all of data's train split)
+    chunk_prompts: int = 64  # prompts per engine call
+    keep_per_prompt: int = 1  # distinct correct, clean samples kept per prompt (0 = all)
+    min_language_share: float = 0.99  # reasoning in data.language at least this share (mixed-language filter)
+    max_paragraph_chars: int = 2000  # a longer paragraph (blank-line separated) drops the sample
+    drop_code_blocks: bool = True  # ``` in the reasoning drops the sample
+    non_reasoning_path: Optional[str] = None  # JSONL/Parquet prompt/response rows mixed in (writing, QA, ...)
+    non_reasoning_share: float = 0.25  # of the final rows (the paper: 200k of 800k)
+
+
+@dataclass
 class StageConfig:
     name: str = MISSING  # pretrain | sft | r1_zero | ...
     init_from: Optional[str] = None  # run dir or checkpoint dir the stage starts from
@@ -156,6 +170,7 @@ class StageConfig:
     epochs: Optional[float] = None  # sft: passes over the data; sets train.steps
     train: TrainConfig = field(default_factory=TrainConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 
 @dataclass

@@ -33,6 +33,12 @@ def _sft(cfg):
     return sft.run(cfg)
 
 
+def _rejection_sampling(cfg):
+    from rlhf import rejection_sampling
+
+    return rejection_sampling.run(cfg)
+
+
 def _r1_zero(cfg):
     from rlhf import r1_zero
 
@@ -40,7 +46,8 @@ def _r1_zero(cfg):
 
 
 # reasoning_rl (R1 stage 2) is the same GRPO loop as r1_zero; its stage and reward configs differ.
-STAGES = {"pretrain": _pretrain, "sft": _sft, "r1_zero": _r1_zero, "reasoning_rl": _r1_zero}
+STAGES = {"pretrain": _pretrain, "sft": _sft, "r1_zero": _r1_zero, "reasoning_rl": _r1_zero,
+          "rejection_sampling": _rejection_sampling}
 
 
 def run_stage(cfg) -> dict:

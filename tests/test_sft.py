@@ -1,5 +1,6 @@
-"""The sft stage: fine-tuning a base on prompt/response rows (loss on the response only, packed), steps from
-epochs, resume, and clear errors for missing inputs."""
+"""The sft and rejection_sampling stages: fine-tuning a base on prompt/response rows (loss on the response
+only, packed, steps from epochs), sampling a model into a filtered, versioned dataset with provenance, and
+that dataset feeding sft; clear errors for missing inputs."""
 
 import json
 import os
@@ -23,9 +24,15 @@ def _train(*overrides, check=True):
     return proc
 
 
-def test_sft_teaches_the_base_the_traces_it_is_shown(tmp_path):
-    base, tuned = tmp_path / "base", tmp_path / "sft"
-    _train("stage=pretrain", f"run_dir={base}", "stage.train.steps=40", "data.num_train=3000", "data.num_eval=32", "logger=none")
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    run = tmp_path_factory.mktemp("base")
+    _train("stage=pretrain", f"run_dir={run}", "stage.train.steps=40", "data.num_train=3000", "data.num_eval=32", "logger=none")
+    return run
+
+
+def test_sft_teaches_the_base_the_traces_it_is_shown(base, tmp_path):
+    tuned = tmp_path / "sft"
     rows = addition.sft_rows(600)
     data = tmp_path / "rs"
     data.mkdir()
@@ -63,3 +70,50 @@ def test_missing_inputs_are_named(tmp_path):
         sft.rows(compose(["stage=sft", "data=countdown"]))
     out = _train("stage=sft", f"run_dir={tmp_path / 'run'}", "logger=none", check=False)
     assert out.returncode == 2 and "set stage.init_from" in out.stderr
+
+
+def test_rejection_sampling_keeps_verified_clean_samples_and_feeds_sft(base, tmp_path):
+    import pyarrow.parquet as pq
+
+    # A model that has memorised 32 prompts' traces, so that sampling it yields correct answers.
+    memorised, rs = tmp_path / "memorised", tmp_path / "rs"
+    _train("stage=sft", f"stage.init_from={base}", f"run_dir={memorised}", "data.num_train=32", "stage.epochs=300",
+           "stage.train.optim.lr=3e-3", "stage.train.micro_batch_size=32", "data.num_eval=4", "logger=none")  # fmt: skip
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"prompt": f"User: hi {i} Assistant:", "response": " hello"}) + "\n" for i in range(40)))
+    args = ["stage=rejection_sampling", f"stage.init_from={memorised}", f"run_dir={rs}", "data.num_train=32",
+            "rollout.n=8", f"stage.sampling.non_reasoning_path={chat}", "logger=none", "reward.workers=1"]  # fmt: skip
+    _train(*args)
+    manifest = json.loads((rs / "dataset.json").read_text())
+    counts = manifest["counts"]
+    assert counts["samples"] == 256 and counts["kept"] >= 8
+    assert sum(v for k, v in counts.items() if k not in ("prompts", "samples")) == counts["samples"]
+    table = pq.read_table(rs / "sft.parquet")
+    assert table.schema.metadata[b"r1stack_version"].decode() == manifest["version"]
+    rows = table.to_pylist()
+    reasoning = [r for r in rows if r["source"] == "rejection_sampling"]
+    assert len(reasoning) == counts["kept"] and len({r["prompt_index"] for r in reasoning}) == len(reasoning)  # 1 a prompt
+    assert all(addition.score(r["response"], r["answer"]) == 1.0 for r in reasoning)
+    assert manifest["non_reasoning"] == round(counts["kept"] / 3) == len(rows) - len(reasoning)  # share 0.25
+    assert manifest["source"]["checkpoint"].endswith("step_00000150")
+    again = _train(*args)  # a finished run is not redone
+    assert "already done" in again.stdout + again.stderr and json.loads((rs / "dataset.json").read_text()) == manifest
+
+    tuned = tmp_path / "stage3_sft"
+    _train("stage=sft", f"stage.init_from={base}", f"stage.data_from={rs}", f"run_dir={tuned}", "stage.epochs=1",
+           "data.num_eval=4", "logger=none")  # fmt: skip
+    assert (tuned / "checkpoints" / "latest").exists()
+
+
+def test_rejection_filters():
+    from rlhf.rejection_sampling import judge
+
+    s = compose(["stage=rejection_sampling"]).stage.sampling
+    ok = {"accuracy": 1.0, "format": 1.0, "language_consistency": 1.0}
+    seen: set[str] = set()
+    assert judge("add units</think><answer>5</answer>", ok, s, "en", seen) == "keep"
+    assert judge("add units</think><answer>5</answer>", ok, s, "en", seen) == "duplicate"
+    assert judge("x</think><answer>6</answer>", {**ok, "accuracy": 0.0}, s, "en", set()) == "incorrect"
+    assert judge("x</think><answer>5</answer>", {**ok, "language_consistency": 0.6}, s, "en", set()) == "mixed_language"
+    assert judge("a" * 2001 + "</think><answer>5</answer>", ok, s, "en", set()) == "long_paragraph"
+    assert judge("```py\nx\n```</think><answer>5</answer>", ok, s, "en", set()) == "code_block"

@@ -1,0 +1,166 @@
+"""The `rejection_sampling` stage (R1 stage 3's data): rollout.n samples per prompt from a model, keep the
+verified-correct and clean ones, deduplicate, mix in non-reasoning rows, write a versioned dataset.
+
+    python -m rlhf.train stage=rejection_sampling stage.init_from=STAGE2_RUN_DIR run_dir=PATH
+
+Kept: accuracy 1 and format 1 (the rule rewards), reasoning at least sampling.min_language_share in
+data.language, no paragraph over sampling.max_paragraph_chars, no code block; at most
+sampling.keep_per_prompt distinct ones per prompt. Writes RUN_DIR/sft.parquet (prompt, response and
+provenance columns per row) and RUN_DIR/dataset.json (version = sha256 of the rows, counts per filter,
+source checkpoint), which `stage=sft stage.data_from=RUN_DIR` reads. A finished run is not redone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import random
+from pathlib import Path
+
+import torch
+
+import parallel  # noqa: F401  (CPU compatibility layer before megatron loads)
+from core.config import Config, ConfigError
+from core.data import DataError, load_rows
+from core.tokenizer import build_char_tokenizer
+from inference.engine import Sampling
+from parallel import checkpoint as ckpt
+from parallel import parallelize as P
+from rlhf import grpo
+from rlhf.prompts import load_prompts
+from rlhf.r1_zero import hosts_engine, start_engine
+from rlhf.rewards import RewardPool
+from rlhf.rewards.language import reasoning_of
+
+log = logging.getLogger("r1stack.rejection_sampling")
+CHECKS = {"accuracy": 1.0, "format": 1.0, "language_consistency": 1.0}
+DATASET, MANIFEST = "sft.parquet", "dataset.json"
+
+
+def run(cfg: Config) -> dict:
+    run_dir = Path(cfg.run_dir)
+    if (run_dir / MANIFEST).exists():
+        log.info("%s exists: rejection sampling already done", run_dir / MANIFEST)
+        return json.loads((run_dir / MANIFEST).read_text())
+    if not cfg.stage.init_from:
+        raise ConfigError("stage=rejection_sampling samples from a model: set stage.init_from to its run dir.")
+    env = P.init_distributed(cfg)
+    try:
+        kept, counts, source = sample(cfg)
+    finally:
+        P.shutdown()
+    if env.rank != 0:
+        return {}
+    rows = mix(kept, cfg.stage.sampling, cfg.seed)
+    return write(run_dir, rows, counts, source, cfg)
+
+
+def sample(cfg: Config) -> tuple[list[dict], dict, dict]:
+    """This process's kept rows, gathered over data-parallel ranks, with the filter counts."""
+    s, r = cfg.stage.sampling, cfg.rollout
+    tok = build_char_tokenizer()
+    prompts = load_prompts(cfg.data, "train")
+    prompts = prompts[: s.prompts] if s.prompts else prompts
+    policy = P.build_policy(cfg, with_optimizer=False)
+    meta = ckpt.load(policy, ckpt.of_run(cfg.stage.init_from), with_optimizer=False)
+    source = {"checkpoint": str(ckpt.resolve(ckpt.of_run(cfg.stage.init_from))), "step": meta["step"]}
+    engine = start_engine(cfg, policy, Path(cfg.run_dir) / "hf_model", tok) if hosts_engine() else None
+    counts = {"prompts": len(prompts), "samples": 0, "incorrect": 0, "mixed_language": 0, "long_paragraph": 0,
+              "code_block": 0, "duplicate": 0, "over_per_prompt": 0}  # fmt: skip
+    kept = []
+    with engine or contextlib.nullcontext(), RewardPool(CHECKS, cfg.reward.timeout_s, cfg.reward.workers) as pool:
+        for start in range(0, len(prompts), s.chunk_prompts * P.data_parallel_size()):
+            ids = list(range(start, min(start + s.chunk_prompts * P.data_parallel_size(), len(prompts))))
+            mine = ids[P.data_parallel_rank() :: P.data_parallel_size()]
+            sampling = Sampling(n=r.n, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
+                                seed=cfg.seed * 1_000_003 + start, stop_token_ids=(tok.eos_token_id,))  # fmt: skip
+            groups, _ = grpo.generate_and_share(engine, tok, [prompts[i] for i in mine], sampling)
+            flat = [x for g in groups for x in g]
+            scores = pool.score([x.text for x in flat], [x.row for x in flat]).per_reward if flat else {}
+            k = 0
+            for pid, group in zip(mine, groups):
+                seen: set[str] = set()
+                for j, x in enumerate(group):
+                    verdict = judge(x.text, {n: v[k] for n, v in scores.items()}, s, cfg.data.language, seen)
+                    k += 1
+                    counts["samples"] += 1
+                    if verdict == "keep" and s.keep_per_prompt and len(seen) > s.keep_per_prompt:
+                        verdict = "over_per_prompt"
+                    if verdict != "keep":
+                        counts[verdict] += 1
+                        continue
+                    kept.append({"prompt": x.row["prompt"], "response": x.text, "source": "rejection_sampling",
+                                 "prompt_index": pid, "sample_index": j, "task": x.row.get("task") or "",
+                                 "answer": x.row.get("answer") or "", "seed": sampling.seed})  # fmt: skip
+    return _gather(kept, counts) + (source,)
+
+
+def judge(text: str, scores: dict, s, language: str, seen: set[str]) -> str:
+    """"keep", or the first filter the sample fails; a kept text is added to `seen`."""
+    reasoning = reasoning_of(text)
+    if scores["accuracy"] < 1 or scores["format"] < 1:
+        return "incorrect"
+    if scores["language_consistency"] < s.min_language_share:
+        return "mixed_language"
+    if any(len(p) > s.max_paragraph_chars for p in reasoning.split("\n\n")):
+        return "long_paragraph"
+    if s.drop_code_blocks and "```" in reasoning:
+        return "code_block"
+    if text in seen:
+        return "duplicate"
+    seen.add(text)
+    return "keep"
+
+
+def mix(kept: list[dict], s, seed: int) -> list[dict]:
+    """Adds non-reasoning rows so they make up non_reasoning_share of the result (as many as there are)."""
+    if not s.non_reasoning_path:
+        return kept
+    extra = load_rows(s.non_reasoning_path, "sft")
+    want = round(len(kept) * s.non_reasoning_share / max(1e-9, 1 - s.non_reasoning_share))
+    if want > len(extra):
+        log.warning("non-reasoning data has %d rows, %d wanted for share %.2f: using all", len(extra), want,
+                    s.non_reasoning_share)  # fmt: skip
+    picked = random.Random(seed).sample(range(len(extra)), min(want, len(extra)))
+    rows = kept + [{"prompt": extra[i]["prompt"], "response": extra[i]["response"], "source": "non_reasoning",
+                    "prompt_index": i, "sample_index": -1, "task": "general", "answer": "", "seed": seed}
+                   for i in sorted(picked)]  # fmt: skip
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
+def write(run_dir: Path, rows: list[dict], counts: dict, source: dict, cfg: Config) -> dict:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not rows:
+        raise DataError(f"rejection sampling kept no rows (counts: {counts}). Fix: sample from a stronger "
+                           "model, raise rollout.n, or relax stage.sampling filters.")  # fmt: skip
+    version = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pylist(rows).replace_schema_metadata({"r1stack_version": version})
+    tmp = run_dir / (DATASET + ".tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(run_dir / DATASET)
+    manifest = {"version": version, "rows": len(rows), "kept": counts["kept"], "counts": counts, "source": source,
+                "non_reasoning": sum(r["source"] == "non_reasoning" for r in rows),
+                "sampling": dataclasses.asdict(cfg.stage.sampling), "rollout_n": cfg.rollout.n, "data": cfg.data.name}  # fmt: skip
+    (run_dir / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")  # last: marks the run done
+    log.info("rejection sampling: %s", json.dumps(counts))
+    return manifest
+
+
+def _gather(kept: list[dict], counts: dict) -> tuple[list[dict], dict]:
+    counts = {**counts, "kept": len(kept)}
+    if not torch.distributed.is_initialized() or P.data_parallel_size() == 1:
+        return kept, counts
+    from megatron.core import parallel_state as ps
+
+    parts = [None] * P.data_parallel_size()
+    torch.distributed.all_gather_object(parts, (kept, counts), group=ps.get_data_parallel_group())
+    total = {k: sum(c[k] for _, c in parts) for k in counts}
+    total["prompts"] = counts["prompts"]
+    return sorted((row for rows, _ in parts for row in rows), key=lambda x: (x["prompt_index"], x["sample_index"])), total
