@@ -122,7 +122,7 @@ def _kill_group(proc):
 
 # Wall-clock figures differ from run to run; everything else in a metrics row must repeat exactly.
 def _deterministic(rows):
-    return [{k: v for k, v in r.items() if not k.startswith("perf/") and k not in ("cpu_s", "time")} for r in rows]
+    return [{k: v for k, v in r.items() if not k.startswith(("perf/", "sync/seconds"))} for r in rows]
 
 
 def test_kill_9_at_three_points_resumes_to_the_same_metrics(base, tmp_path):
