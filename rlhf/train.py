@@ -58,8 +58,23 @@ def run_stage(cfg) -> dict:
 
 
 def _fail(e: Exception) -> None:
-    print(f"{'data' if isinstance(e, DataError) else 'config'} error: {e}", file=sys.stderr)
+    kind = "config" if isinstance(e, ConfigError) else "checkpoint" if type(e).__name__ == "CheckpointError" else "data"
+    print(f"{kind} error: {e}", file=sys.stderr)
     sys.exit(2)
+
+
+def _runtime_failure(e: Exception) -> None:
+    """An engine that died or hung (exit 1) and a reward sandbox the machine refuses (exit 2) end with
+    their message, not a traceback; anything else is a bug and keeps its traceback."""
+    from inference.engine import EngineError  # imports torch: only on this path
+    from rlhf.rewards.sandbox import SandboxUnavailable
+
+    if isinstance(e, EngineError):
+        print(f"engine error: {e}", file=sys.stderr)
+        sys.exit(1)
+    if isinstance(e, SandboxUnavailable):
+        print(f"sandbox error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
@@ -74,6 +89,9 @@ def main(raw: DictConfig) -> None:
     except Preempted as e:
         print(f"preempted: {e}. Exit {REQUEUE_EXIT}: run the same command to resume.", file=sys.stderr)
         sys.exit(REQUEUE_EXIT)
+    except Exception as e:
+        _runtime_failure(e)
+        raise
 
 
 def _per_job_run_dir(raw: DictConfig) -> None:
