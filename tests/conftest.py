@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -59,3 +60,22 @@ def run_worker(cmd: list, timeout: int = 900) -> None:
     proc = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode:
         pytest.fail(f"{' '.join(map(str, cmd))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+
+
+def train_cli(*overrides, check: bool = True) -> subprocess.CompletedProcess:
+    """`python -m rlhf.train OVERRIDES` in a subprocess, as a user runs it; fails the test on a non-zero exit."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), R1_NO_PROGRESS="1")
+    proc = subprocess.run([sys.executable, "-m", "rlhf.train", *map(str, overrides)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    if check and proc.returncode:
+        pytest.fail(f"rlhf.train {' '.join(map(str, overrides))} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A 40-step pretrained tiny base (a run dir), one per test module that asks for it."""
+    run = tmp_path_factory.mktemp("base")
+    train_cli("stage=pretrain", f"run_dir={run}", "stage.train.steps=40", "data.num_train=3000", "data.num_eval=32",
+              "logger=none")  # fmt: skip
+    return run

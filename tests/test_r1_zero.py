@@ -13,6 +13,7 @@ import pytest
 
 from core.config import ConfigError, compose, validate
 from tests.conftest import ROOT
+from tests.conftest import train_cli as _train
 
 SMALL = ["stage.rl.prompts_per_step=4", "rollout.n=4", "stage.train.micro_batch_size=8", "data.num_eval=8",
          "eval.k=2", "stage.train.save_every=2", "reward.workers=1"]  # fmt: skip
@@ -21,22 +22,6 @@ REQUIRED = ["step", "reward/mean", "reward/accuracy", "reward/format", "response
             "perf/samples_per_s", "perf/rollout_s", "perf/train_s", "sync/seconds", "sync/mb"]  # fmt: skip
 
 GROUPS = {"reward", "response_length", "rollout", "train", "perf", "sync"}
-
-
-def _train(*overrides, check=True):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), R1_NO_PROGRESS="1")
-    proc = subprocess.run([sys.executable, "-m", "rlhf.train", *map(str, overrides)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
-    if check and proc.returncode:
-        pytest.fail(f"rlhf.train {' '.join(map(str, overrides))} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-5000:]}")
-    return proc
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    run = tmp_path_factory.mktemp("base")
-    _train("stage=pretrain", f"run_dir={run}", "stage.train.steps=40", "data.num_train=3000", "data.num_eval=4", "logger=none")
-    return run
 
 
 def _rows(run):

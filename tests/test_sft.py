@@ -3,32 +3,13 @@ only, packed, steps from epochs), sampling a model into a filtered, versioned da
 that dataset feeding sft; clear errors for missing inputs."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from core.config import ConfigError, compose
 from core.data import DataError
 from rlhf.tasks import addition
-from tests.conftest import ROOT
-
-
-def _train(*overrides, check=True):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), R1_NO_PROGRESS="1")
-    proc = subprocess.run([sys.executable, "-m", "rlhf.train", *map(str, overrides)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
-    if check and proc.returncode:
-        pytest.fail(f"rlhf.train {' '.join(map(str, overrides))} failed:\n{proc.stderr[-4000:]}")
-    return proc
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    run = tmp_path_factory.mktemp("base")
-    _train("stage=pretrain", f"run_dir={run}", "stage.train.steps=40", "data.num_train=3000", "data.num_eval=32", "logger=none")
-    return run
+from tests.conftest import train_cli as _train
 
 
 def test_sft_teaches_the_base_the_traces_it_is_shown(base, tmp_path):

@@ -30,15 +30,6 @@ def slurm(tmp_path_factory):
     subprocess.run(["tools/slurm_local.sh", "stop", str(state)], cwd=ROOT, check=True)
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    run = tmp_path_factory.mktemp("base")
-    subprocess.run([sys.executable, "-m", "rlhf.train", "stage=pretrain", f"run_dir={run}", "stage.train.steps=40",
-                    "data.num_train=3000", "data.num_eval=4", "logger=none"], cwd=ROOT, check=True,
-                   capture_output=True, env=dict(os.environ, PYTHONPATH=str(ROOT), R1_NO_PROGRESS="1"))  # fmt: skip
-    return run
-
-
 def sbatch(env, script, *args, sbatch_opts=("--ntasks-per-node=2",)) -> str:
     out = subprocess.run(["sbatch", "--parsable", *sbatch_opts, script, *map(str, args)], cwd=ROOT, env=env,
                          capture_output=True, text=True, check=True)  # fmt: skip
