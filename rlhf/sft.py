@@ -56,7 +56,7 @@ def packed(cfg: Config, tok) -> dict:
     """Tokenised, packed rows; sets train.steps from stage.epochs when that is given."""
     t = cfg.stage.train
     samples = tokenize_sft(rows(cfg), tok, t.seq_length)
-    data = {k: v for k, v in pack(samples, t.seq_length, tok.pad_token_id).items()}
+    data = pack(samples, t.seq_length, tok.pad_token_id)
     if cfg.stage.epochs:
         t.steps = math.ceil(cfg.stage.epochs * data["tokens"].shape[0] / t.global_batch_size)
     return data

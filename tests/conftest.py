@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -52,20 +53,37 @@ def lm_batch(seed: int = 0, b: int = 4, s: int = 16, vocab: int = 100) -> list[d
                  position_ids=torch.arange(s).expand(b, s), attention_mask=causal_mask(s))]  # fmt: skip
 
 
+def cli_env(**extra) -> dict:
+    """The environment of a subprocess started from a test: the repo importable, one thread per process."""
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **extra)
+
+
+def skip_outside_ci(reason: str) -> None:
+    """Skips on a developer machine that lacks what a test needs; in CI (CI=true) the gap is a failure."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (CI must provide it)")
+    pytest.skip(reason)
+
+
+WALL_CLOCK = ("perf/", "sync/seconds")  # metrics that differ run to run; every other one must repeat exactly
+
+
+def read_metrics(run_dir: Path, drop_wall_clock: bool = False) -> list[dict]:
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith(WALL_CLOCK)} for r in rows] if drop_wall_clock else rows
+
+
 def run_worker(cmd: list, timeout: int = 900) -> None:
     """Runs a multi-process test worker from the repo root, one thread per rank; fails with its output."""
-    import subprocess
-
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=cli_env(), capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
     if proc.returncode:
         pytest.fail(f"{' '.join(map(str, cmd))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
 
 
 def train_cli(*overrides, check: bool = True) -> subprocess.CompletedProcess:
     """`python -m rlhf.train OVERRIDES` in a subprocess, as a user runs it; fails the test on a non-zero exit."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), R1_NO_PROGRESS="1")
-    proc = subprocess.run([sys.executable, "-m", "rlhf.train", *map(str, overrides)], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", "rlhf.train", *map(str, overrides)], cwd=ROOT, env=cli_env(),
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     if check and proc.returncode:
         pytest.fail(f"rlhf.train {' '.join(map(str, overrides))} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-5000:]}")

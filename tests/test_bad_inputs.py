@@ -25,13 +25,14 @@ import torch
 from core.config import ConfigError, compose, validate
 from inference.engine import EngineDied, EngineTimeout, Sampling, build_engine
 from rlhf.rewards import RewardPool, register_reward
+from tests.conftest import cli_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = [[1, 64, 36, 22, 35], [1, 10, 44, 36]]
 
 
 def _run(cmd: list[str], timeout: float = 240, **env) -> subprocess.CompletedProcess:
-    full_env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", R1_NO_PROGRESS="1", **env)
+    full_env = cli_env(**env)
     proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
     try:

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from core.config import ConfigError, compose, validate
-from tests.conftest import ROOT
+from tests.conftest import ROOT, cli_env, read_metrics
 from tests.conftest import train_cli as _train
 
 SMALL = ["stage.rl.prompts_per_step=4", "rollout.n=4", "stage.train.micro_batch_size=8", "data.num_eval=8",
@@ -24,14 +24,10 @@ REQUIRED = ["step", "reward/mean", "reward/accuracy", "reward/format", "response
 GROUPS = {"reward", "response_length", "rollout", "train", "perf", "sync"}
 
 
-def _rows(run):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_grpo_runs_logs_evaluates_and_resumes(base, tmp_path):
     run = tmp_path / "r1"
     _train("stage=r1_zero", f"stage.init_from={base}", f"run_dir={run}", "stage.train.steps=2", "stage.rl.kl_coef=0.001", *SMALL)
-    rows = _rows(run)
+    rows = read_metrics(run)
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
         missing = [k for k in REQUIRED if r.get(k) is None]
@@ -48,7 +44,7 @@ def test_grpo_runs_logs_evaluates_and_resumes(base, tmp_path):
 
     # Resume: the same command with more steps continues from the checkpoint, keeps the base eval.
     _train("stage=r1_zero", f"stage.init_from={base}", f"run_dir={run}", "stage.train.steps=3", "stage.rl.kl_coef=0.001", *SMALL)
-    assert [r["step"] for r in _rows(run)] == [1, 2, 3]
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
     again = json.loads((run / "eval.json").read_text())
     assert again["base"] == first["base"]
 
@@ -65,7 +61,7 @@ def test_dynamic_sampling_and_variants_run(base, tmp_path):
     _train("stage=r1_zero", f"stage.init_from={base}", f"run_dir={run}", "stage.train.steps=2", *SMALL,
            "stage.rl.kl_coef=0", "stage.rl.clip_eps_high=0.28", "stage.rl.loss_agg=token_mean", "stage.rl.dynamic_sampling=true",
            "stage.rl.overlong_buffer=8", "stage.rl.tis_cap=2.0", "stage.rl.advantage=dr_grpo")  # fmt: skip
-    rows = _rows(run)
+    rows = read_metrics(run)
     assert len(rows) == 2 and all(r["train/kl"] is None for r in rows)  # no reference model with β=0
     assert all(r["rollout/prompts"] >= 4 for r in rows)
 
@@ -92,9 +88,8 @@ def test_a_data_file_without_an_answer_is_a_clear_error(tmp_path):
 
 
 def _start_killable(cmd, log):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), R1_NO_PROGRESS="1")
     with open(log, "w") as out:  # not a pipe: an orphan holding it open would block the reader
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(cmd, cwd=ROOT, env=cli_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _kill_group(proc):
@@ -103,11 +98,6 @@ def _kill_group(proc):
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-
-
-# Wall-clock figures differ from run to run; everything else in a metrics row must repeat exactly.
-def _deterministic(rows):
-    return [{k: v for k, v in r.items() if not k.startswith(("perf/", "sync/seconds"))} for r in rows]
 
 
 def test_kill_9_at_three_points_resumes_to_the_same_metrics(base, tmp_path):
@@ -125,7 +115,7 @@ def test_kill_9_at_three_points_resumes_to_the_same_metrics(base, tmp_path):
         time.sleep(0.05)
     _kill_group(proc)  # mid-step 3: steps 1-2 are checkpointed, step 3's work is lost
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    killed_at = [r["step"] for r in _rows(run)]
+    killed_at = [r["step"] for r in read_metrics(run)]
     # Policy steps count optimizer updates: rollout step k ends at policy step 2k (2 minibatches).
     for point, policy_step in (("shards", 8), ("pointer", 10)):
         log = tmp_path / f"{point}.log"
@@ -138,5 +128,5 @@ def test_kill_9_at_three_points_resumes_to_the_same_metrics(base, tmp_path):
     assert list((run / "checkpoints").glob(".tmp.step_00000008")) == []  # … and 10 is complete but not pointed at
     _train(*args, f"run_dir={run}")
     assert len(killed_at) >= 2
-    assert _deterministic(_rows(run)) == _deterministic(_rows(straight))
+    assert read_metrics(run, drop_wall_clock=True) == read_metrics(straight, drop_wall_clock=True)
     assert json.loads((run / "eval.json").read_text()) == json.loads((straight / "eval.json").read_text())

@@ -20,6 +20,7 @@ from core.data import DataError
 from rlhf.prompts import load_prompts
 from rlhf.rewards import REWARDS, RewardPool, coding, sandbox, validate_gold
 from rlhf.tasks import code
+from tests.conftest import skip_outside_ci
 
 WALL = 1.5  # the tests' sandbox deadline (default 3 s): bounds every hostile case below
 acc = REWARDS["accuracy"]
@@ -34,7 +35,7 @@ def needs_sandbox():
     try:
         sandbox.check_available()
     except sandbox.SandboxUnavailable as e:
-        pytest.skip(f"no sandbox on this machine: {e}")
+        skip_outside_ci(f"no sandbox on this machine: {e}")
 
 
 @pytest.fixture
@@ -263,7 +264,7 @@ def test_non_root_user_namespace_mode():
     """)
     python = shutil.which("python3", path="/usr/bin:/usr/local/bin")  # one every user can run
     if python is None:
-        pytest.skip("no system python3 for the simulated user")
+        skip_outside_ci("no system python3 for the simulated user")
     proc = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", python, "-c", script],
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert proc.returncode == 0, proc.stderr

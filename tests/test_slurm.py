@@ -11,21 +11,20 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, cli_env, read_metrics, skip_outside_ci
 
 TINY = ["stage.train.steps=5", "stage.rl.prompts_per_step=4", "rollout.n=4", "stage.train.micro_batch_size=4",
         "data.num_eval=4", "eval.k=1", "reward.workers=1", "logger=none", "stage.train.save_every=100"]  # fmt: skip
-VOLATILE = ("perf/", "sync/seconds")  # wall-clock figures; every other metric must repeat exactly
 
 
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
-    if os.geteuid() != 0 and not shutil.which("slurmctld") and os.environ.get("CI") != "true":
-        pytest.skip("Slurm is not installed and installing it needs root (tools/slurm_local.sh)")
+    if os.geteuid() != 0 and not shutil.which("slurmctld"):
+        skip_outside_ci("Slurm is not installed and installing it needs root (tools/slurm_local.sh)")
     state = tmp_path_factory.mktemp("slurm")
     start = subprocess.run(["tools/slurm_local.sh", "start", str(state)], cwd=ROOT, capture_output=True, text=True)
     assert start.returncode == 0, start.stderr
-    env = dict(os.environ, SLURM_CONF=str(state / "slurm.conf"), R1_PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    env = cli_env(SLURM_CONF=str(state / "slurm.conf"), R1_PYTHON=sys.executable)
     yield env
     subprocess.run(["tools/slurm_local.sh", "stop", str(state)], cwd=ROOT, check=True)
 
@@ -58,11 +57,6 @@ def log_of(job: str, name: str = "r1_stage2") -> str:
     return path.read_text() if path.exists() else "(no log)"
 
 
-def rows(run_dir):
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(x).items() if not k.startswith(VOLATILE)} for x in lines]
-
-
 @pytest.fixture(scope="module")
 def straight(slurm, base, tmp_path_factory):
     run = tmp_path_factory.mktemp("straight")
@@ -75,8 +69,8 @@ def test_sbatch_runs_a_two_task_stage_to_completion(straight):
     log = log_of(job)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
     assert "srun -n 2 rlhf.train stage=reasoning_rl" in log
-    assert [r["step"] for r in rows(run)] == [1, 2, 3, 4, 5]
-    assert all(r["reward/language_consistency"] == 1.0 for r in rows(run))  # digit-only reasoning: no mixing
+    assert [r["step"] for r in read_metrics(run, drop_wall_clock=True)] == [1, 2, 3, 4, 5]
+    assert all(r["reward/language_consistency"] == 1.0 for r in read_metrics(run, drop_wall_clock=True))  # digit-only reasoning: no mixing
     assert (run / "checkpoints" / "latest").exists() and (run / "eval.json").exists()
 
 
@@ -93,7 +87,7 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_metrics(slurm, base, 
     assert "preempted with a checkpoint: requeueing" in log and "(restart 1)" in log
     stopped = int(log.split("stopped by SIGUSR1 after step ")[1].split(";")[0])
     assert 2 <= stopped < 5  # stopped midway, not at the end
-    assert rows(run) == rows(straight[2])
+    assert read_metrics(run, drop_wall_clock=True) == read_metrics(straight[2], drop_wall_clock=True)
     assert json.loads((run / "eval.json").read_text()) == json.loads((straight[2] / "eval.json").read_text())
 
 

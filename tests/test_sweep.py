@@ -2,18 +2,16 @@
 job in its own run_dir (the Slurm launcher shares the config; tests/test_slurm.py covers Slurm itself)."""
 
 import json
-import os
 import subprocess
 import sys
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, cli_env
 
 
 def test_multirun_fans_out_one_run_dir_per_point(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), R1_NO_PROGRESS="1")
     out = subprocess.run([sys.executable, "-m", "rlhf.train", "-m", "hydra/launcher=local", "stage=pretrain",
                           "stage.train.steps=3", "stage.train.optim.lr=1e-3,2e-3", "data.num_train=300",
-                          "data.num_eval=2", "logger=none", f"run_dir={tmp_path}"], cwd=ROOT, env=env,
+                          "data.num_eval=2", "logger=none", f"run_dir={tmp_path}"], cwd=ROOT, env=cli_env(),
                          capture_output=True, text=True, timeout=600)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     lrs = {}
