@@ -1,5 +1,7 @@
 import logging
+import os
 import random
+import signal
 import time
 
 import pytest
@@ -180,6 +182,20 @@ def test_a_dying_worker_counts_as_an_error_and_is_replaced(pool):
     out = pool.score(comps, [{**s, "metadata": {"exit": i == 2}} for i, s in enumerate(samples)])
     assert out.per_reward["test_exit"] == [1, 1, 0, 1] and out.errors["test_exit"] == 1
     assert pool.score(comps, samples).per_reward["test_exit"] == [1, 1, 1, 1]
+
+
+def test_preemption_signals_leave_the_workers_alone(pool):
+    """Slurm sends USR1/TERM to every process of a step; the trainer handles them, the workers must not die."""
+    comps, samples = batch()
+    pool.score(comps, samples)  # workers (and the forkserver) are up
+    pids = [w.proc.pid for w in pool._workers]
+    for pid in pids:
+        os.kill(pid, signal.SIGUSR1)
+        os.kill(pid, signal.SIGTERM)
+    time.sleep(0.2)
+    out = pool.score(comps, samples)
+    assert sum(out.errors.values()) == 0 and [w.proc.pid for w in pool._workers] == pids
+    assert all(w.proc.is_alive() for w in pool._workers)
 
 
 def test_inline_counts_a_slow_call_as_a_timeout():

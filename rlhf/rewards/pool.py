@@ -21,7 +21,6 @@ import importlib
 import logging
 import math
 import multiprocessing as mp
-import signal
 import time
 import traceback
 from collections import deque
@@ -31,6 +30,8 @@ from multiprocessing.reduction import ForkingPickler
 from typing import Sequence
 
 from rlhf.rewards import REWARDS
+
+WORKER_SIGNALS = "rlhf.rewards.worker_signals"
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,6 @@ def call_reward(name: str, completion: str, sample: dict) -> tuple[str, float | 
 
 
 def _serve(conn, modules: list[str]) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's; it stops the workers
     try:
         for name in modules:
             importlib.import_module(name)
@@ -194,12 +194,17 @@ class RewardPool:
             return
         ctx = mp.get_context(self.start_method)
         if self.start_method == "forkserver":
-            ctx.set_forkserver_preload(self.modules)  # a no-op once the server runs; workers import anyway
-        self._workers = [_Worker(ctx, self.modules) for _ in range(self.workers)]
+            ctx.set_forkserver_preload(self._imports())  # a no-op once the server runs; workers import anyway
+        self._workers = [_Worker(ctx, self._imports()) for _ in range(self.workers)]
 
     def _replace(self, k: int) -> None:
         self._workers[k].stop(kill=True)
-        self._workers[k] = _Worker(mp.get_context(self.start_method), self.modules)
+        self._workers[k] = _Worker(mp.get_context(self.start_method), self._imports())
+
+    def _imports(self) -> list[str]:
+        """What a worker imports, WORKER_SIGNALS first: it ignores the trainer's stop signals before any
+        reward code runs (and in the forkserver, for every worker forked from it)."""
+        return [WORKER_SIGNALS, *self.modules]
 
     def _run_workers(self, tasks, completions, samples, out: RewardResult) -> None:
         self._start()
