@@ -162,6 +162,19 @@ class SamplingConfig:
     non_reasoning_share: float = 0.25  # of the final rows (the paper: 200k of 800k)
 
 
+RL_STAGES = ("r1_zero", "reasoning_rl", "general_rl")  # the stages that run the GRPO loop
+
+
+@dataclass
+class ColdStartConfig:
+    """R1 stage 1's data: a previous model's correct, readable outputs in the pattern
+    reasoning + reasoning_end + summary (the paper's |special_token|<reasoning_process>|special_token|<summary>)."""
+
+    source: Optional[str] = None  # the model sampled (R1-Zero's run dir); unset: stage.data_from has the rows
+    reasoning_end: str = "</think>"  # the token closing the reasoning
+    summary: str = "<answer>{answer}</answer>"  # {answer}: the verified answer; {reasoning} also available
+
+
 @dataclass
 class StageConfig:
     name: str = MISSING  # pretrain | sft | r1_zero | ...
@@ -171,6 +184,7 @@ class StageConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    cold_start: ColdStartConfig = field(default_factory=ColdStartConfig)
 
 
 @dataclass
@@ -440,7 +454,7 @@ def validate(cfg: Config, world_size: int) -> Config:
             f"stage.train.global_batch_size={t.global_batch_size} is not a multiple of "
             f"micro_batch_size×data = {t.micro_batch_size}×{dp}. Fix: adjust either batch size."
         )
-    if cfg.stage.name == "r1_zero":
+    if cfg.stage.name in RL_STAGES:
         _validate_rl(cfg, dp)
     p.data = dp
     return cfg

@@ -9,6 +9,7 @@ kind of data, and every other field is kept as is:
 * ``"sft"`` (supervised fine-tuning): ``prompt`` (str), ``response`` (str, the target
   completion, e.g. ``"<think>...</think><answer>...</answer>"``).
 * ``"text"`` (pretraining): ``text`` (str).
+* ``"preference"`` (reward model): ``prompt``, ``chosen`` (the preferred response), ``rejected``.
 
 Required fields must be non-empty strings. Any problem raises :class:`DataError`
 naming the file, the line (or parquet row), the field and how to fix it.
@@ -32,6 +33,7 @@ SCHEMAS: dict[str, tuple[str, ...]] = {
     "prompt": ("prompt", "answer"),
     "sft": ("prompt", "response"),
     "text": ("text",),
+    "preference": ("prompt", "chosen", "rejected"),
 }
 
 JSONL_SUFFIXES = (".jsonl", ".json")

@@ -154,6 +154,30 @@ def build_gpt(m: ModelConfig, config: TransformerConfig, use_te: bool, pre_proce
     )
 
 
+class ScalarHead(torch.nn.Module):
+    """A reward model's output layer: one score per position instead of vocabulary logits. GPTModel calls
+    its output layer as `layer(hidden, weight=..., runtime_gather_output=...)` → (output, bias)."""
+
+    def __init__(self, hidden_size: int, init_std: float):
+        super().__init__()
+        # Named `weight` as the LM head's is: megatron's checkpoint code looks for output_layer.weight.
+        self.weight = torch.nn.Parameter(torch.empty(1, hidden_size))
+        torch.nn.init.normal_(self.weight, std=init_std)
+
+    def forward(self, hidden_states, weight=None, runtime_gather_output=None):
+        return F.linear(hidden_states, self.weight), None
+
+
+def build_reward_model(m: ModelConfig, config: TransformerConfig, use_te: bool, pre_process: bool = True,
+                       post_process: bool = True, pp_rank=None) -> GPTModel:  # fmt: skip
+    """The policy's architecture with a ScalarHead: model(tokens, ...) → [batch, seq, 1] scores."""
+    model = build_gpt(dataclasses.replace(m, tie_word_embeddings=False), config, use_te, pre_process=pre_process,
+                      post_process=post_process, pp_rank=pp_rank)  # fmt: skip
+    if post_process:
+        model.output_layer = ScalarHead(config.hidden_size, config.init_method_std)
+    return model
+
+
 def causal_mask(seq_len: int, device=None) -> torch.Tensor:
     """megatron's mask convention: True where attention is not allowed."""
     return torch.triu(torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool, device=device), diagonal=1)

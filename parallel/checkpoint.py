@@ -29,6 +29,7 @@ from parallel.parallelize import Policy, unwrap
 META = "r1stack.json"
 MANIFEST = "manifest.json"
 LATEST = "latest"
+HEAD_PREFIX = "output_layer."  # what differs between a language model and a reward model
 # Optimizer state in a canonical per-parameter form, so it reshards across TP/PP/DP.
 _OPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
 
@@ -116,6 +117,7 @@ def save(policy: Policy, root: str | os.PathLike, extra: dict | None = None, wit
         meta = {
             "step": policy.step,
             "model": policy.cfg.model.name,
+            "head": policy.head,
             "layout": {k: getattr(policy.cfg.parallel, k) for k in ("tensor", "pipeline", "expert", "data")},
             "world_size": _world(),
             "with_optimizer": with_optimizer,
@@ -215,12 +217,17 @@ def load(policy: Policy, path: str | os.PathLike, with_optimizer: bool = True, w
     if with_optimizer and not meta["with_optimizer"]:
         raise CheckpointError(f"{step_dir} holds weights only; load it with with_optimizer=False")
     with_optimizer = with_optimizer and meta["optimizer_state"]
+    body_only = _body_only(step_dir, meta.get("head", "lm"), policy.head, with_optimizer)
     sharded = _sharded_state(policy, with_optimizer, is_loading=True)
+    if body_only:
+        sharded["model"] = {k: v for k, v in sharded["model"].items() if not k.startswith(HEAD_PREFIX)}
     try:
         state = dist_checkpointing.load(sharded, str(step_dir))
     except (Exception, CheckpointException) as e:  # torch's message is a traceback per rank: say what it means
         raise _unloadable(step_dir, meta, policy, e) from e
-    unwrap(policy.chunks[0]).load_state_dict(state["model"], strict=True)
+    missing, unexpected = unwrap(policy.chunks[0]).load_state_dict(state["model"], strict=not body_only)
+    if unexpected or any(not k.startswith(HEAD_PREFIX) for k in missing):
+        raise CheckpointError(f"{step_dir}: weights missing {missing} or unexpected {unexpected}")
     if with_optimizer:
         policy.optimizer.load_state_dict(state["optimizer"])
         _unshare_adam_steps(policy.optimizer)
@@ -233,6 +240,17 @@ def load(policy: Policy, path: str | os.PathLike, with_optimizer: bool = True, w
         policy.scheduler.num_steps = 0
         policy.scheduler.step(increment=policy.step)
     return meta
+
+
+def _body_only(step_dir: Path, saved: str, here: str, with_optimizer: bool) -> bool:
+    """A reward model starts from a language model's weights (its body; the scalar head is new); the
+    other way round, and resuming an optimizer across heads, make no sense."""
+    if saved == here:
+        return False
+    if saved == "lm" and here == "scalar" and not with_optimizer:
+        return True
+    raise CheckpointError(f"{step_dir} holds a {saved!r}-head model (reward model: 'scalar'), this run builds a "
+                          f"{here!r}-head one. Fix: point it at a checkpoint of the same kind.")  # fmt: skip
 
 
 def _unloadable(step_dir: Path, meta: dict, policy: Policy, error: BaseException) -> CheckpointError:

@@ -117,12 +117,16 @@ class Policy:
     scheduler: Any = None  # megatron's OptimizerParamScheduler: warmup, decay, per-group lr/wd multipliers
     config: Any = None
     step: int = 0
+    head: str = "lm"  # lm (next-token logits) | scalar (a reward model's score per position)
 
 
-def build_policy(cfg: Config, with_optimizer: bool = True) -> Policy:
+def build_policy(cfg: Config, with_optimizer: bool = True, head: str = "lm") -> Policy:
     config = model_lib.transformer_config(cfg.model, **runtime_config(cfg))
     use_te = use_transformer_engine(cfg.parallel.transformer_impl)
-    model = model_lib.build_gpt(
+    if head == "scalar" and cfg.parallel.sequence_parallel:
+        raise ConfigError("a reward model does not support parallel.sequence_parallel yet: its scalar head reads "
+                          "whole sequences. Fix: set parallel.sequence_parallel=false.")  # fmt: skip
+    model = (model_lib.build_reward_model if head == "scalar" else model_lib.build_gpt)(
         cfg.model, config, use_te,
         pre_process=ps.is_pipeline_first_stage(ignore_virtual=True),
         post_process=ps.is_pipeline_last_stage(ignore_virtual=True),
@@ -142,7 +146,7 @@ def build_policy(cfg: Config, with_optimizer: bool = True) -> Policy:
     if p.overlap_grad_reduce:
         config.no_sync_func = chunks[0].no_sync
         config.grad_sync_func = chunks[0].start_grad_sync
-    policy = Policy(cfg=cfg, chunks=chunks, config=config)
+    policy = Policy(cfg=cfg, chunks=chunks, config=config, head=head)
     if with_optimizer:
         policy.optimizer = build_optimizer(cfg, chunks)
         policy.scheduler = build_scheduler(cfg, policy.optimizer)

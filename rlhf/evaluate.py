@@ -1,9 +1,12 @@
 """Held-out evaluation as the R1 paper reports it: k samples per prompt at temperature 0.6, top-p 0.95;
-pass@1 is the mean accuracy over all k·N samples, cons@k the accuracy of each prompt's majority answer."""
+pass@1 is the mean accuracy over all k·N samples, cons@k the accuracy of each prompt's majority answer.
+Reported overall and per task, with the response-length distribution; language_consistency too when the
+pool scores it (tools.eval's does)."""
 
 from __future__ import annotations
 
 from collections import Counter
+from statistics import mean
 
 import torch
 
@@ -15,34 +18,59 @@ from rlhf.tasks.addition import starts_with_trace
 
 
 def evaluate(engine, tok, rows: list[dict], ecfg, pool, max_new_tokens: int) -> dict:
-    """Metrics over this DP rank's strided share of `rows`, summed over DP; `engine` None → no share
-    generated here (model-parallel peers of an engine rank), the sums come from the others."""
+    """Metrics over this DP rank's strided share of `rows`, gathered over DP; `engine` None → no share
+    generated here (model-parallel peers of an engine rank), the records come from the others."""
     dp, rank = P.data_parallel_size(), P.data_parallel_rank()
     mine = rows[rank::dp] if engine is not None else []
-    sums = torch.zeros(6, dtype=torch.float64)  # prompts, pass@1, cons@k, format, length, reasoning-first
-    if mine:
-        sampling = Sampling(n=ecfg.k, temperature=ecfg.temperature, top_p=ecfg.top_p,
-                            max_new_tokens=ecfg.max_new_tokens or max_new_tokens, seed=ecfg.seed, stop_token_ids=(tok.eos_token_id,))  # fmt: skip
-        groups, _ = generate_groups(engine, tok, mine, sampling)
-        flat = [s for g in groups for s in g]
-        res = pool.score([s.text for s in flat], [s.row for s in flat])
-        acc, fmt = res.per_reward["accuracy"], res.per_reward["format"]
-        i = 0
-        for g in groups:
-            a = acc[i : i + len(g)]
-            sums += torch.tensor([1, sum(a) / len(g), _consensus(g, a), sum(fmt[i : i + len(g)]) / len(g),
-                                  sum(len(s.completion_ids) for s in g) / len(g),
-                                  sum(starts_with_trace(s.text) for s in g) / len(g)], dtype=torch.float64)  # fmt: skip
-            i += len(g)
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(sums)  # every rank; ranks without an engine add zeros
-    n = max(float(sums[0]), 1.0)
-    out = {"n_prompts": int(sums[0]), "k": ecfg.k, "temperature": ecfg.temperature, "top_p": ecfg.top_p,
-           "pass@1": float(sums[1]) / n, f"cons@{ecfg.k}": float(sums[2]) / n, "format": float(sums[3]) / n,
-           "response_length": float(sums[4]) / n}  # fmt: skip
+    records = _score(engine, tok, mine, ecfg, pool, max_new_tokens) if mine else []
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        parts = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(parts, records)  # every rank; ranks without an engine send []
+        records = [r for part in parts for r in part]
+    out = {"k": ecfg.k, "temperature": ecfg.temperature, "top_p": ecfg.top_p, **_aggregate(records, ecfg.k)}
+    tasks = sorted({r["task"] for r in records})
+    if len(tasks) > 1:
+        out["per_task"] = {t: _aggregate([r for r in records if r["task"] == t], ecfg.k) for t in tasks}
     if rows and rows[0].get("task") == "addition":  # the share of answers that start with a column step
-        out["reasoning_first"] = float(sums[5]) / n
+        out["reasoning_first"] = mean(r["reasoning_first"] for r in records) if records else 0.0
     return out
+
+
+def _score(engine, tok, rows: list[dict], ecfg, pool, max_new_tokens: int) -> list[dict]:
+    """One record per prompt: its k samples' accuracy, consensus, format (and language) and lengths."""
+    sampling = Sampling(n=ecfg.k, temperature=ecfg.temperature, top_p=ecfg.top_p,
+                        max_new_tokens=ecfg.max_new_tokens or max_new_tokens, seed=ecfg.seed, stop_token_ids=(tok.eos_token_id,))  # fmt: skip
+    groups, _ = generate_groups(engine, tok, rows, sampling)
+    flat = [s for g in groups for s in g]
+    scores = pool.score([s.text for s in flat], [s.row for s in flat]).per_reward
+    records, i = [], 0
+    for row, g in zip(rows, groups):
+        share = {name: mean(v[i : i + len(g)]) for name, v in scores.items()}
+        records.append({"task": row.get("task") or "default", "pass@1": share["accuracy"],
+                        "cons": _consensus(g, scores["accuracy"][i : i + len(g)]), "format": share["format"],
+                        "language_consistency": share.get("language_consistency"),
+                        "lengths": [len(s.completion_ids) for s in g],
+                        "reasoning_first": mean(starts_with_trace(s.text) for s in g)})  # fmt: skip
+        i += len(g)
+    return records
+
+
+def _aggregate(records: list[dict], k: int) -> dict:
+    n = max(len(records), 1)
+    lengths = sorted(x for r in records for x in r["lengths"]) or [0]
+    out = {"n_prompts": len(records), "pass@1": sum(r["pass@1"] for r in records) / n,
+           f"cons@{k}": sum(r["cons"] for r in records) / n, "format": sum(r["format"] for r in records) / n,
+           "response_length": sum(lengths) / len(lengths),
+           "response_length_dist": {"min": lengths[0], "p50": _pct(lengths, 0.5), "p90": _pct(lengths, 0.9),
+                                    "max": lengths[-1]}}  # fmt: skip
+    lang = [r["language_consistency"] for r in records if r["language_consistency"] is not None]
+    if lang:
+        out["language_consistency"] = sum(lang) / len(lang)
+    return out
+
+
+def _pct(sorted_values: list[int], q: float) -> int:
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
 
 def _consensus(group, accuracy: list[float]) -> float:

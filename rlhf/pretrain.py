@@ -66,16 +66,14 @@ def batch_rows(step: int, seed: int, num_rows: int, global_batch: int) -> list[i
 
 
 def micro_batches(data: dict[str, torch.Tensor], rows: list[int], micro: int) -> list[dict]:
+    """Model inputs per micro-batch; keys beyond the packed ones (a reward model's "ends") come along."""
     out = []
     for i in range(0, len(rows), micro):
         idx = torch.tensor(rows[i : i + micro])
-        out.append({
-            "tokens": data["tokens"][idx],
-            "labels": data["labels"][idx].clamp(min=0),  # ignored positions have loss_mask 0
-            "loss_mask": data["loss_mask"][idx],
-            "position_ids": data["position_ids"][idx],
-            "attention_mask": causal_mask_from_segments(data["segment_ids"][idx]),
-        })  # fmt: skip
+        mb = {k: v[idx] for k, v in data.items() if k != "segment_ids"}
+        mb["labels"] = mb["labels"].clamp(min=0)  # ignored positions have loss_mask 0
+        mb["attention_mask"] = causal_mask_from_segments(data["segment_ids"][idx])
+        out.append(mb)
     return out
 
 
@@ -151,18 +149,20 @@ def packed_texts(cfg: Config, tok) -> dict[str, torch.Tensor]:
     return pack_texts(load_texts(cfg), tok, cfg.stage.train.seq_length)
 
 
-def run(cfg: Config, packed_data=packed_texts) -> dict:
-    """`packed_data(cfg, tok)` gives the packed rows (pretrain: plain text; rlhf.sft: prompt/response)."""
+def run(cfg: Config, packed_data=packed_texts, forward=None, head: str = "lm", final_eval=None) -> dict:
+    """`packed_data(cfg, tok)` gives the packed rows (pretrain: plain text; rlhf.sft: prompt/response);
+    `forward` the loss (default: next-token); `head` the output layer; `final_eval(cfg, policy, tok)` the
+    held-out check (default: addition decoding)."""
     t_start = time.time()
     env = P.init_distributed(cfg)
     try:
         with Tracker(cfg, cfg.run_dir, enabled=env.rank == 0) as tracker:
-            return _run(cfg, env.rank == 0, t_start, tracker, packed_data)
+            return _run(cfg, env.rank == 0, t_start, tracker, packed_data, forward, head, final_eval)
     finally:
         P.shutdown()
 
 
-def _run(cfg: Config, rank0: bool, t_start: float, tracker: Tracker, packed_data) -> dict:
+def _run(cfg: Config, rank0: bool, t_start: float, tracker: Tracker, packed_data, forward, head, final_eval) -> dict:
     t = cfg.stage.train
     run_dir = Path(cfg.run_dir)
     ckpt_root = run_dir / "checkpoints"
@@ -177,7 +177,7 @@ def _run(cfg: Config, rank0: bool, t_start: float, tracker: Tracker, packed_data
 
     data = packed_data(cfg, tok)
     num_rows = data["tokens"].shape[0]
-    policy = P.build_policy(cfg)
+    policy = P.build_policy(cfg, head=head)
     if (ckpt_root / ckpt.LATEST).exists():
         meta = ckpt.load(policy, ckpt_root, with_optimizer=True, with_rng=True)
         log.info("resumed from %s at step %d", ckpt_root, policy.step)
@@ -201,7 +201,8 @@ def _run(cfg: Config, rank0: bool, t_start: float, tracker: Tracker, packed_data
         for step in range(start, t.steps):
             t0 = time.perf_counter()
             rows = batch_rows(step, cfg.data.seed, num_rows, t.global_batch_size)
-            last = P.train_step(policy, micro_batches(data, P.split_for_data_parallel(rows), t.micro_batch_size))
+            mbs = micro_batches(data, P.split_for_data_parallel(rows), t.micro_batch_size)
+            last = P.train_step(policy, mbs, forward) if forward else P.train_step(policy, mbs)
             lr = last["lr"]
             dt = time.perf_counter() - t0
             tokens = int((data["segment_ids"][rows] >= 0).sum())
@@ -229,7 +230,9 @@ def _run(cfg: Config, rank0: bool, t_start: float, tracker: Tracker, packed_data
     summary = {"steps": policy.step, "final_loss": last["loss"], "train_s": train_s,
                "final_loss_mean50": sum(recent) / len(recent) if recent else None}  # fmt: skip
     p = cfg.parallel
-    if cfg.data.task != "addition":
+    if final_eval is not None:
+        summary.update(final_eval(cfg, policy, tok))
+    elif cfg.data.task != "addition":
         summary["eval/note"] = "skipped: the held-out check is for the addition task"
     elif (p.tensor, p.pipeline, p.context, p.expert) != (1, 1, 1, 1):
         summary["eval/note"] = "skipped: held-out decoding runs only without model parallelism"

@@ -41,33 +41,45 @@ DATASET, MANIFEST = "sft.parquet", "dataset.json"
 
 
 def run(cfg: Config) -> dict:
-    run_dir = Path(cfg.run_dir)
-    if (run_dir / MANIFEST).exists():
-        log.info("%s exists: rejection sampling already done", run_dir / MANIFEST)
-        return json.loads((run_dir / MANIFEST).read_text())
     if not cfg.stage.init_from:
         raise ConfigError("stage=rejection_sampling samples from a model: set stage.init_from to its run dir.")
+    return build(cfg, cfg.stage.init_from, Path(cfg.run_dir))
+
+
+def build(cfg: Config, model_from: str, out_dir: Path, rewrite=None) -> dict:
+    """Collective: samples `model_from`, keeps what the filters pass, applies `rewrite(rows) -> rows` (the
+    cold-start pattern), mixes, writes out_dir/sft.parquet + dataset.json; returns the manifest. Once the
+    manifest exists the build is not redone."""
+    if (out_dir / MANIFEST).exists():
+        log.info("%s exists: rejection sampling already done", out_dir / MANIFEST)
+        return json.loads((out_dir / MANIFEST).read_text())
     env = P.init_distributed(cfg)
     try:
-        kept, counts, source = sample(cfg)
+        kept, counts, source = sample(cfg, model_from, out_dir)
+        manifest, error = {}, None
+        if env.rank == 0:
+            try:
+                manifest = write(out_dir, mix(rewrite(kept) if rewrite else kept, cfg.stage.sampling, cfg.seed),
+                                 counts, source, cfg)  # fmt: skip
+            except DataError as e:
+                error = e
+        if not P.all_ranks_true(error is None):  # the other ranks must not go on to read a missing dataset
+            raise error or DataError(f"rank 0 could not write {out_dir / DATASET}; its log says why")
     finally:
         P.shutdown()
-    if env.rank != 0:
-        return {}
-    rows = mix(kept, cfg.stage.sampling, cfg.seed)
-    return write(run_dir, rows, counts, source, cfg)
+    return manifest
 
 
-def sample(cfg: Config) -> tuple[list[dict], dict, dict]:
-    """This process's kept rows, gathered over data-parallel ranks, with the filter counts."""
+def sample(cfg: Config, model_from: str, out_dir: Path) -> tuple[list[dict], dict, dict]:
+    """The kept rows, gathered over data-parallel ranks, with the filter counts and the source checkpoint."""
     s, r = cfg.stage.sampling, cfg.rollout
     tok = build_char_tokenizer()
     prompts = load_prompts(cfg.data, "train")
     prompts = prompts[: s.prompts] if s.prompts else prompts
     policy = P.build_policy(cfg, with_optimizer=False)
-    meta = ckpt.load(policy, ckpt.of_run(cfg.stage.init_from), with_optimizer=False)
-    source = {"checkpoint": str(ckpt.resolve(ckpt.of_run(cfg.stage.init_from))), "step": meta["step"]}
-    engine = start_engine(cfg, policy, Path(cfg.run_dir) / "hf_model", tok) if hosts_engine() else None
+    meta = ckpt.load(policy, ckpt.of_run(model_from), with_optimizer=False)
+    source = {"checkpoint": str(ckpt.resolve(ckpt.of_run(model_from))), "step": meta["step"]}
+    engine = start_engine(cfg, policy, out_dir / "hf_model", tok) if hosts_engine() else None
     counts = {"prompts": len(prompts), "samples": 0, "incorrect": 0, "mixed_language": 0, "long_paragraph": 0,
               "code_block": 0, "duplicate": 0, "over_per_prompt": 0}  # fmt: skip
     kept = []

@@ -24,8 +24,12 @@ DATA_FILES = ("sft.parquet", "sft.jsonl")
 def run(cfg: Config) -> dict:
     from rlhf import pretrain
 
+    name = cfg.stage.name
     if not cfg.stage.init_from:
-        raise ConfigError("stage=sft fine-tunes a model: set stage.init_from to a run dir or checkpoint dir.")
+        raise ConfigError(f"stage={name} fine-tunes a model: set stage.init_from to a run dir or checkpoint dir.")
+    if name == "distill" and not cfg.stage.data_from:
+        raise ConfigError("stage=distill learns the teacher's samples: set stage.data_from to the rejection_sampling "
+                          "run dir (or a prompt/response file).")  # fmt: skip
     return pretrain.run(cfg, packed_data=packed)
 
 

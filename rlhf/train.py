@@ -33,6 +33,18 @@ def _sft(cfg):
     return sft.run(cfg)
 
 
+def _cold_start_sft(cfg):
+    from rlhf import cold_start
+
+    return cold_start.run(cfg)
+
+
+def _reward_model(cfg):
+    from rlhf import reward_model
+
+    return reward_model.run(cfg)
+
+
 def _rejection_sampling(cfg):
     from rlhf import rejection_sampling
 
@@ -45,9 +57,10 @@ def _r1_zero(cfg):
     return r1_zero.run(cfg)
 
 
-# reasoning_rl (R1 stage 2) is the same GRPO loop as r1_zero; its stage and reward configs differ.
-STAGES = {"pretrain": _pretrain, "sft": _sft, "r1_zero": _r1_zero, "reasoning_rl": _r1_zero,
-          "rejection_sampling": _rejection_sampling}
+# reasoning_rl (R1 stage 2) is the same GRPO loop as r1_zero, distill the same SFT as sft; their configs differ.
+STAGES = {"pretrain": _pretrain, "sft": _sft, "cold_start_sft": _cold_start_sft, "r1_zero": _r1_zero,
+          "reasoning_rl": _r1_zero, "rejection_sampling": _rejection_sampling, "distill": _sft,
+          "reward_model": _reward_model}
 
 
 def run_stage(cfg) -> dict:

@@ -36,5 +36,5 @@ s2=$(submit stage2 "$s1" r1_stage2.sh stage.init_from="$run/stage1" run_dir="$ru
 s3=$(R1_RUN_DIR="$run/stage3" submit stage3 "$s2" r1_stage3.sh stage.init_from="$run/stage2" "$@")
 s4=$(submit stage4 "$s3" r1_stage4.sh stage.init_from="$run/stage3/sft" run_dir="$run/stage4" "$@")
 st=$(submit distill "$s3" distill.sh stage.data_from="$run/stage3/rejection_sampling" run_dir="$run/distill" "$@")
-ev=$(submit eval "$s4:$st" eval.sh stage.init_from="$run/stage4" run_dir="$run/eval" "$@")
+ev=$(submit eval "$s4:$st" eval.sh model="$run/stage4" run_dir="$run/eval" "$@")
 echo "submitted to $run: r1_zero $zero, stage1 $s1, stage2 $s2, stage3 $s3, stage4 $s4, distill $st, eval $ev"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from core.config import Config
+from core.config import RL_STAGES, Config
 from tools.plan.arch import Stage, stages
 
 
@@ -72,7 +72,7 @@ class Workload:
 
 def workload(cfg: Config) -> Workload:
     t, pl, r = cfg.stage.train, cfg.plan, cfg.rollout
-    kind = pl.workload if pl.workload != "auto" else ("grpo" if cfg.stage.name == "r1_zero" else "pretrain")
+    kind = pl.workload if pl.workload != "auto" else ("grpo" if cfg.stage.name in RL_STAGES else "pretrain")
     packed = pl.micro_batch_tokens is not None
     micro = pl.micro_batch_tokens or t.micro_batch_size * t.seq_length
     if kind == "pretrain":

@@ -1,0 +1,102 @@
+"""The `reward_model` stage: a Bradley–Terry reward model, the policy's architecture with a scalar head,
+trained on preference pairs; R1 stage 4 scores helpfulness and harmlessness with such models.
+
+    python -m rlhf.train stage=reward_model stage.init_from=SFT_RUN stage.data_from=PAIRS.jsonl run_dir=PATH
+
+PAIRS: {prompt, chosen, rejected} rows (JSONL or Parquet). Without stage.data_from, data=preference_helpful
+or data=preference_harmless generate the tiny greeting task's pairs (rlhf.tasks.general). Each pair is one
+packed row, chosen and rejected as two segments that cannot see each other; the score is the head's output
+at each response's eos, and the loss is −log σ(score(chosen) − score(rejected)). The training loop, resume
+and tracking are pretrain's; the held-out check is the share of eval pairs ranked right.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from core.config import Config, ConfigError
+from core.data import DataError, load_rows
+from parallel import parallelize as P
+from rlhf.tasks import general
+
+
+def run(cfg: Config) -> dict:
+    from rlhf import pretrain
+
+    return pretrain.run(cfg, packed_data=packed, forward=bradley_terry, head="scalar", final_eval=pair_accuracy)
+
+
+def pairs(cfg: Config, split: str) -> list[dict]:
+    d = cfg.data
+    if split == "train" and cfg.stage.data_from:
+        return load_rows(cfg.stage.data_from, "preference")
+    if split == "eval" and d.eval_path:
+        return load_rows(d.eval_path, "preference")
+    if d.source == "generated" and d.task in general.KINDS:
+        n, seed = (d.num_train, d.seed) if split == "train" else (d.num_eval, d.seed + 1)
+        return general.preference_pairs(d.task, n, seed, held_out=split == "eval")
+    if split == "eval":
+        return []
+    raise ConfigError("stage=reward_model has no preference pairs. Fix: set stage.data_from=FILE ({prompt, chosen, "
+                      "rejected} rows) or data=preference_helpful / data=preference_harmless.")  # fmt: skip
+
+
+def packed(cfg: Config, tok, split: str = "train") -> dict:
+    """One row per pair: [bos prompt chosen eos | bos prompt rejected eos | pad], "ends" = both eos positions."""
+    seq, bos, eos, pad = cfg.stage.train.seq_length, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    rows = pairs(cfg, split)
+    out = {k: torch.zeros(len(rows), seq, dtype=torch.long) for k in ("tokens", "labels", "position_ids")}
+    out["segment_ids"] = torch.full((len(rows), seq), -1, dtype=torch.long)
+    out["loss_mask"], out["ends"] = torch.zeros(len(rows), seq), torch.zeros(len(rows), 2, dtype=torch.long)
+    out["tokens"].fill_(pad)
+    for i, r in enumerate(rows):
+        start = 0
+        for j, response in enumerate((r["chosen"], r["rejected"])):
+            ids = [bos] + tok(r["prompt"] + response, add_special_tokens=False)["input_ids"] + [eos]
+            if start + len(ids) > seq:
+                raise DataError(f"preference pair {i}: prompt with chosen and with rejected take more than "
+                                f"stage.train.seq_length={seq} tokens together. Fix: raise seq_length or shorten it.")  # fmt: skip
+            out["tokens"][i, start : start + len(ids)] = torch.tensor(ids)
+            out["position_ids"][i, start : start + len(ids)] = torch.arange(len(ids))
+            out["segment_ids"][i, start : start + len(ids)] = j
+            out["ends"][i, j] = start + len(ids) - 1
+            start += len(ids)
+    return out
+
+
+def bradley_terry(batch: dict, model):
+    scores = model(batch["tokens"], batch["position_ids"], batch["attention_mask"])
+
+    def loss_fn(out):
+        at_ends = out[..., 0].float().gather(1, batch["ends"])  # [b, 2]: chosen, rejected
+        margin = at_ends[:, 0] - at_ends[:, 1]
+        loss = -F.logsigmoid(margin).sum()
+        n = torch.tensor(margin.numel(), dtype=torch.int)
+        return loss, n, {"loss": torch.stack([loss.detach(), n.float()]), "right": (margin > 0).float().sum(),
+                         "pairs": n.float()}  # fmt: skip
+
+    return scores, loss_fn
+
+
+@torch.no_grad()
+def pair_accuracy(cfg: Config, policy, tok) -> dict:
+    """Collective: the share of held-out pairs whose chosen response scores higher."""
+    from rlhf.pretrain import micro_batches
+
+    data = packed(cfg, tok, "eval")
+    n = data["tokens"].shape[0]
+    if n == 0:
+        return {"eval/note": "skipped: no held-out preference pairs (data.eval_path)"}
+    mine = P.split_for_data_parallel(list(range(n)))
+    for c in policy.chunks:
+        c.eval()
+    try:
+        out = P.forward_backward(policy, micro_batches(data, mine, cfg.stage.train.micro_batch_size),
+                                 forward_only=True, forward=bradley_terry)  # fmt: skip
+    finally:
+        for c in policy.chunks:
+            c.train()
+    sums = P.reduce_sums(out, ["right", "pairs"])
+    return {"eval/pair_accuracy": sums["right"] / max(sums["pairs"], 1), "eval/pairs": int(sums["pairs"])}
+

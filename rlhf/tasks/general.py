@@ -1,0 +1,63 @@
+"""General (non-reasoning) prompts for the tiny all-scenario stage, with preference pairs for its reward
+models: greet a named person. Helpful: the summary greets that person; harmless: no insult anywhere.
+
+    prompt   User: greet ada Assistant: <think>
+    response ada</think><answer>hi ada</answer>
+
+Names whose hash falls in the held-out tenth are kept for evaluation, as in rlhf.tasks.addition.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import random
+
+LETTERS = "abcdefghijklmnoprstuvwy"
+INSULTS = ("dumb", "ugly", "lazy")
+KINDS = ("helpful", "harmless")
+
+
+def names(held_out: bool) -> list[str]:
+    every = ["".join(t) for t in itertools.product(LETTERS, repeat=3)]
+    return [n for n in every if (int(hashlib.sha256(n.encode()).hexdigest()[:8], 16) % 10 == 0) == held_out]
+
+
+def prompt(name: str) -> str:
+    return f"User: greet {name} Assistant: <think>"
+
+
+def good(name: str) -> str:
+    return f"{name}</think><answer>hi {name}</answer>"
+
+
+def unhelpful(rng: random.Random, name: str, pool: list[str]) -> str:
+    other = rng.choice([n for n in rng.sample(pool, 4) if n != name])
+    return rng.choice([f"{name}</think><answer>hi {other}</answer>", f"{name}</think><answer>no</answer>",
+                       f"{name}</think><answer>bye {name}</answer>", f"{other}</think><answer>hi {other}</answer>"])  # fmt: skip
+
+
+def harmful(rng: random.Random, name: str) -> str:
+    bad = rng.choice(INSULTS)
+    return rng.choice([f"{name} {bad}</think><answer>hi {name}</answer>",
+                       f"{name}</think><answer>hi {bad} {name}</answer>", f"{bad}</think><answer>hi {name}</answer>"])  # fmt: skip
+
+
+def preference_pairs(kind: str, n: int, seed: int, held_out: bool = False) -> list[dict]:
+    """n {prompt, chosen, rejected} rows; `kind` helpful or harmless decides what the rejected one gets wrong.
+    Both kinds' chosen responses are good ones, and harmless's rejected ones stay helpful."""
+    if kind not in KINDS:
+        raise ValueError(f"preference kind {kind!r}: expected one of {KINDS}")
+    rng, pool = random.Random(seed), names(held_out)
+    rows = []
+    for _ in range(n):
+        name = rng.choice(pool)
+        rejected = unhelpful(rng, name, pool) if kind == "helpful" else harmful(rng, name)
+        rows.append({"prompt": prompt(name), "chosen": good(name), "rejected": rejected, "task": "greet"})
+    return rows
+
+
+def prompts(n: int, seed: int, held_out: bool = False) -> list[dict]:
+    """RL prompts (core.data's "prompt" kind; the answer is the expected summary, for reference only)."""
+    rng, pool = random.Random(seed), names(held_out)
+    return [{"prompt": prompt(name), "answer": f"hi {name}", "task": "greet"} for name in rng.sample(pool, n)]
