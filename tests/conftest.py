@@ -81,13 +81,17 @@ def run_worker(cmd: list, timeout: int = 900) -> None:
         pytest.fail(f"{' '.join(map(str, cmd))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
 
 
-def train_cli(*overrides, check: bool = True) -> subprocess.CompletedProcess:
-    """`python -m rlhf.train OVERRIDES` in a subprocess, as a user runs it; fails the test on a non-zero exit."""
-    proc = subprocess.run([sys.executable, "-m", "rlhf.train", *map(str, overrides)], cwd=ROOT, env=cli_env(),
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+def module_cli(module: str, *args, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python -m MODULE ARGS` in a subprocess, as a user runs it; fails the test on a non-zero exit."""
+    proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=cli_env(),
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
     if check and proc.returncode:
-        pytest.fail(f"rlhf.train {' '.join(map(str, overrides))} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-5000:]}")
+        pytest.fail(f"{module} {' '.join(map(str, args))} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def train_cli(*overrides, check: bool = True) -> subprocess.CompletedProcess:
+    return module_cli("rlhf.train", *overrides, check=check)
 
 
 @pytest.fixture(scope="module")

@@ -3,14 +3,12 @@ a small chain runs end to end, records lineage, skips finished stages, refuses c
 every stage's held-out numbers land in summary.json."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import yaml
 
 from core.config import ConfigError, compose
-from tests.conftest import ROOT, cli_env
+from tests.conftest import module_cli
 
 SMOKE = [  # the r1_tiny chain's wiring at test size; `memorise` stands in for a long pretrain
     {"name": "memorise", "args": ["stage=sft", "stage.init_from=BASE", "data.num_train=32", "stage.epochs=300",
@@ -29,11 +27,7 @@ COMMON = ["logger=none", "data.num_train=32", "data.num_eval=8", "eval.k=2", "re
 
 
 def pipeline(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "rlhf.pipeline", *map(str, args)], cwd=ROOT, env=cli_env(),
-                          capture_output=True, text=True, timeout=900)  # fmt: skip
-    if check and proc.returncode:
-        pytest.fail(f"pipeline {args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
+    return module_cli("rlhf.pipeline", *args, check=check, timeout=900)
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +107,7 @@ def test_bad_presets_and_arguments_exit_2(tmp_path):
 
 
 def test_eval_names_a_missing_checkpoint(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "tools.eval", f"model={tmp_path}/nothing", f"run_dir={tmp_path}"],
-                         cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+    out = module_cli("tools.eval", f"model={tmp_path}/nothing", f"run_dir={tmp_path}", check=False)
     assert out.returncode == 2 and f"no checkpoint at {tmp_path}/nothing" in out.stderr
 
 
