@@ -3,6 +3,7 @@ and one forward/backward over micro-batches through megatron's pipeline schedule
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import math
 import os
@@ -236,10 +237,24 @@ def forward_backward(policy: Policy, micro_batches: list[dict], forward_only: bo
     )
 
 
-def train_step(policy: Policy, micro_batches: list[dict], forward: Callable = _default_forward) -> dict:
-    """One optimizer step; returns the global token-mean loss, grad norm, lr and whether the update ran."""
+def train_step(policy: Policy, micro_batches: list[dict], forward: Callable | None = None) -> dict:
+    """One optimizer step (`forward` None: the next-token loss); returns the global token-mean loss, grad
+    norm, lr and whether the update ran."""
     policy.optimizer.zero_grad()
-    return optimizer_step(policy, reduce_loss(forward_backward(policy, micro_batches, forward=forward)))
+    data = forward_backward(policy, micro_batches, forward=forward or _default_forward)
+    return optimizer_step(policy, reduce_loss(data))
+
+
+@contextlib.contextmanager
+def eval_mode(policy: Policy):
+    """The policy's chunks in eval mode for a scoring pass, back in train mode afterwards."""
+    for c in policy.chunks:
+        c.eval()
+    try:
+        yield
+    finally:
+        for c in policy.chunks:
+            c.train()
 
 
 def optimizer_step(policy: Policy, loss: float | None) -> dict:

@@ -88,14 +88,9 @@ def logprobs(policy: P.Policy, batch: dict, micro: int, temperature: float) -> t
     """Per-token log-probs of every row under `policy` (on the last pipeline stage; zeros elsewhere)
     and the summed per-sequence entropy."""
     rows = list(range(batch["tokens"].shape[0]))
-    for c in policy.chunks:
-        c.eval()
-    try:
+    with P.eval_mode(policy):
         fwd = _forward(policy.cfg.model.vocab_size, temperature, None)
         data = P.forward_backward(policy, micro_batches(batch, rows, micro), forward_only=True, forward=fwd)
-    finally:
-        for c in policy.chunks:
-            c.train()
     entropy = P.reduce_sums(data, ["entropy"])["entropy"]
     # Only the last pipeline stage computes log-probs, and only it reads them; zeros keep shapes elsewhere.
     return (torch.cat([d["logp"] for d in data]) if data else torch.zeros_like(batch["loss_mask"])), entropy

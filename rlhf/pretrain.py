@@ -202,7 +202,7 @@ def _run(cfg: Config, rank0: bool, t_start: float, tracker: Tracker, packed_data
             t0 = time.perf_counter()
             rows = batch_rows(step, cfg.data.seed, num_rows, t.global_batch_size)
             mbs = micro_batches(data, P.split_for_data_parallel(rows), t.micro_batch_size)
-            last = P.train_step(policy, mbs, forward) if forward else P.train_step(policy, mbs)
+            last = P.train_step(policy, mbs, forward)
             lr = last["lr"]
             dt = time.perf_counter() - t0
             tokens = int((data["segment_ids"][rows] >= 0).sum())

@@ -46,10 +46,9 @@ def packed(cfg: Config, tok, split: str = "train") -> dict:
     """One row per pair: [bos prompt chosen eos | bos prompt rejected eos | pad], "ends" = both eos positions."""
     seq, bos, eos, pad = cfg.stage.train.seq_length, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
     rows = pairs(cfg, split)
-    out = {k: torch.zeros(len(rows), seq, dtype=torch.long) for k in ("tokens", "labels", "position_ids")}
-    out["segment_ids"] = torch.full((len(rows), seq), -1, dtype=torch.long)
-    out["loss_mask"], out["ends"] = torch.zeros(len(rows), seq), torch.zeros(len(rows), 2, dtype=torch.long)
-    out["tokens"].fill_(pad)
+    out = {"tokens": torch.full((len(rows), seq), pad), "labels": torch.zeros(len(rows), seq, dtype=torch.long),
+           "position_ids": torch.zeros(len(rows), seq, dtype=torch.long), "loss_mask": torch.zeros(len(rows), seq),
+           "segment_ids": torch.full((len(rows), seq), -1), "ends": torch.zeros(len(rows), 2, dtype=torch.long)}  # fmt: skip
     for i, r in enumerate(rows):
         start = 0
         for j, response in enumerate((r["chosen"], r["rejected"])):
@@ -89,14 +88,9 @@ def pair_accuracy(cfg: Config, policy, tok) -> dict:
     if n == 0:
         return {"eval/note": "skipped: no held-out preference pairs (data.eval_path)"}
     mine = P.split_for_data_parallel(list(range(n)))
-    for c in policy.chunks:
-        c.eval()
-    try:
+    with P.eval_mode(policy):
         out = P.forward_backward(policy, micro_batches(data, mine, cfg.stage.train.micro_batch_size),
                                  forward_only=True, forward=bradley_terry)  # fmt: skip
-    finally:
-        for c in policy.chunks:
-            c.train()
     sums = P.reduce_sums(out, ["right", "pairs"])
     return {"eval/pair_accuracy": sums["right"] / max(sums["pairs"], 1), "eval/pairs": int(sums["pairs"])}
 
