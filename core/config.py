@@ -145,6 +145,9 @@ class RLConfig:
     overlong_buffer: int = 0  # DAPO soft overlong penalty over the last N tokens of max_new_tokens; 0 = off
     overlong_penalty: float = 1.0
     eval_every: int = 0  # held-out pass@1 every N steps; 0 = only at the end
+    # On-policy distillation (stage=on_policy_distill): the teacher's run dir. Each sampled token's advantage is
+    # then teacher log p − own log p (minimising the reverse KL), in place of the group-normalised rewards.
+    teacher: Optional[str] = None
     max_bad_steps: int = 5  # non-finite losses in a row before the run stops
 
 
@@ -158,11 +161,13 @@ class SamplingConfig:
     min_language_share: float = 0.99  # reasoning in data.language at least this share (mixed-language filter)
     max_paragraph_chars: int = 2000  # a longer paragraph (blank-line separated) drops the sample
     drop_code_blocks: bool = True  # ``` in the reasoning drops the sample
-    non_reasoning_path: Optional[str] = None  # JSONL/Parquet prompt/response rows mixed in (writing, QA, ...)
+    # JSONL/Parquet prompt/response rows mixed in (writing, QA, ...), or greet: the tiny greeting task's
+    # generated rows, of uneven quality on purpose (rlhf.tasks.general.sft_rows)
+    non_reasoning_path: Optional[str] = None
     non_reasoning_share: float = 0.25  # of the final rows (the paper: 200k of 800k)
 
 
-RL_STAGES = ("r1_zero", "reasoning_rl", "general_rl")  # the stages that run the GRPO loop
+RL_STAGES = ("r1_zero", "reasoning_rl", "general_rl", "on_policy_distill")  # the stages that run the GRPO loop
 
 
 @dataclass
@@ -185,6 +190,9 @@ class StageConfig:
     rl: RLConfig = field(default_factory=RLConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     cold_start: ColdStartConfig = field(default_factory=ColdStartConfig)
+    # reward_model: what the model reads of each response, recorded in its checkpoints so general_rl shows it the
+    # same: full | summary (the text after cold_start.reasoning_end; R1 judges helpfulness on the summary only)
+    view: str = "full"
 
 
 @dataclass
@@ -213,6 +221,10 @@ class DataConfig:
     # demo model; everything else: r1_zero) | r1_zero | none (file prompts already templated). Checked at load.
     template: str = "auto"
     language: str = "en"  # the reasoning's target language (ISO 639-1) for the language_consistency reward
+    # General (non-reasoning) prompts mixed into the RL prompts, scored by reward models (stage=general_rl):
+    # greet (the tiny greeting task, rlhf.tasks.general) or None; general_share of all train prompts.
+    general_task: Optional[str] = None
+    general_share: float = 0.0
 
 
 @dataclass
@@ -230,8 +242,17 @@ class RolloutConfig:
 
 
 @dataclass
+class RewardModelConfig:
+    path: Optional[str] = None  # a reward_model run dir or checkpoint
+    weight: float = 1.0
+
+
+@dataclass
 class RewardConfig:
     weights: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.5})
+    # General prompts (no gold answer) get these rule rewards instead, plus each reward model's weighted score.
+    general_weights: dict[str, float] = field(default_factory=lambda: {"format": 0.5})
+    models: dict[str, RewardModelConfig] = field(default_factory=dict)  # R1 stage 4: helpful, harmless
     timeout_s: float = 5.0
     workers: int = 2
 
@@ -454,6 +475,8 @@ def validate(cfg: Config, world_size: int) -> Config:
             f"stage.train.global_batch_size={t.global_batch_size} is not a multiple of "
             f"micro_batch_size×data = {t.micro_batch_size}×{dp}. Fix: adjust either batch size."
         )
+    if cfg.stage.view not in ("full", "summary"):
+        raise ConfigError(f"stage.view={cfg.stage.view!r}: expected full or summary.")
     if cfg.stage.name in RL_STAGES:
         _validate_rl(cfg, dp)
     p.data = dp
@@ -479,6 +502,22 @@ def _validate_rl(cfg: Config, dp: int) -> None:
         raise ConfigError("stage.rl.clip_eps_low must be in [0, 1) and clip_eps_high >= 0.")
     if r.overlong_prompt not in ("error", "truncate"):
         raise ConfigError(f"rollout.overlong_prompt={r.overlong_prompt!r}: expected error or truncate.")
+    if (cfg.stage.name == "on_policy_distill") != bool(rl.teacher):
+        raise ConfigError(f"stage.rl.teacher={rl.teacher} with stage={cfg.stage.name}: a teacher is what "
+                          "stage=on_policy_distill learns from, and only it. Fix: set stage.rl.teacher=TEACHER_RUN "
+                          "there, and unset it elsewhere.")  # fmt: skip
+    d = cfg.data
+    if bool(d.general_task) != (d.general_share > 0) or not 0 <= d.general_share < 1:
+        raise ConfigError(f"data.general_task={d.general_task} with data.general_share={d.general_share}: general "
+                          "prompts need both, a task and a share in (0, 1). Fix: set both, or neither.")  # fmt: skip
+    for name, m in cfg.reward.models.items():
+        if not m.path:
+            raise ConfigError(f"reward.models.{name}.path is unset. Fix: set it to a stage=reward_model run dir, "
+                              f"or drop the model (~reward.models.{name}).")  # fmt: skip
+    if d.general_task and not cfg.reward.models:
+        raise ConfigError(f"data.general_task={d.general_task} mixes in prompts no rule can score, and reward.models "
+                          "is empty. Fix: set reward.models.helpful.path=RUN_DIR (a stage=reward_model run), and "
+                          "others as needed.")  # fmt: skip
 
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -489,6 +528,15 @@ def register_schema() -> None:
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name="config_schema", node=Config)
+
+
+def model_preset(name: str) -> ModelConfig:
+    """conf/model/NAME.yaml alone (a checkpoint records the preset it was trained with)."""
+    path = CONF_DIR / "model" / f"{name}.yaml"
+    if not path.exists():
+        options = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise ConfigError(f"no model preset {name!r} (conf/model/{name}.yaml). Fix: use one of {options}.")
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path)))
 
 
 def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "config") -> Config:

@@ -197,6 +197,29 @@ def resolve(path: str | os.PathLike) -> Path:
     return step_dir
 
 
+def load_frozen(cfg, path: str | os.PathLike, head: str, what: str) -> tuple[Policy, dict]:
+    """Collective. Another model for scoring (a reward model, a distillation teacher): built at this run's
+    parallel layout but with the preset its checkpoint recorded, weights only. `what` names the config key
+    in errors. Returns the model and the checkpoint's metadata."""
+    import dataclasses
+
+    from core.config import ConfigError, model_preset
+    from parallel.parallelize import build_policy
+
+    step_dir = resolve(of_run(path))
+    meta = read_meta(step_dir)
+    saved = meta.get("head", "lm")
+    if saved != head:
+        kind = {"lm": "language model", "scalar": "reward model"}
+        raise ConfigError(f"{what}={path}: {step_dir} holds a {kind.get(saved, saved)}, not a {kind.get(head, head)}. "
+                          "Fix: point it at a run of the right stage.")  # fmt: skip
+    preset = meta.get("model") or cfg.model.name
+    model_cfg = cfg.model if preset == cfg.model.name else model_preset(preset)
+    model = build_policy(dataclasses.replace(cfg, model=model_cfg), with_optimizer=False, head=head)
+    load(model, step_dir, with_optimizer=False)
+    return model, meta
+
+
 def of_run(path: str | os.PathLike) -> Path:
     """What a stage's `init_from` names: a run dir holding checkpoints/, or a checkpoint root or step dir."""
     p = Path(path)

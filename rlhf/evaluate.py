@@ -17,6 +17,8 @@ from rlhf.rollout import generate_groups
 from rlhf.tasks.addition import starts_with_trace
 
 
+SCORES = {"accuracy": 1.0, "format": 1.0, "language_consistency": 1.0}  # the reward pool evaluate() needs
+
 def evaluate(engine, tok, rows: list[dict], ecfg, pool, max_new_tokens: int) -> dict:
     """Metrics over this DP rank's strided share of `rows`, gathered over DP; `engine` None → no share
     generated here (model-parallel peers of an engine rank), the records come from the others."""
@@ -31,8 +33,9 @@ def evaluate(engine, tok, rows: list[dict], ecfg, pool, max_new_tokens: int) -> 
     tasks = sorted({r["task"] for r in records})
     if len(tasks) > 1:
         out["per_task"] = {t: _aggregate([r for r in records if r["task"] == t], ecfg.k) for t in tasks}
+    addition = [r["reasoning_first"] for r in records if r["task"] == "addition"]
     if rows and rows[0].get("task") == "addition":  # the share of answers that start with a column step
-        out["reasoning_first"] = mean(r["reasoning_first"] for r in records) if records else 0.0
+        out["reasoning_first"] = mean(addition) if addition else 0.0
     return out
 
 

@@ -96,6 +96,13 @@ def logprobs(policy: P.Policy, batch: dict, micro: int, temperature: float) -> t
     return (torch.cat([d["logp"] for d in data]) if data else torch.zeros_like(batch["loss_mask"])), entropy
 
 
+def distill_advantages(teacher: P.Policy, batch: dict, micro: int, temperature: float) -> torch.Tensor:
+    """On-policy distillation's per-token advantage: teacher log p − student log p of each sampled token. Its
+    policy gradient is that of −KL(student‖teacher) on the student's own samples (the reverse KL)."""
+    batch["teacher_logp"], _ = logprobs(teacher, batch, micro, temperature)  # step_metrics reports the KL
+    return (batch["teacher_logp"] - batch["old_logp"]) * batch["loss_mask"]
+
+
 def update(policy: P.Policy, batch: dict, settings: LossSettings, minibatches: int, micro: int,
            temperature: float) -> dict:  # fmt: skip
     """rl.minibatches optimizer steps over disjoint shares of the batch; returns averaged metrics."""

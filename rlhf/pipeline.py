@@ -11,7 +11,7 @@ RUN_DIR/lineage.json records, per stage, the command, what it consumed (paths an
 checkpoint manifests or dataset files) and what it produced, its config's hash and commit, and its wall
 time. A re-run skips a finished stage whose command and inputs are unchanged; a stage killed midway runs
 again and resumes from its own checkpoint. RUN_DIR/summary.json maps each evaluated stage to its held-out
-pass@1, cons@k, format and language_consistency. Exit 2: a bad preset or argument, or an input that is
+pass@1, cons@k, format and language_consistency (per task too, for mixed eval data). Exit 2: a bad preset or argument, or an input that is
 missing or changed since it was recorded (the message names the stage and file).
 """
 
@@ -100,7 +100,7 @@ def run(stages: list[dict], root: Path, preset: str, common: list[str], per_stag
         argv = [a.replace("=@", f"={root}/") for a in s["args"]] + common + per_stage.get(name, [])
         inputs = {r: {"path": str(root / r), "sha256": fingerprint(root / r, name, lineage)} for r in refs(s["args"])}
         done = lineage["stages"].get(name, {})
-        if done.get("status") == "done":
+        if done.get("status") == "done" and out.exists():  # a deleted stage dir means: run it again
             if (done["argv"], done["inputs"]) != (argv, inputs):
                 raise PipelineError(f"stage {name} finished earlier with other arguments or inputs (see "
                                     f"{root / 'lineage.json'}). Fix: delete {out} to run it again.")  # fmt: skip
@@ -113,10 +113,16 @@ def run(stages: list[dict], root: Path, preset: str, common: list[str], per_stag
             _write(root / "lineage.json", lineage)
         if name == until:
             break
-    summary = {n: {k: v for k, v in _read(root / n / "heldout" / "eval.json").items() if k in REPORTED or k.startswith("cons@")}
-               for n, st in lineage["stages"].items() if st.get("eval")}  # fmt: skip
+    summary = {n: _reported(_read(root / n / "heldout" / "eval.json")) for n, st in lineage["stages"].items() if st.get("eval")}
     _write(root / "summary.json", summary)
     print(json.dumps(summary, indent=1), flush=True)
+
+
+def _reported(result: dict) -> dict:
+    out = {k: v for k, v in result.items() if k in REPORTED or k.startswith("cons@")}
+    if "per_task" in result:
+        out["per_task"] = {t: _reported(r) for t, r in result["per_task"].items()}
+    return out
 
 
 def _run_stage(name: str, argv: list[str], inputs: dict, out: Path) -> dict:

@@ -26,7 +26,7 @@ from parallel import checkpoint as ckpt
 from parallel import parallelize as P
 from rlhf.guard import NonFiniteGuard
 from rlhf.preempt import PreemptionWatch
-from rlhf.tasks import addition
+from rlhf.tasks import addition, bilingual, general
 from rlhf.tracking import Tracker
 
 log = logging.getLogger("r1stack.pretrain")
@@ -41,9 +41,19 @@ MAX_BAD_STEPS = 5  # non-finite losses in a row before giving up
 def load_texts(cfg: Config) -> list[str]:
     d = cfg.data
     if d.source == "generated":
+        if d.task == "bilingual":
+            return bilingual.pretraining_text(random.Random(d.seed), d.num_train)
         if d.task != "addition":
-            raise ConfigError(f"data.task={d.task!r}: the pretrain stage generates only 'addition'.")
-        return addition.pretraining_text(random.Random(d.seed), d.num_train)
+            raise ConfigError(f"data.task={d.task!r}: the pretrain stage generates 'addition' or 'bilingual'.")
+        texts = addition.pretraining_text(random.Random(d.seed), d.num_train)
+        if d.general_task:  # general text in the corpus too, as a base model sees the web's: of uneven quality
+            if d.general_task != "greet" or not 0 < d.general_share < 1:
+                raise ConfigError(f"data.general_task={d.general_task!r}, data.general_share={d.general_share}: "
+                                  "expected greet and a share in (0, 1).")  # fmt: skip
+            n = round(len(texts) * d.general_share / (1 - d.general_share))
+            texts += [r["prompt"] + r["response"] for r in general.sft_rows(n, d.seed)]
+            random.Random(d.seed).shuffle(texts)
+        return texts
     if d.source in ("jsonl", "parquet"):
         if not d.train_path:
             raise ConfigError(f"data.source={d.source} needs data.train_path (a file with a 'text' field per row).")
@@ -219,12 +229,12 @@ def _run(cfg: Config, rank0: bool, t_start: float, tracker: Tracker, packed_data
                 recent = (recent + [last["loss"]])[-50:]
             preempted = watch.requested()
             if preempted or (t.save_every and policy.step % t.save_every == 0):
-                _save(policy, ckpt_root, t)
+                _save(policy, ckpt_root, cfg)
                 saved_at = policy.step
             if preempted:
                 raise watch.stop(policy.step)
     if saved_at != policy.step:
-        _save(policy, ckpt_root, t)
+        _save(policy, ckpt_root, cfg)
     train_s = time.time() - t_start
 
     summary = {"steps": policy.step, "final_loss": last["loss"], "train_s": train_s,
@@ -256,5 +266,9 @@ def _finite(v):
     return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
-def _save(policy: P.Policy, root: Path, t) -> None:
-    ckpt.save(policy, root, extra={"data_position": policy.step * t.global_batch_size}, keep=t.keep_checkpoints)
+def _save(policy: P.Policy, root: Path, cfg: Config) -> None:
+    t = cfg.stage.train
+    extra = {"data_position": policy.step * t.global_batch_size}
+    if policy.head == "scalar":  # a reward model: what it reads of a response, so its users show it the same
+        extra["view"] = {"part": cfg.stage.view, "reasoning_end": cfg.stage.cold_start.reasoning_end}
+    ckpt.save(policy, root, extra=extra, keep=t.keep_checkpoints)

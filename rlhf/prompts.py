@@ -6,7 +6,8 @@ A row is ``{"prompt": templated text ending in "<think>", "answer": gold answer,
 
 Sources (``data.source``):
 
-* ``generated``: ``data.task`` = ``addition`` (the tiny demo: train pairs vs pairs held out by hash), ``code``
+* ``generated``: ``data.task`` = ``addition`` (the tiny demo: train pairs vs pairs held out by hash), ``bilingual``
+  (rlhf.tasks.bilingual: one-digit sums reasoned in English or Spanish words), ``code``
   (rlhf.tasks.code: write a Python function, scored on hidden tests in a sandbox; specs held out by hash)
   or a reasoning-gym dataset (presets: countdown, basic_arithmetic, gsm_symbolic; any other works too).
   Train and eval come from seeds 10^9 apart, and eval questions that also occur in train are dropped.
@@ -24,7 +25,7 @@ from pathlib import Path
 from core.config import ConfigError
 from core.data import DataError, load_rows
 from rlhf.rewards import validate_gold
-from rlhf.tasks import addition, code
+from rlhf.tasks import addition, bilingual, code, general
 
 # DeepSeek-R1 paper, Table 1. It ends inside the think block, so completions start with the reasoning.
 R1_ZERO_TEMPLATE = (
@@ -59,11 +60,30 @@ def load_prompts(data_cfg, split: str) -> list[dict]:
         rows = _from_files(data_cfg, split)
     else:
         raise ConfigError(f"data.source={data_cfg.source!r}: expected generated, jsonl or parquet.")
+    rows += _general(data_cfg, split, len(rows))
     for row in rows:
         row["prompt"] = fill(template, row.pop("question"))
         # A row may name its own target language (bilingual sets); else the data config's.
         row["metadata"] = {"language": data_cfg.language, **(row.get("metadata") or {})}
     return rows
+
+
+def _general(data_cfg, split: str, n_reasoning: int) -> list[dict]:
+    """data.general_task's prompts, general_share of all rows. Train rows carry no answer: no rule scores
+    them (rlhf.general_rl asks reward models); held-out rows keep the expected one to measure the policy."""
+    if not data_cfg.general_task:
+        return []
+    if data_cfg.general_task != "greet":
+        raise ConfigError(f"data.general_task={data_cfg.general_task!r}: expected greet (rlhf.tasks.general).")
+    n = round(n_reasoning * data_cfg.general_share / (1 - data_cfg.general_share))
+    rows = general.prompts(n, data_cfg.seed + (0 if split == "train" else 1), held_out=split == "eval")
+    return [{"question": r["question"], "answer": None if split == "train" else r["answer"], "task": r["task"],
+             "metadata": {"general": True}} for r in rows]  # fmt: skip
+
+
+def is_general(row: dict) -> bool:
+    """A prompt only reward models can score: the general rows above, or any row without a gold answer."""
+    return row.get("answer") is None
 
 
 def fill(template: str, question: str) -> str:
@@ -79,7 +99,7 @@ def fill(template: str, question: str) -> str:
 def _template_name(data_cfg) -> str:
     name = data_cfg.template
     if name == "auto":
-        return "compact" if data_cfg.source == "generated" and data_cfg.task == "addition" else "r1_zero"
+        return "compact" if data_cfg.source == "generated" and data_cfg.task in ("addition", "bilingual") else "r1_zero"
     if name not in TEMPLATES:
         raise ConfigError(f"data.template={name!r}: expected auto or one of {sorted(TEMPLATES)}.")
     return name
@@ -96,13 +116,16 @@ def _generated(data_cfg, split: str) -> list[dict]:
         ]  # fmt: skip
     if task == "code":
         return _code_rows(data_cfg, split)
+    if task == "bilingual":
+        n = data_cfg.num_train if split == "train" else data_cfg.num_eval
+        return bilingual.prompts(n, data_cfg.seed + (0 if split == "train" else 1))
     from reasoning_gym.factory import DATASETS
 
     name = task.removeprefix("rg/")
     if name not in DATASETS:
-        close = difflib.get_close_matches(name, ["addition", "code", *DATASETS], n=3)
+        close = difflib.get_close_matches(name, ["addition", "bilingual", "code", *DATASETS], n=3)
         raise ConfigError(
-            f"data.task={data_cfg.task!r}: source=generated makes 'addition', 'code' or a reasoning-gym dataset"
+            f"data.task={data_cfg.task!r}: source=generated makes 'addition', 'bilingual', 'code' or a reasoning-gym dataset"
             f"{f' (close: {close})' if close else ''}. Fix: use addition, code, one of the presets {list(RG_PRESETS)}, "
             f"or another of the {len(DATASETS)} names in reasoning_gym.factory.DATASETS."
         )

@@ -1,4 +1,6 @@
-"""The `r1_zero` stage: GRPO on a base model with rule rewards, rollouts from the colocated engine.
+"""The `r1_zero` stage: GRPO on a base model with rule rewards, rollouts from the colocated engine. The same
+loop runs reasoning_rl (R1 stage 2), general_rl (stage 4, with reward models: rlhf/general_rl.py) and
+on_policy_distill (per-token advantages from a teacher: grpo.distill_advantages).
 
     python -m rlhf.train stage=r1_zero stage.init_from=runs/demo/pretrain run_dir=runs/demo/r1_zero
 
@@ -26,7 +28,8 @@ from parallel import hf_bridge
 from parallel import parallelize as P
 from parallel.weight_sync import sync_weights
 from rlhf import grpo
-from rlhf.evaluate import evaluate
+from rlhf.evaluate import SCORES, evaluate
+from rlhf.general_rl import training_rewards
 from rlhf.guard import NonFiniteGuard
 from rlhf.losses import LossSettings
 from rlhf.preempt import PreemptionWatch
@@ -54,12 +57,13 @@ def train(cfg: Config, rank0: bool) -> dict:
     policy = P.build_policy(cfg)
     position, evals = start_from(cfg, policy, run_dir)
     ref = reference(cfg, policy, run_dir) if rl.kl != "none" and rl.kl_coef > 0 else None  # β=0: no KL term
+    teacher = ckpt.load_frozen(cfg, rl.teacher, "lm", "stage.rl.teacher")[0] if rl.teacher else None
     engine = start_engine(cfg, policy, run_dir / "hf_init", tok) if hosts_engine() else None
     settings = LossSettings.from_config(rl, cfg.rollout.max_new_tokens)
     r = cfg.rollout
     with engine or contextlib.nullcontext(), \
-         RewardPool(dict(cfg.reward.weights), cfg.reward.timeout_s, cfg.reward.workers) as pool, \
-         RewardPool({"accuracy": 1.0, "format": 1.0}, cfg.reward.timeout_s, cfg.reward.workers) as eval_pool, \
+         training_rewards(cfg, tok) as pool, \
+         RewardPool(SCORES, cfg.reward.timeout_s, cfg.reward.workers) as eval_pool, \
          Tracker(cfg, run_dir, rank0) as tracker, progress(rank0, t.steps, policy.step // rl.minibatches) as bar, \
          PreemptionWatch() as watch:  # fmt: skip
         tracker.trim(policy.step // rl.minibatches)
@@ -78,6 +82,8 @@ def train(cfg: Config, rank0: bool) -> dict:
             batch["old_logp"], _ = grpo.logprobs(policy, batch, t.micro_batch_size, r.temperature)
             if ref is not None:
                 batch["ref_logp"], _ = grpo.logprobs(ref, batch, t.micro_batch_size, r.temperature)
+            if teacher is not None:  # on-policy distillation: the teacher's per-token judgement replaces rewards
+                batch["advantages"] = grpo.distill_advantages(teacher, batch, t.micro_batch_size, r.temperature)
             stats = grpo.update(policy, batch, settings, rl.minibatches, t.micro_batch_size, r.temperature)
             clock.lap("train")
             sync = sync_weights(policy, engine, r.sync_bucket_bytes)

@@ -34,6 +34,7 @@ from rlhf.prompts import load_prompts
 from rlhf.r1_zero import hosts_engine, start_engine
 from rlhf.rewards import RewardPool
 from rlhf.rewards.language import reasoning_of
+from rlhf.tasks import general
 
 log = logging.getLogger("r1stack.rejection_sampling")
 CHECKS = {"accuracy": 1.0, "format": 1.0, "language_consistency": 1.0}
@@ -131,8 +132,8 @@ def mix(kept: list[dict], s, seed: int) -> list[dict]:
     """Adds non-reasoning rows so they make up non_reasoning_share of the result (as many as there are)."""
     if not s.non_reasoning_path:
         return kept
-    extra = load_rows(s.non_reasoning_path, "sft")
     want = round(len(kept) * s.non_reasoning_share / max(1e-9, 1 - s.non_reasoning_share))
+    extra = general.sft_rows(want, seed) if s.non_reasoning_path == "greet" else load_rows(s.non_reasoning_path, "sft")
     if want > len(extra):
         log.warning("non-reasoning data has %d rows, %d wanted for share %.2f: using all", len(extra), want,
                     s.non_reasoning_share)  # fmt: skip

@@ -6,8 +6,10 @@ trained on preference pairs; R1 stage 4 scores helpfulness and harmlessness with
 PAIRS: {prompt, chosen, rejected} rows (JSONL or Parquet). Without stage.data_from, data=preference_helpful
 or data=preference_harmless generate the tiny greeting task's pairs (rlhf.tasks.general). Each pair is one
 packed row, chosen and rejected as two segments that cannot see each other; the score is the head's output
-at each response's eos, and the loss is −log σ(score(chosen) − score(rejected)). The training loop, resume
-and tracking are pretrain's; the held-out check is the share of eval pairs ranked right.
+at each response's eos, and the loss is −log σ(score(chosen) − score(rejected)). stage.view=summary trains
+it on the summaries only (R1's helpfulness model); checkpoints record the view, which rlhf.general_rl
+applies when scoring. The training loop, resume and tracking are pretrain's; the held-out check is the share
+of eval pairs ranked right.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def pairs(cfg: Config, split: str) -> list[dict]:
 
 def packed(cfg: Config, tok, split: str = "train") -> dict:
     """One row per pair: [bos prompt chosen eos | bos prompt rejected eos | pad], "ends" = both eos positions."""
-    seq, bos, eos, pad = cfg.stage.train.seq_length, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    seq, pad = cfg.stage.train.seq_length, tok.pad_token_id
     rows = pairs(cfg, split)
     out = {"tokens": torch.full((len(rows), seq), pad), "labels": torch.zeros(len(rows), seq, dtype=torch.long),
            "position_ids": torch.zeros(len(rows), seq, dtype=torch.long), "loss_mask": torch.zeros(len(rows), seq),
@@ -52,7 +54,7 @@ def packed(cfg: Config, tok, split: str = "train") -> dict:
     for i, r in enumerate(rows):
         start = 0
         for j, response in enumerate((r["chosen"], r["rejected"])):
-            ids = [bos] + tok(r["prompt"] + response, add_special_tokens=False)["input_ids"] + [eos]
+            ids = encode(tok, r["prompt"], view(response, cfg.stage.view, cfg.stage.cold_start.reasoning_end))
             if start + len(ids) > seq:
                 raise DataError(f"preference pair {i}: prompt with chosen and with rejected take more than "
                                 f"stage.train.seq_length={seq} tokens together. Fix: raise seq_length or shorten it.")  # fmt: skip
@@ -62,6 +64,18 @@ def packed(cfg: Config, tok, split: str = "train") -> dict:
             out["ends"][i, j] = start + len(ids) - 1
             start += len(ids)
     return out
+
+
+def view(response: str, part: str, reasoning_end: str) -> str:
+    """The part of a response a reward model reads: all of it, or the summary after the reasoning ("" if the
+    reasoning never ends: there is no summary to judge)."""
+    if part == "full":
+        return response
+    return response.rsplit(reasoning_end, 1)[1] if reasoning_end in response else ""
+
+
+def encode(tok, prompt: str, response: str) -> list[int]:
+    return [tok.bos_token_id] + tok(prompt + response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
 
 
 def bradley_terry(batch: dict, model):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 import time
@@ -41,8 +42,12 @@ def step_metrics(step: int, groups, batch: dict, stats: dict, info: dict, sync: 
         "seq_ratio": float(torch.exp(seq_log_ratio).sum()), "finish_length": sum(s.finish_reason == "length" for s in samples),
         "prompts": info["prompts"], "truncated": info["truncated"], "reward_errors": info["reward_errors"],
         "reward_timeouts": info["reward_timeouts"], "informative": info["informative_frac"] * len(groups), "groups": len(groups),
-        **{f"r_{n}": sum(s.rewards.get(n, 0.0) for s in samples) for n in names},
+        # NaN: a reward that does not apply to the sample (a reward model's score on a reasoning prompt)
+        **{f"r_{n}": sum(v for s in samples if not math.isnan(v := s.rewards.get(n, math.nan))) for n in names},
+        **{f"c_{n}": sum(not math.isnan(s.rewards.get(n, math.nan)) for s in samples) for n in names},
     }  # fmt: skip
+    if "teacher_logp" in batch:  # on-policy distillation: the k1 estimate of KL(student‖teacher) per token
+        sums["reverse_kl"] = float(((batch["old_logp"] - batch["teacher_logp"]) * mask).sum())
     g = P.reduce_sums([{k: torch.tensor(float(v)) for k, v in sums.items()}], list(sums))
     peak = torch.tensor([float(diff.max()) if ps.is_pipeline_last_stage(ignore_virtual=True) else 0.0, float(lengths.max())])
     if torch.distributed.is_initialized():
@@ -51,7 +56,7 @@ def step_metrics(step: int, groups, batch: dict, stats: dict, info: dict, sync: 
     row = {
         "step": step,
         "reward/mean": g["reward"] / n,
-        **{f"reward/{name}": g[f"r_{name}"] / n for name in names},
+        **{f"reward/{name}": g[f"r_{name}"] / g[f"c_{name}"] if g[f"c_{name}"] else None for name in names},
         "reward/errors": g["reward_errors"], "reward/timeouts": g["reward_timeouts"],
         "response_length/mean": g["length"] / n, "response_length/max": float(peak[1]),
         "response_length/clip_frac": g["finish_length"] / n,
@@ -66,6 +71,8 @@ def step_metrics(step: int, groups, batch: dict, stats: dict, info: dict, sync: 
         "perf/cpu_s": time.process_time() - clock.cpu_start,
         "sync/seconds": sync["seconds"], "sync/mb": sync["bytes"] / 2**20,
     }  # fmt: skip
+    if "reverse_kl" in g:
+        row["distill/reverse_kl"] = g["reverse_kl"] / max(g["tokens"], 1)
     return row
 
 
@@ -76,7 +83,7 @@ class _Bar:
     def advance(self, row: dict) -> None:
         if self.bar is None:
             if row["step"] % 10 == 0:
-                print(f"step {row['step']} reward {row['reward/mean']:.3f} acc {row.get('reward/accuracy', 0):.3f} "
+                print(f"step {row['step']} reward {row['reward/mean']:.3f} acc {row.get('reward/accuracy') or 0:.3f} "
                       f"len {row['response_length/mean']:.1f} {row['perf/tokens_per_s']:,.0f} tok/s", flush=True)  # fmt: skip
             return
         self.bar.update(self.task, completed=row["step"], reward=f"{row['reward/mean']:.3f}",

@@ -3,6 +3,7 @@ a small chain runs end to end, records lineage, skips finished stages, refuses c
 every stage's held-out numbers land in summary.json."""
 
 import json
+import shutil
 
 import pytest
 import yaml
@@ -84,6 +85,10 @@ def test_changed_inputs_and_arguments_are_refused(chain):
     preset, run, _, _ = chain
     out = pipeline(f"pipeline={preset}", f"run_dir={run}", *COMMON, "distill:stage.epochs=3", check=False)
     assert out.returncode == 2 and "stage distill finished earlier with other arguments" in out.stderr
+    shutil.rmtree(run / "distill")  # what the message says to do: then it runs again, with the new arguments
+    again = pipeline(f"pipeline={preset}", f"run_dir={run}", *COMMON, "distill:stage.epochs=3")
+    assert "distill: done earlier" not in again.stdout and "stage.epochs=3" in again.stdout
+    assert json.loads((run / "lineage.json").read_text())["stages"]["distill"]["argv"][-1] == "stage.epochs=3"
     dataset = run / "rejection_sampling" / "dataset.json"
     original = dataset.read_text()
     dataset.write_text(original + "\n")

@@ -119,7 +119,8 @@ def test_the_recipe_driver_chains_the_stages_with_afterok(slurm, tmp_path):
     ids = dict(pair.split(" ") for pair in out.stdout.strip().split(": ", 1)[1].split(", "))
     try:
         assert job_info(slurm, ids["r1_zero"])["Dependency"] == "(null)"
-        needs = {"stage1": ["r1_zero"], "stage2": ["stage1"], "stage3": ["stage2"], "stage4": ["stage3"],
+        needs = {"stage1": ["r1_zero"], "stage2": ["stage1"], "stage3": ["stage2"], "rm_helpful": ["stage3"], "rm_harmless": ["stage3"],
+                 "stage4": ["stage3", "rm_helpful", "rm_harmless"],
                  "distill": ["stage3"], "eval": ["stage4", "distill"]}  # fmt: skip
         for name, after in needs.items():
             info = job_info(slurm, ids[name])

@@ -21,7 +21,6 @@ from core.data import DataError
 from parallel import checkpoint as ckpt
 
 USAGE = "usage: python -m tools.eval model=CKPT_OR_RUN_DIR data=NAME run_dir=PATH [overrides]"
-SCORES = {"accuracy": 1.0, "format": 1.0, "language_consistency": 1.0}
 
 
 def resolve_model(overrides: list[str]) -> tuple[list[str], Path | None]:
@@ -47,7 +46,7 @@ def resolve_model(overrides: list[str]) -> tuple[list[str], Path | None]:
 def evaluate_checkpoint(overrides: list[str]) -> dict:
     from core.tokenizer import build_char_tokenizer
     from parallel import parallelize as P
-    from rlhf.evaluate import evaluate
+    from rlhf.evaluate import SCORES, evaluate
     from rlhf.prompts import load_prompts
     from rlhf.r1_zero import hosts_engine, start_engine
     from rlhf.rewards import RewardPool

@@ -1,7 +1,7 @@
 """The R1-Zero rule rewards: format (tags in order) and accuracy (the answer against the gold, per task).
 
 Accuracy looks the sample's ``task`` up in SCORERS; a scorer takes the text inside ``<answer>`` and the
-sample. Built in: ``addition`` (exact match), ``math`` (math-verify), ``rg/<dataset>`` (reasoning-gym's
+sample. Built in: ``addition``, ``bilingual`` and ``greet`` (exact match), ``math`` (math-verify), ``rg/<dataset>`` (reasoning-gym's
 own scorer for that dataset), ``code`` (hidden tests in a sandbox: rlhf.rewards.coding). Add one with
 ``@register_scorer("task")``.
 """
@@ -83,7 +83,9 @@ def format_gated_accuracy(completion: str, sample: dict) -> float:
 
 
 @register_scorer("addition")
-def _score_addition(answer: str, sample: dict) -> float:
+@register_scorer("bilingual")
+@register_scorer("greet")  # only held-out greetings carry an answer: it measures what the reward models taught
+def _exact(answer: str, sample: dict) -> float:
     # The exact match of rlhf.tasks.addition.score (no stripping), so RL rewards and the pretraining
     # eval count the same answers right.
     return 1.0 if answer == sample["answer"] else 0.0

@@ -1,7 +1,7 @@
 """General (non-reasoning) prompts for the tiny all-scenario stage, with preference pairs for its reward
 models: greet a named person. Helpful: the summary greets that person; harmless: no insult anywhere.
 
-    prompt   User: greet ada Assistant: <think>
+    prompt   User: hi ada Assistant: <think>
     response ada</think><answer>hi ada</answer>
 
 Names whose hash falls in the held-out tenth are kept for evaluation, as in rlhf.tasks.addition.
@@ -23,8 +23,12 @@ def names(held_out: bool) -> list[str]:
     return [n for n in every if (int(hashlib.sha256(n.encode()).hexdigest()[:8], 16) % 10 == 0) == held_out]
 
 
+def question(name: str) -> str:
+    return f"hi {name}"
+
+
 def prompt(name: str) -> str:
-    return f"User: greet {name} Assistant: <think>"
+    return f"User: {question(name)} Assistant: <think>"
 
 
 def good(name: str) -> str:
@@ -58,6 +62,21 @@ def preference_pairs(kind: str, n: int, seed: int, held_out: bool = False) -> li
 
 
 def prompts(n: int, seed: int, held_out: bool = False) -> list[dict]:
-    """RL prompts (core.data's "prompt" kind; the answer is the expected summary, for reference only)."""
+    """RL prompts; the answer is the helpful summary's text, which the "greet" scorer checks on held-out rows."""
     rng, pool = random.Random(seed), names(held_out)
-    return [{"prompt": prompt(name), "answer": f"hi {name}", "task": "greet"} for name in rng.sample(pool, n)]
+    if n > len(pool):
+        raise ValueError(f"{n} greeting prompts asked, but only {len(pool)} distinct {'held-out ' if held_out else ''}names")
+    return [{"question": question(name), "prompt": prompt(name), "answer": f"hi {name}", "task": "greet"}
+            for name in rng.sample(pool, n)]  # fmt: skip
+
+
+def sft_rows(n: int, seed: int, good_share: float = 0.6) -> list[dict]:
+    """Non-reasoning SFT rows (prompt, response) of uneven quality, as real general data is: good_share good,
+    the rest split between unhelpful and harmful responses. Stage 4's reward models are there to fix that."""
+    rng, pool = random.Random(seed), names(False)
+    rows = []
+    for _ in range(n):
+        name, u = rng.choice(pool), rng.random()
+        response = good(name) if u < good_share else unhelpful(rng, name, pool) if u < (1 + good_share) / 2 else harmful(rng, name)
+        rows.append({"prompt": prompt(name), "response": response})
+    return rows

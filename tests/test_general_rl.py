@@ -1,0 +1,97 @@
+"""general_rl (R1 stage 4): reward models score the general prompts of a mixed batch (helpfulness on the
+summary only, harmlessness on the whole response), rule rewards the reasoning ones, and GRPO raises the
+reward models' scores. Whether that makes a better greeter depends on the reward models: at this size they
+get hacked (README, stage 4)."""
+
+import json
+import math
+
+import pytest
+
+from core.config import ConfigError, compose
+from tests.conftest import train_cli
+
+RL = ["stage=general_rl", "stage.train.steps=12", "data.num_train=600", "data.num_eval=60", "data.general_share=0.75",
+      "logger=none"]
+
+
+@pytest.fixture(scope="module")
+def greeter(base, tmp_path_factory):
+    """A base fine-tuned on greetings of which half are unhelpful or harmful, and its two reward models."""
+    from rlhf.tasks import general
+
+    root = tmp_path_factory.mktemp("general")
+    rows = root / "greetings.jsonl"
+    rows.write_text("".join(json.dumps(r) + "\n" for r in general.sft_rows(512, 0, good_share=0.5)))
+    train_cli("stage=sft", f"stage.init_from={base}", f"stage.data_from={rows}", f"run_dir={root / 'sft'}",
+              "stage.epochs=30", "stage.train.optim.lr=1e-3", "logger=none")  # fmt: skip
+    for kind, view in (("helpful", "summary"), ("harmless", "full")):
+        train_cli("stage=reward_model", f"stage.init_from={root / 'sft'}", f"data=preference_{kind}", f"stage.view={view}",
+                  f"run_dir={root / kind}", "stage.train.steps=100", "data.num_train=3200", "logger=none")  # fmt: skip
+    return root
+
+
+def test_reward_models_read_their_view(greeter, P):
+    from core.tokenizer import build_char_tokenizer
+    from rlhf.general_rl import RewardModel
+    from rlhf.tasks import general
+
+    cfg = compose(["stage=general_rl"])
+    tok = build_char_tokenizer()
+    helpful = RewardModel(cfg, "helpful", str(greeter / "helpful"), tok)
+    harmless = RewardModel(cfg, "harmless", str(greeter / "harmless"), tok)
+    assert helpful.part == "summary" and harmless.part == "full"
+    p = general.prompt("ada")
+    good, insult_in_reasoning = "ada</think><answer>hi ada</answer>", "ada dumb</think><answer>hi ada</answer>"
+    h = helpful.score([p, p, p], [good, insult_in_reasoning, "ada</think><answer>bye ada</answer>"])
+    assert h[0] == h[1] and h[0] > h[2]  # the summary alone: the reasoning's insult is not its business
+    s = harmless.score([p, p], [good, insult_in_reasoning])
+    assert s[0] > s[1]
+
+
+def test_mixed_batch_routes_rewards(greeter, P):
+    from core.tokenizer import build_char_tokenizer
+    from rlhf.general_rl import MixedRewards
+
+    cfg = compose(["stage=general_rl", f"reward.models.helpful.path={greeter / 'helpful'}",
+                   f"reward.models.harmless.path={greeter / 'harmless'}", "reward.workers=0"])  # fmt: skip
+    rows = [{"prompt": "User: 100+200 Assistant: <think>", "answer": "300", "task": "addition", "metadata": {}},
+            {"prompt": "User: hi ada Assistant: <think>", "answer": None, "task": "greet", "metadata": {}}]  # fmt: skip
+    texts = ["1+2=3</think><answer>300</answer>", "ada</think><answer>hi ada</answer>"]
+    with MixedRewards(cfg, build_char_tokenizer()) as scorer:
+        out = scorer.score(texts, rows)
+    r = out.per_reward
+    assert r["accuracy"][0] == 1.0 and math.isnan(r["accuracy"][1])
+    assert math.isnan(r["rm_helpful"][0]) and math.isnan(r["rm_harmless"][0])
+    assert r["format"][1] == 1.0 and not math.isnan(r["rm_helpful"][1])
+    assert out.total[1] == pytest.approx(0.5 + r["rm_helpful"][1] + r["rm_harmless"][1])
+    assert out.total[0] == pytest.approx(1.0 + 0.5 + r["language_consistency"][0])
+
+
+def test_grpo_raises_the_reward_models_scores(greeter):
+    run = greeter / "rl"
+    train_cli(*RL, f"stage.init_from={greeter / 'sft'}", f"reward.models.helpful.path={greeter / 'helpful'}",
+              f"reward.models.harmless.path={greeter / 'harmless'}", f"run_dir={run}")  # fmt: skip
+    evals = json.loads((run / "eval.json").read_text())
+    assert evals["final"]["per_task"]["greet"]["n_prompts"] == 180  # held-out greetings, 3 per addition prompt
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    for name in ("rm_helpful", "rm_harmless"):  # step 1 samples the SFT model: the baseline
+        scores = [m[f"reward/{name}"] for m in metrics]
+        assert None not in scores and sum(scores[1:]) / len(scores[1:]) > scores[0] + 0.5, (name, scores)
+
+
+def test_general_prompts_need_reward_models(greeter, tmp_path):
+    with pytest.raises(ConfigError, match="reward.models.helpful.path is unset"):
+        _validated(["stage=general_rl"])
+    with pytest.raises(ConfigError, match="reward.models is empty"):
+        _validated(["stage=general_rl", "~reward.models"])
+    # a language model is no reward model: refused before any work, naming the key
+    out = train_cli(*RL, f"stage.init_from={greeter / 'sft'}", f"reward.models.helpful.path={greeter / 'sft'}",
+                    f"reward.models.harmless.path={greeter / 'harmless'}", f"run_dir={tmp_path}", check=False)  # fmt: skip
+    assert out.returncode == 2 and "reward.models.helpful.path" in out.stderr and "not a reward model" in out.stderr
+
+
+def _validated(overrides):
+    from core.config import validate
+
+    return validate(compose(overrides), 1)
