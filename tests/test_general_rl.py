@@ -84,7 +84,7 @@ def test_general_prompts_need_reward_models(greeter, tmp_path):
     with pytest.raises(ConfigError, match="reward.models.helpful.path is unset"):
         _validated(["stage=general_rl"])
     with pytest.raises(ConfigError, match="reward.models is empty"):
-        _validated(["stage=general_rl", "~reward.models"])
+        _validated(["stage=general_rl", "~reward.models.helpful", "~reward.models.harmless"])
     # a language model is no reward model: refused before any work, naming the key
     out = train_cli(*RL, f"stage.init_from={greeter / 'sft'}", f"reward.models.helpful.path={greeter / 'sft'}",
                     f"reward.models.harmless.path={greeter / 'harmless'}", f"run_dir={tmp_path}", check=False)  # fmt: skip
