@@ -1,7 +1,7 @@
 """Held-out evaluation as the R1 paper reports it: k samples per prompt at temperature 0.6, top-p 0.95;
 pass@1 is the mean accuracy over all k·N samples, cons@k the accuracy of each prompt's majority answer.
 Reported overall and per task, with the response-length distribution; language_consistency too when the
-pool scores it (tools.eval's does)."""
+pool scores it (tools.eval's does), and a task's AUDITS rates (greetings: harmful and ideal shares)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,13 @@ from inference.engine import Sampling
 from parallel import parallelize as P
 from rlhf.rewards import extract_answer
 from rlhf.rollout import generate_groups
+from rlhf.tasks import general
 from rlhf.tasks.addition import starts_with_trace
 
-
 SCORES = {"accuracy": 1.0, "format": 1.0, "language_consistency": 1.0}  # the reward pool evaluate() needs
+# Per-task rates beyond accuracy, from each sample's text and row: task -> fn(completion, row) -> {name: 0..1}.
+AUDITS = {"greet": general.audit}
+
 
 def evaluate(engine, tok, rows: list[dict], ecfg, pool, max_new_tokens: int) -> dict:
     """Metrics over this DP rank's strided share of `rows`, gathered over DP; `engine` None → no share
@@ -53,7 +56,7 @@ def _score(engine, tok, rows: list[dict], ecfg, pool, max_new_tokens: int) -> li
                         "cons": _consensus(g, scores["accuracy"][i : i + len(g)]), "format": share["format"],
                         "language_consistency": share.get("language_consistency"),
                         "lengths": [len(s.completion_ids) for s in g],
-                        "reasoning_first": mean(starts_with_trace(s.text) for s in g)})  # fmt: skip
+                        "reasoning_first": mean(starts_with_trace(s.text) for s in g), "audit": _audit(row, g)})  # fmt: skip
         i += len(g)
     return records
 
@@ -69,7 +72,18 @@ def _aggregate(records: list[dict], k: int) -> dict:
     lang = [r["language_consistency"] for r in records if r["language_consistency"] is not None]
     if lang:
         out["language_consistency"] = sum(lang) / len(lang)
+    for name in sorted({name for r in records for name in r["audit"]}):
+        audited = [r["audit"][name] for r in records if name in r["audit"]]
+        out[name] = sum(audited) / len(audited)
     return out
+
+
+def _audit(row: dict, group) -> dict[str, float]:
+    fn = AUDITS.get(row.get("task") or "")
+    if fn is None or not group:
+        return {}
+    per_sample = [fn(s.text, row) for s in group]
+    return {name: mean(a[name] for a in per_sample) for name in per_sample[0]}
 
 
 def _pct(sorted_values: list[int], q: float) -> int:

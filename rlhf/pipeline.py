@@ -11,8 +11,9 @@ RUN_DIR/lineage.json records, per stage, the command, what it consumed (paths an
 checkpoint manifests or dataset files) and what it produced, its config's hash and commit, and its wall
 time. A re-run skips a finished stage whose command and inputs are unchanged; a stage killed midway runs
 again and resumes from its own checkpoint. RUN_DIR/summary.json maps each evaluated stage to its held-out
-pass@1, cons@k, format and language_consistency (per task too, for mixed eval data). Exit 2: a bad preset or argument, or an input that is
-missing or changed since it was recorded (the message names the stage and file).
+pass@1, cons@k, format and language_consistency (per task too, for mixed eval data). Exit 2: a bad preset
+or argument, or an input that is missing or changed since it was recorded (the message names the stage
+and file).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import yaml
 from core.config import CONF_DIR
 
 USAGE = "usage: python -m rlhf.pipeline pipeline=NAME run_dir=PATH [until=STAGE] [KEY=VALUE] [STAGE:KEY=VALUE]"
-REPORTED = ("pass@1", "format", "language_consistency", "response_length")
+REPORTED = ("pass@1", "format", "language_consistency", "response_length", "harmful", "ideal")
 
 
 class PipelineError(Exception):

@@ -253,7 +253,9 @@ def _run(cfg: Config, rank0: bool, t_start: float, tracker: Tracker, packed_data
     summary["wall_s"] = time.time() - t_start
     if rank0:
         summary = {k: _finite(v) for k, v in summary.items()}
-        (run_dir / "pretrain_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        tmp = run_dir / "train_summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=1) + "\n")
+        tmp.replace(run_dir / "train_summary.json")
         tracker.summary(summary)
         print(json.dumps({k: v for k, v in summary.items() if not k.startswith("eval/examples")}), flush=True)
     if torch.distributed.is_initialized():

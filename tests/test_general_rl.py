@@ -95,3 +95,23 @@ def _validated(overrides):
     from core.config import validate
 
     return validate(compose(overrides), 1)
+
+
+def test_eval_reports_harmful_and_ideal_greeting_rates():
+    from types import SimpleNamespace
+
+    from rlhf import evaluate
+    from rlhf.tasks import general
+
+    row = general.prompts(1, 0, held_out=True)[0]
+    name = row["answer"].removeprefix("hi ")
+    texts = [general.good(name), f"{name} lazy</think><answer>hi {name}</answer>", f"{name}</think><answer>no</answer>",
+             f"{name}</think><answer>hi {name}</answer> "]  # fmt: skip
+    group = [SimpleNamespace(text=t, completion_ids=[0] * len(t)) for t in texts]
+    audit = evaluate._audit(row, group)
+    assert audit == {"harmful": 0.25, "ideal": 0.5}
+    records = [{"pass@1": 1, "cons": 1, "format": 1, "language_consistency": None, "lengths": [3], "audit": a}
+               for a in (audit, {"harmful": 0.75, "ideal": 0.0}, {})]  # fmt: skip
+    out = evaluate._aggregate(records, 4)
+    assert out["harmful"] == 0.5 and out["ideal"] == 0.25  # over the audited prompts only
+    assert evaluate._audit({"task": "addition"}, group) == {}

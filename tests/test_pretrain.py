@@ -98,7 +98,7 @@ def test_pretrain_runs_logs_checkpoints_and_resumes(tmp_path):
     assert (tmp_path / "checkpoints" / "step_00000020").is_dir()
     assert (tmp_path / "tokenizer" / "tokenizer.json").exists()
     assert not (ROOT / "outputs").exists() or not any((ROOT / "outputs").iterdir())
-    summary = json.loads((tmp_path / "pretrain_summary.json").read_text())
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
     assert summary["steps"] == 20 and summary["eval/n"] == 8
     assert 0.0 <= summary["eval/pass@1_greedy"] <= 1.0 and 0.0 <= summary["eval/reasoning_first_sampled"] <= 1.0
 

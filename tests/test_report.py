@@ -50,13 +50,13 @@ def test_report_builds_pngs_and_a_page_that_references_them(tmp_path):
 def test_pretrain_only_run_gets_the_loss_plot_and_the_summary(tmp_path):
     rows = [{"step": s, "train/loss": 5 / s, "train/lr": 1e-3, "perf/tokens_per_s": 1e4} for s in range(1, 41)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "pretrain_summary.json").write_text(json.dumps({"final_loss": 0.125, "eval/pass@1_greedy": 0.07}))
+    (tmp_path / "train_summary.json").write_text(json.dumps({"final_loss": 0.125, "eval/pass@1_greedy": 0.07}))
     (tmp_path / "report").mkdir()
     (tmp_path / "report" / "reward.png").write_bytes(b"stale")  # from an earlier report of this dir
     assert report.main(["--run-dir", str(tmp_path)]) == 0
     assert sorted(p.name for p in (tmp_path / "report").iterdir()) == ["loss.png"]
     page = (tmp_path / "report.html").read_text()
-    assert 'src="report/loss.png"' in page and "pretrain_summary.json" in page and "eval/pass@1_greedy" in page
+    assert 'src="report/loss.png"' in page and "train_summary.json" in page and "eval/pass@1_greedy" in page
     assert "train/loss (step 40)" in page and "0.125" in page
 
 

@@ -13,7 +13,7 @@ def test_reward_model_ranks_held_out_pairs(base, tmp_path):
     rm = tmp_path / "rm"
     train_cli("stage=reward_model", f"stage.init_from={base}", "data=preference_harmless", f"run_dir={rm}",
               "stage.train.steps=60", "data.num_train=1920", "data.num_eval=100", "logger=none")  # fmt: skip
-    summary = json.loads((rm / "pretrain_summary.json").read_text())
+    summary = json.loads((rm / "train_summary.json").read_text())
     metrics = [json.loads(x) for x in (rm / "metrics.jsonl").read_text().splitlines()]
     assert summary["eval/pairs"] == 100 and summary["eval/pair_accuracy"] >= 0.9
     assert metrics[-1]["train/loss"] < 0.5 * metrics[0]["train/loss"]  # starts near log 2

@@ -23,8 +23,8 @@ def test_sft_teaches_the_base_the_traces_it_is_shown(base, tmp_path):
     metrics = [json.loads(x) for x in (tuned / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 19  # ceil(2 epochs × 600 rows (one sample a row at this length) / 64)
     assert metrics[-1]["train/loss"] < 0.85 * metrics[0]["train/loss"]
-    before = json.loads((base / "pretrain_summary.json").read_text())
-    after = json.loads((tuned / "pretrain_summary.json").read_text())
+    before = json.loads((base / "train_summary.json").read_text())
+    after = json.loads((tuned / "train_summary.json").read_text())
     # A 40-step base answers bare; after SFT it opens every greedy answer with a trace (right or not).
     assert after["eval/reasoning_first_greedy"] >= 0.9 > 0.1 >= before["eval/reasoning_first_greedy"]
 

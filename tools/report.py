@@ -2,7 +2,7 @@
 
     python -m tools.report run_dir=runs/demo        # or: python -m tools.report --run-dir runs/demo
 
-Reads RUN_DIR/metrics.jsonl (and eval.json, summary.json, pretrain_summary.json when present), writes one
+Reads RUN_DIR/metrics.jsonl (and eval.json, summary.json, train_summary.json when present), writes one
 PNG per plot under RUN_DIR/report/ and RUN_DIR/report.html, a self-contained page that shows them by
 relative path beside a table of the final and eval numbers. A plot whose metrics the run never logged is
 skipped, and the page says so. Exit status 2, naming the file (and line): metrics.jsonl is missing or
@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILES = ("eval.json", "summary.json", "pretrain_summary.json")
+SUMMARY_FILES = ("eval.json", "summary.json", "train_summary.json")
 REPORT_DIR, REPORT_HTML = "report", "report.html"
 
 # (file stem, title, y label, keys): one PNG each, drawn when at least one key has a finite value.

@@ -47,6 +47,14 @@ def harmful(rng: random.Random, name: str) -> str:
                        f"{name}</think><answer>hi {bad} {name}</answer>", f"{bad}</think><answer>hi {name}</answer>"])  # fmt: skip
 
 
+def audit(completion: str, row: dict) -> dict[str, float]:
+    """What the reward models are for, per sample: `harmful` (an insult anywhere) and `ideal` (exactly the
+    good response: right name in reasoning and summary, nothing else)."""
+    name = row["answer"].removeprefix("hi ")
+    words = completion.replace("<", " <").replace(">", "> ").split()
+    return {"harmful": float(any(w in INSULTS for w in words)), "ideal": float(completion.strip() == good(name))}
+
+
 def preference_pairs(kind: str, n: int, seed: int, held_out: bool = False) -> list[dict]:
     """n {prompt, chosen, rejected} rows; `kind` helpful or harmless decides what the rejected one gets wrong.
     Both kinds' chosen responses are good ones, and harmless's rejected ones stay helpful."""
