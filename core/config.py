@@ -165,6 +165,15 @@ class SamplingConfig:
     # generated rows, of uneven quality on purpose (rlhf.tasks.general.sft_rows)
     non_reasoning_path: Optional[str] = None
     non_reasoning_share: float = 0.25  # of the final rows (the paper: 200k of 800k)
+    # The sampled model writes the reasoning of non-reasoning rows (the paper prompts DeepSeek-V3 for a CoT);
+    # such rows' responses are REASONING</think>REST, and the written CoT replaces REASONING
+    non_reasoning_cot: bool = False
+    cot_min_prompt_chars: int = 40  # shorter prompts are trivial queries ("hello"): no CoT, as in the paper
+    cot_max_new_tokens: int = 32
+    # Rows whose task has no rule scorer are judged by a generative judge (rlhf.judge): a language model's run dir,
+    # prompted with judge_template and answering yes or no. `stage=sft data=judge` trains the tiny one.
+    judge: Optional[str] = None
+    judge_template: str = "Reference: {reference} Prediction: {prediction} Same? "
 
 
 RL_STAGES = ("r1_zero", "reasoning_rl", "general_rl", "on_policy_distill")  # the stages that run the GRPO loop

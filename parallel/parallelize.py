@@ -328,6 +328,15 @@ def data_parallel_size() -> int:
     return ps.get_data_parallel_world_size()
 
 
+def gather_data_parallel(obj) -> list:
+    """Every data-parallel rank's `obj`, in rank order (pickled; for small host-side results)."""
+    if not torch.distributed.is_initialized() or data_parallel_size() == 1:
+        return [obj]
+    parts = [None] * data_parallel_size()
+    torch.distributed.all_gather_object(parts, obj, group=ps.get_data_parallel_group())
+    return parts
+
+
 def split_for_data_parallel(items: Iterable, rank: int | None = None, size: int | None = None) -> list:
     """This DP rank's contiguous share of a global list of micro-batch rows."""
     items = list(items)

@@ -33,6 +33,7 @@ from rlhf.general_rl import training_rewards
 from rlhf.guard import NonFiniteGuard
 from rlhf.losses import LossSettings
 from rlhf.preempt import PreemptionWatch
+from rlhf.judge import refuse_judged
 from rlhf.prompts import load_prompts
 from rlhf.rewards import RewardPool
 from rlhf.rollout import to_batch
@@ -54,6 +55,7 @@ def train(cfg: Config, rank0: bool) -> dict:
     rl, t, run_dir = cfg.stage.rl, cfg.stage.train, Path(cfg.run_dir)
     tok = build_char_tokenizer()
     train_rows, eval_rows = load_prompts(cfg.data, "train"), load_prompts(cfg.data, "eval")
+    refuse_judged(train_rows + eval_rows, f"stage={cfg.stage.name}")
     policy = P.build_policy(cfg)
     position, evals = start_from(cfg, policy, run_dir)
     ref = reference(cfg, policy, run_dir) if rl.kl != "none" and rl.kl_coef > 0 else None  # β=0: no KL term

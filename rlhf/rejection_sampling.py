@@ -3,11 +3,15 @@ verified-correct and clean ones, deduplicate, mix in non-reasoning rows, write a
 
     python -m rlhf.train stage=rejection_sampling stage.init_from=STAGE2_RUN_DIR run_dir=PATH
 
-Kept: accuracy 1 and format 1 (the rule rewards), reasoning at least sampling.min_language_share in
+Kept: accuracy 1 and format 1 (the rule rewards; for rows of task "judged", the verdict of the generative
+judge sampling.judge on the answer: rlhf.judge), reasoning at least sampling.min_language_share in
 data.language, no paragraph over sampling.max_paragraph_chars, no code block; at most
 sampling.keep_per_prompt distinct ones per prompt. Writes RUN_DIR/sft.parquet (prompt, response and
 provenance columns per row) and RUN_DIR/dataset.json (version = sha256 of the rows, counts per filter,
 source checkpoint), which `stage=sft stage.data_from=RUN_DIR` reads. A finished run is not redone.
+
+With sampling.non_reasoning_cot, the same model writes the reasoning of each non-reasoning row whose prompt
+has at least cot_min_prompt_chars characters (the paper prompts DeepSeek-V3 for a CoT, none for "hello").
 """
 
 from __future__ import annotations
@@ -17,24 +21,23 @@ import dataclasses
 import hashlib
 import json
 import logging
-import random
 from pathlib import Path
 
-import torch
 
 import parallel  # noqa: F401  (CPU compatibility layer before megatron loads)
 from core.config import Config, ConfigError
-from core.data import DataError, load_rows
+from core.data import DataError
 from core.tokenizer import build_char_tokenizer
 from inference.engine import Sampling
 from parallel import checkpoint as ckpt
 from parallel import parallelize as P
-from rlhf import grpo
+from rlhf import grpo, non_reasoning
+from rlhf.judge import GenerativeJudge, rule_checkable
 from rlhf.prompts import load_prompts
 from rlhf.r1_zero import hosts_engine, start_engine
-from rlhf.rewards import RewardPool
+from rlhf.rewards import RewardPool, extract_answer
 from rlhf.rewards.language import reasoning_of
-from rlhf.tasks import general
+from rlhf.rewards.rules import JUDGED
 
 log = logging.getLogger("r1stack.rejection_sampling")
 CHECKS = {"accuracy": 1.0, "format": 1.0, "language_consistency": 1.0}
@@ -56,12 +59,11 @@ def build(cfg: Config, model_from: str, out_dir: Path, rewrite=None) -> dict:
         return json.loads((out_dir / MANIFEST).read_text())
     env = P.init_distributed(cfg)
     try:
-        kept, counts, source = sample(cfg, model_from, out_dir)
+        rows, counts, source = sample(cfg, model_from, out_dir, rewrite)
         manifest, error = {}, None
         if env.rank == 0:
             try:
-                manifest = write(out_dir, mix(rewrite(kept) if rewrite else kept, cfg.stage.sampling, cfg.seed),
-                                 counts, source, cfg)  # fmt: skip
+                manifest = write(out_dir, rows, counts, source, cfg)
             except DataError as e:
                 error = e
         if not P.all_ranks_true(error is None):  # the other ranks must not go on to read a missing dataset
@@ -71,20 +73,29 @@ def build(cfg: Config, model_from: str, out_dir: Path, rewrite=None) -> dict:
     return manifest
 
 
-def sample(cfg: Config, model_from: str, out_dir: Path) -> tuple[list[dict], dict, dict]:
-    """The kept rows, gathered over data-parallel ranks, with the filter counts and the source checkpoint."""
+def sample(cfg: Config, model_from: str, out_dir: Path, rewrite=None) -> tuple[list[dict], dict, dict]:
+    """The dataset's rows on every rank (the kept ones gathered over data-parallel ranks, rewritten, mixed,
+    with CoTs written), the counts per filter, and the source checkpoint."""
     s, r = cfg.stage.sampling, cfg.rollout
     tok = build_char_tokenizer()
     prompts = load_prompts(cfg.data, "train")
     prompts = prompts[: s.prompts] if s.prompts else prompts
+    unchecked = not all(map(rule_checkable, prompts))
+    if unchecked and not s.judge:
+        raise ConfigError(f"data={cfg.data.name} has rows of task {JUDGED!r}, which no rule checks. Fix: set "
+                          "stage.sampling.judge to a generative judge's run dir (stage=sft data=judge trains the "
+                          "tiny one).")  # fmt: skip
     policy = P.build_policy(cfg, with_optimizer=False)
     meta = ckpt.load(policy, ckpt.of_run(model_from), with_optimizer=False)
+    judge = GenerativeJudge.of_run(cfg, tok) if unchecked else None
     source = {"checkpoint": str(ckpt.resolve(ckpt.of_run(model_from))), "step": meta["step"]}
     engine = start_engine(cfg, policy, out_dir / "hf_model", tok) if hosts_engine() else None
     counts = {"prompts": len(prompts), "samples": 0, "incorrect": 0, "mixed_language": 0, "long_paragraph": 0,
               "code_block": 0, "duplicate": 0, "over_per_prompt": 0}  # fmt: skip
-    kept = []
-    with engine or contextlib.nullcontext(), RewardPool(CHECKS, cfg.reward.timeout_s, cfg.reward.workers) as pool:
+    kept, judged = [], {"judged": 0, "judged_correct": 0}
+    unruled = RewardPool({k: 1.0 for k in CHECKS if k != "accuracy"}, cfg.reward.timeout_s, cfg.reward.workers) if judge else None
+    with (engine or contextlib.nullcontext(), RewardPool(CHECKS, cfg.reward.timeout_s, cfg.reward.workers) as pool,
+          unruled or contextlib.nullcontext()):  # fmt: skip
         for start in range(0, len(prompts), s.chunk_prompts * P.data_parallel_size()):
             ids = list(range(start, min(start + s.chunk_prompts * P.data_parallel_size(), len(prompts))))
             mine = ids[P.data_parallel_rank() :: P.data_parallel_size()]
@@ -92,12 +103,12 @@ def sample(cfg: Config, model_from: str, out_dir: Path) -> tuple[list[dict], dic
                                 seed=cfg.seed * 1_000_003 + start, stop_token_ids=(tok.eos_token_id,))  # fmt: skip
             groups, _ = grpo.generate_and_share(engine, tok, [prompts[i] for i in mine], sampling)
             flat = [x for g in groups for x in g]
-            scores = pool.score([x.text for x in flat], [x.row for x in flat]).per_reward if flat else {}
+            scores = score(flat, pool, unruled, judge, judged)
             k = 0
             for pid, group in zip(mine, groups):
                 seen: set[str] = set()
                 for j, x in enumerate(group):
-                    verdict = judge(x.text, {n: v[k] for n, v in scores.items()}, s, cfg.data.language, seen)
+                    verdict = screen(x.text, {n: v[k] for n, v in scores.items()}, s, cfg.data.language, seen)
                     k += 1
                     counts["samples"] += 1
                     if verdict == "keep" and s.keep_per_prompt and len(seen) > s.keep_per_prompt:
@@ -108,10 +119,36 @@ def sample(cfg: Config, model_from: str, out_dir: Path) -> tuple[list[dict], dic
                     kept.append({"prompt": x.row["prompt"], "response": x.text, "source": "rejection_sampling",
                                  "prompt_index": pid, "sample_index": j, "task": x.row.get("task") or "",
                                  "answer": x.row.get("answer") or "", "seed": sampling.seed})  # fmt: skip
-    return _gather(kept, counts) + (source,)
+        kept, counts = _gather(kept, {**counts, **judged} if judge else counts)
+        rows = non_reasoning.mix(rewrite(kept) if rewrite else kept, s, cfg.seed)
+        if s.non_reasoning_cot:
+            rows, counts["cot"] = non_reasoning.write_cots(engine, tok, rows, cfg)
+    return rows, counts, source
 
 
-def judge(text: str, scores: dict, s, language: str, seen: set[str]) -> str:
+def score(flat: list, pool, unruled, judge, judged: dict) -> dict[str, list[float]]:
+    """CHECKS per sample: the rule rewards, or for rows no rule can check the other rules and the generative
+    judge's verdict on the answer (counted in `judged`)."""
+    out = {name: [0.0] * len(flat) for name in CHECKS}
+    ruled = [k for k, x in enumerate(flat) if rule_checkable(x.row)]
+    unchecked = [k for k, x in enumerate(flat) if not rule_checkable(x.row)]
+    for p, ks in ((pool, ruled), (unruled, unchecked)):
+        if ks:
+            for name, values in p.score([flat[k].text for k in ks], [flat[k].row for k in ks]).per_reward.items():
+                for k, v in zip(ks, values):
+                    out[name][k] = v
+    answered = [k for k in unchecked if extract_answer(flat[k].text) is not None]
+    if answered:  # every model-parallel peer holds the same samples (generate_and_share): a safe collective
+        verdicts = judge.correct([str(flat[k].row.get("answer")) for k in answered],
+                                 [extract_answer(flat[k].text) for k in answered])  # fmt: skip
+        for k, v in zip(answered, verdicts):
+            out["accuracy"][k] = v
+        judged["judged"] += len(answered)
+        judged["judged_correct"] += int(sum(verdicts))
+    return out
+
+
+def screen(text: str, scores: dict, s, language: str, seen: set[str]) -> str:
     """"keep", or the first filter the sample fails; a kept text is added to `seen`."""
     reasoning = reasoning_of(text)
     if scores["accuracy"] < 1 or scores["format"] < 1:
@@ -128,23 +165,6 @@ def judge(text: str, scores: dict, s, language: str, seen: set[str]) -> str:
     return "keep"
 
 
-def mix(kept: list[dict], s, seed: int) -> list[dict]:
-    """Adds non-reasoning rows so they make up non_reasoning_share of the result (as many as there are)."""
-    if not s.non_reasoning_path:
-        return kept
-    want = round(len(kept) * s.non_reasoning_share / max(1e-9, 1 - s.non_reasoning_share))
-    extra = general.sft_rows(want, seed) if s.non_reasoning_path == "greet" else load_rows(s.non_reasoning_path, "sft")
-    if want > len(extra):
-        log.warning("non-reasoning data has %d rows, %d wanted for share %.2f: using all", len(extra), want,
-                    s.non_reasoning_share)  # fmt: skip
-    picked = random.Random(seed).sample(range(len(extra)), min(want, len(extra)))
-    rows = kept + [{"prompt": extra[i]["prompt"], "response": extra[i]["response"], "source": "non_reasoning",
-                    "prompt_index": i, "sample_index": -1, "task": "general", "answer": "", "seed": seed}
-                   for i in sorted(picked)]  # fmt: skip
-    random.Random(seed).shuffle(rows)
-    return rows
-
-
 def write(run_dir: Path, rows: list[dict], counts: dict, source: dict, cfg: Config) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -159,7 +179,7 @@ def write(run_dir: Path, rows: list[dict], counts: dict, source: dict, cfg: Conf
     pq.write_table(table, tmp)
     tmp.replace(run_dir / DATASET)
     manifest = {"version": version, "rows": len(rows), "kept": counts["kept"], "counts": counts, "source": source,
-                "non_reasoning": sum(r["source"] == "non_reasoning" for r in rows),
+                "non_reasoning": sum(r["source"].startswith("non_reasoning") for r in rows),
                 "sampling": dataclasses.asdict(cfg.stage.sampling), "rollout_n": cfg.rollout.n, "data": cfg.data.name}  # fmt: skip
     (run_dir / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")  # last: marks the run done
     log.info("rejection sampling: %s", json.dumps(counts))
@@ -167,13 +187,7 @@ def write(run_dir: Path, rows: list[dict], counts: dict, source: dict, cfg: Conf
 
 
 def _gather(kept: list[dict], counts: dict) -> tuple[list[dict], dict]:
-    counts = {**counts, "kept": len(kept)}
-    if not torch.distributed.is_initialized() or P.data_parallel_size() == 1:
-        return kept, counts
-    from megatron.core import parallel_state as ps
-
-    parts = [None] * P.data_parallel_size()
-    torch.distributed.all_gather_object(parts, (kept, counts), group=ps.get_data_parallel_group())
-    total = {k: sum(c[k] for _, c in parts) for k in counts}
+    parts = P.gather_data_parallel((kept, {**counts, "kept": len(kept)}))
+    total = {k: sum(c[k] for _, c in parts) for k in parts[0][1]}
     total["prompts"] = counts["prompts"]
     return sorted((row for rows, _ in parts for row in rows), key=lambda x: (x["prompt_index"], x["sample_index"])), total

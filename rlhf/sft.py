@@ -6,7 +6,8 @@ tracking are pretrain's; only the data and the start differ.
 
 DATA: a JSONL or Parquet file of {"prompt", "response"} rows, or a directory holding sft.parquet or
 sft.jsonl (what the rejection-sampling stage writes). Without stage.data_from: data.train_path, or for
-data=addition generated rows (prompt + correct trace). stage.epochs sets the step count (paper: 2 epochs).
+data=addition generated rows (prompt + correct trace), for data=judge a generative judge's rows
+(rlhf.tasks.general.judge_rows; the summary then has its held-out accuracy). stage.epochs sets the step count (paper: 2 epochs).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from core.config import Config, ConfigError
 from core.data import DataError, load_rows, pack, tokenize_sft
-from rlhf.tasks import addition
+from rlhf.tasks import addition, general
 
 DATA_FILES = ("sft.parquet", "sft.jsonl")
 
@@ -30,6 +31,10 @@ def run(cfg: Config) -> dict:
     if name == "distill" and not cfg.stage.data_from:
         raise ConfigError("stage=distill learns the teacher's samples: set stage.data_from to the rejection_sampling "
                           "run dir (or a prompt/response file).")  # fmt: skip
+    if cfg.data.task == "judge" and not cfg.stage.data_from:  # a generative judge: measure it on held-out rows
+        from rlhf.judge import held_out_accuracy
+
+        return pretrain.run(cfg, packed_data=packed, final_eval=held_out_accuracy)
     return pretrain.run(cfg, packed_data=packed)
 
 
@@ -41,6 +46,8 @@ def rows(cfg: Config) -> list[dict]:
         return load_rows(d.train_path, "sft")
     if d.source == "generated" and d.task == "addition":
         return addition.sft_rows(d.num_train, d.seed)
+    if d.source == "generated" and d.task == "judge":
+        return general.judge_rows(d.num_train, d.seed, cfg.stage.sampling.judge_template)
     raise ConfigError("stage=sft has no data. Fix: set stage.data_from=FILE_OR_DIR (prompt/response rows), "
                       "or data=jsonl data.train_path=FILE.")  # fmt: skip
 

@@ -115,3 +115,54 @@ def test_eval_reports_harmful_and_ideal_greeting_rates():
     out = evaluate._aggregate(records, 4)
     assert out["harmful"] == 0.5 and out["ideal"] == 0.25  # over the audited prompts only
     assert evaluate._audit({"task": "addition"}, group) == {}
+
+
+@pytest.fixture(scope="module")
+def judge(base, tmp_path_factory):
+    """A generative judge: the base fine-tuned on data=judge rows (rlhf.tasks.general.judge_rows)."""
+    run = tmp_path_factory.mktemp("judge")
+    train_cli("stage=sft", f"stage.init_from={base}", "data=judge", f"run_dir={run}", "stage.epochs=2.5",
+              "stage.train.optim.lr=2e-3", "logger=none")  # fmt: skip
+    return run
+
+
+def test_the_judge_learns_what_no_string_rule_decides(judge):
+    summary = json.loads((judge / "train_summary.json").read_text())
+    # 400 held-out names, half the predictions wrong: "always yes" scores 0.5. This judge gets equivalent
+    # greetings, farewells, insults, refusals and cut names right; another name in place of the right one it
+    # does not tell apart (nor does one trained 800 steps, or from the greeting model: README)
+    assert summary["eval/judge_rows"] == 400 and summary["eval/judge_accuracy"] >= 0.7
+
+
+def test_rejection_sampling_asks_the_judge_about_rows_no_rule_checks(greeter, judge, tmp_path):
+    import pyarrow.parquet as pq
+
+    from rlhf.tasks import general
+
+    rows = general.prompts(48, 0)
+    args = ["stage=rejection_sampling", f"stage.init_from={greeter / 'sft'}", "data=jsonl", "data.template=none",
+            "data.num_eval=0", "rollout.n=4", "stage.sampling.keep_per_prompt=0", "stage.sampling.min_language_share=0",
+            "logger=none", "reward.workers=1"]  # fmt: skip
+    kept = {}
+    for task in ("greet", "judged"):  # the same samples, checked by the exact rule and by the judge
+        data = tmp_path / f"{task}.jsonl"
+        data.write_text("".join(json.dumps({"prompt": r["prompt"], "answer": r["answer"], "task": task}) + "\n" for r in rows))
+        judge_args = [f"stage.sampling.judge={judge}"] if task == "judged" else []
+        if task == "judged":
+            out = train_cli(*args, f"data.train_path={data}", f"run_dir={tmp_path / 'no_judge'}", check=False)
+            assert out.returncode == 2 and "set stage.sampling.judge" in out.stderr
+        train_cli(*args, f"data.train_path={data}", f"run_dir={tmp_path / task}", *judge_args)
+        kept[task] = {(r["prompt_index"], r["sample_index"]): r for r in pq.read_table(tmp_path / task / "sft.parquet").to_pylist()}
+    counts = json.loads((tmp_path / "judged" / "dataset.json").read_text())["counts"]
+    assert 0 < counts["judged_correct"] < counts["judged"] <= 4 * len(rows)
+    assert len(kept["greet"].keys() & kept["judged"].keys()) >= 0.9 * len(kept["greet"])  # right greetings pass the judge
+    answers = [r["response"].split("<answer>")[1] for r in kept["judged"].values()]
+    assert answers and not any(a.startswith(("no", "bye")) or any(i in a for i in general.INSULTS) for a in answers)
+
+
+def test_only_rejection_sampling_takes_judged_rows():
+    from rlhf.judge import refuse_judged
+
+    refuse_judged([{"task": "greet"}], "stage=r1_zero")
+    with pytest.raises(ConfigError, match="only stage=rejection_sampling asks a generative judge"):
+        refuse_judged([{"task": "greet"}, {"task": "judged"}], "stage=r1_zero")

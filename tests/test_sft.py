@@ -53,13 +53,19 @@ def test_missing_inputs_are_named(tmp_path):
     assert out.returncode == 2 and "set stage.init_from" in out.stderr
 
 
-def test_rejection_sampling_keeps_verified_clean_samples_and_feeds_sft(base, tmp_path):
+@pytest.fixture(scope="module")
+def memorised(base, tmp_path_factory):
+    """A model that has memorised 32 prompts' traces, so that sampling it yields correct answers."""
+    run = tmp_path_factory.mktemp("memorised")
+    _train("stage=sft", f"stage.init_from={base}", f"run_dir={run}", "data.num_train=32", "stage.epochs=300",
+           "stage.train.optim.lr=3e-3", "stage.train.micro_batch_size=32", "data.num_eval=4", "logger=none")  # fmt: skip
+    return run
+
+
+def test_rejection_sampling_keeps_verified_clean_samples_and_feeds_sft(base, memorised, tmp_path):
     import pyarrow.parquet as pq
 
-    # A model that has memorised 32 prompts' traces, so that sampling it yields correct answers.
-    memorised, rs = tmp_path / "memorised", tmp_path / "rs"
-    _train("stage=sft", f"stage.init_from={base}", f"run_dir={memorised}", "data.num_train=32", "stage.epochs=300",
-           "stage.train.optim.lr=3e-3", "stage.train.micro_batch_size=32", "data.num_eval=4", "logger=none")  # fmt: skip
+    rs = tmp_path / "rs"
     chat = tmp_path / "chat.jsonl"
     chat.write_text("".join(json.dumps({"prompt": f"User: hi {i} Assistant:", "response": " hello"}) + "\n" for i in range(40)))
     args = ["stage=rejection_sampling", f"stage.init_from={memorised}", f"run_dir={rs}", "data.num_train=32",
@@ -86,15 +92,53 @@ def test_rejection_sampling_keeps_verified_clean_samples_and_feeds_sft(base, tmp
     assert (tuned / "checkpoints" / "latest").exists()
 
 
+def test_the_sampled_model_writes_cots_for_non_trivial_non_reasoning_rows(memorised, tmp_path):
+    import pyarrow.parquet as pq
+
+    short = [{"prompt": f"User: hi {n} Assistant: <think>", "response": f"{n}</think><answer>hi {n}</answer>"}
+             for n in ("ada", "bob", "cy", "dan")]  # 31 characters or fewer: trivial
+    long = [{"prompt": f"User: what is {a} plus {b} please Assistant: <think>", "response": f"</think><answer>{a + b}</answer>"}
+            for a, b in ((12, 30), (7, 5), (40, 41), (3, 99))]  # fmt: skip
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps(r) + "\n" for r in short + long))
+    rs = tmp_path / "rs"
+    _train("stage=rejection_sampling", f"stage.init_from={memorised}", f"run_dir={rs}", "data.num_train=16", "rollout.n=2",
+           f"stage.sampling.non_reasoning_path={chat}", "stage.sampling.non_reasoning_share=0.5",
+           "stage.sampling.non_reasoning_cot=true", "stage.train.seq_length=128", "logger=none", "reward.workers=1")  # fmt: skip
+    manifest = json.loads((rs / "dataset.json").read_text())
+    rows = [r for r in pq.read_table(rs / "sft.parquet").to_pylist() if r["source"].startswith("non_reasoning")]
+    given = {r["prompt"]: r["response"] for r in short + long}
+    cot = manifest["counts"]["cot"]
+    picked_long = [r for r in rows if len(r["prompt"]) >= 40]
+    assert cot["trivial"] == len(rows) - len(picked_long) and cot["written"] >= 1
+    assert cot["written"] + cot["unfinished"] + cot["rejected"] == len(picked_long)
+    for r in rows:
+        if r["source"] == "non_reasoning_cot":  # the model's reasoning, then the row's own answer
+            assert r["response"] != given[r["prompt"]] and r["response"].endswith(given[r["prompt"]])
+            assert r["response"].count("</think>") == 1
+        else:
+            assert r["response"] == given[r["prompt"]]
+    assert sum(r["source"] == "non_reasoning_cot" for r in rows) == cot["written"]
+
+
+def test_cot_rows_must_have_room_for_a_cot():
+    from rlhf.non_reasoning import write_cots
+
+    cfg = compose(["stage=rejection_sampling", "stage.sampling.non_reasoning_cot=true", "stage.sampling.non_reasoning_path=chat.jsonl"])
+    plain = {"prompt": "User: write a poem about the sea Assistant:", "response": "waves", "source": "non_reasoning", "prompt_index": 3}
+    with pytest.raises(DataError, match="non-reasoning row 3 of chat.jsonl .*no place for a CoT.*non_reasoning_cot=false"):
+        write_cots(None, None, [plain], cfg)
+
+
 def test_rejection_filters():
-    from rlhf.rejection_sampling import judge
+    from rlhf.rejection_sampling import screen
 
     s = compose(["stage=rejection_sampling"]).stage.sampling
     ok = {"accuracy": 1.0, "format": 1.0, "language_consistency": 1.0}
     seen: set[str] = set()
-    assert judge("add units</think><answer>5</answer>", ok, s, "en", seen) == "keep"
-    assert judge("add units</think><answer>5</answer>", ok, s, "en", seen) == "duplicate"
-    assert judge("x</think><answer>6</answer>", {**ok, "accuracy": 0.0}, s, "en", set()) == "incorrect"
-    assert judge("x</think><answer>5</answer>", {**ok, "language_consistency": 0.6}, s, "en", set()) == "mixed_language"
-    assert judge("a" * 2001 + "</think><answer>5</answer>", ok, s, "en", set()) == "long_paragraph"
-    assert judge("```py\nx\n```</think><answer>5</answer>", ok, s, "en", set()) == "code_block"
+    assert screen("add units</think><answer>5</answer>", ok, s, "en", seen) == "keep"
+    assert screen("add units</think><answer>5</answer>", ok, s, "en", seen) == "duplicate"
+    assert screen("x</think><answer>6</answer>", {**ok, "accuracy": 0.0}, s, "en", set()) == "incorrect"
+    assert screen("x</think><answer>5</answer>", {**ok, "language_consistency": 0.6}, s, "en", set()) == "mixed_language"
+    assert screen("a" * 2001 + "</think><answer>5</answer>", ok, s, "en", set()) == "long_paragraph"
+    assert screen("```py\nx\n```</think><answer>5</answer>", ok, s, "en", set()) == "code_block"

@@ -47,6 +47,7 @@ def evaluate_checkpoint(overrides: list[str]) -> dict:
     from core.tokenizer import build_char_tokenizer
     from parallel import parallelize as P
     from rlhf.evaluate import SCORES, evaluate
+    from rlhf.judge import refuse_judged
     from rlhf.prompts import load_prompts
     from rlhf.r1_zero import hosts_engine, start_engine
     from rlhf.rewards import RewardPool
@@ -55,6 +56,7 @@ def evaluate_checkpoint(overrides: list[str]) -> dict:
     cfg = compose(overrides)
     run_dir = Path(cfg.run_dir)
     rows = load_prompts(cfg.data, "eval")
+    refuse_judged(rows, "tools.eval")
     env = P.init_distributed(cfg)
     try:
         policy = P.build_policy(cfg, with_optimizer=False)

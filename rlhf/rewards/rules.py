@@ -29,6 +29,9 @@ _DIGIT_GAP = re.compile(r"(?<=\d)(?:\s|\\[,;:! ]|~)+(?=\d)")
 
 Scorer = Callable[[str, dict], float]
 SCORERS: dict[str, Scorer] = {}
+# Rows no rule can check (free-form answers): only rejection sampling's generative judge (rlhf.judge) scores them.
+JUDGED = "judged"
+VERDICTS = ("yes", "no")  # the judge's answers; "yes": the prediction says what the reference says
 
 
 def register_scorer(task: str) -> Callable[[Scorer], Scorer]:
@@ -188,10 +191,11 @@ def validate_gold(rows: Sequence[dict], where: str = "rows") -> None:
     for i, row in enumerate(rows):
         loc = row.get("_where") or f"{where} row {i}"
         task, gold = row.get("task"), row.get("answer")
-        if not isinstance(task, str) or not (task in SCORERS or task.startswith("rg/")):
+        if not isinstance(task, str) or not (task in SCORERS or task.startswith("rg/") or task == JUDGED):
             raise DataError(
                 f"{loc}: unknown task {task!r} (field 'task'). Fix: use one of {sorted(SCORERS)} or "
-                f"rg/<reasoning_gym dataset>, or register a scorer with rlhf.rewards.register_scorer"
+                f"rg/<reasoning_gym dataset>, register a scorer with rlhf.rewards.register_scorer, or, for "
+                f"answers no rule can check, {JUDGED!r} (rejection sampling asks a generative judge)"
             )
         if task == "math" and not is_parsed(list(_parse_gold(str(gold).strip()))):
             raise DataError(

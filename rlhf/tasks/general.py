@@ -13,6 +13,8 @@ import hashlib
 import itertools
 import random
 
+from rlhf.rewards.rules import VERDICTS
+
 LETTERS = "abcdefghijklmnoprstuvwy"
 INSULTS = ("dumb", "ugly", "lazy")
 KINDS = ("helpful", "harmless")
@@ -53,6 +55,26 @@ def audit(completion: str, row: dict) -> dict[str, float]:
     name = row["answer"].removeprefix("hi ")
     words = completion.replace("<", " <").replace(">", "> ").split()
     return {"harmful": float(any(w in INSULTS for w in words)), "ideal": float(completion.strip() == good(name))}
+
+
+def judge_rows(n: int, seed: int, template: str, held_out: bool = False) -> list[dict]:
+    """{prompt, response, reference, prediction} rows that teach a generative judge (rlhf.judge) whether a
+    greeting says what the reference says, which no string rule decides: half say it ("hi ada", "hello ada",
+    "hi ada!"), half do not (another name, a cut name, a farewell, an insult, a refusal)."""
+    rng, pool, rows = random.Random(seed), names(held_out), []
+    for _ in range(n):
+        name, same = rng.choice(pool), rng.random() < 0.5
+        other = rng.choice([x for x in rng.sample(pool, 3) if x != name])
+        if same:
+            prediction = rng.choice([f"hi {name}", f"hi {name}", f"hello {name}", f"hey {name}", f"hi {name}!"])
+        else:
+            bad = rng.choice(INSULTS)
+            prediction = rng.choice([f"hi {other}", f"hello {other}", f"bye {name}", "no", f"hi {name[:2]}",
+                                     f"hi {name} {bad}", f"hi {bad} {name}", f"hi {other[0]}{name[1:]}"])  # fmt: skip
+        reference = f"hi {name}"
+        rows.append({"prompt": template.format(reference=reference, prediction=prediction),
+                     "response": VERDICTS[0] if same else VERDICTS[1], "reference": reference, "prediction": prediction})  # fmt: skip
+    return rows
 
 
 def preference_pairs(kind: str, n: int, seed: int, held_out: bool = False) -> list[dict]:

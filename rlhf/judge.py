@@ -1,0 +1,81 @@
+"""A generative judge for answers no rule can check (R1 stage 3 asks DeepSeek-V3 with the ground truth and
+the prediction): a language model prompted with stage.sampling.judge_template, whose verdict is whichever
+of VERDICTS it finds likelier next. Rows of task "judged" (free-form answers) need it.
+
+`stage=sft data=judge` trains the tiny one: greetings against a reference greeting, equivalent ones ("hello
+ada" for "hi ada") and wrong ones (another name, an insult: rlhf.tasks.general.judge_rows).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from core.config import ConfigError
+from parallel import checkpoint as ckpt
+from rlhf.rewards.rules import JUDGED, VERDICTS
+from rlhf.rollout import Sample, to_batch
+
+
+def rule_checkable(row: dict) -> bool:
+    return row.get("task") != JUDGED
+
+
+def refuse_judged(rows: list[dict], where: str) -> None:
+    """Only rejection sampling has a judge: elsewhere a judged row could never be scored."""
+    if any(not rule_checkable(r) for r in rows):
+        raise ConfigError(f"{where}: rows of task {JUDGED!r} have no rule reward, and only stage=rejection_sampling "
+                          "asks a generative judge (stage.sampling.judge). Fix: give those rows a task with a scorer, "
+                          "or use them in rejection sampling.")  # fmt: skip
+
+
+class GenerativeJudge:
+    """A frozen language model (any layout) prompted with `template`."""
+
+    def __init__(self, model, tok, template: str, micro_batch_size: int):
+        self.model, self.tok, self.template, self.micro = model, tok, template, micro_batch_size
+        self.context = model.cfg.model.max_position_embeddings
+        self.verdicts = [tok(v, add_special_tokens=False)["input_ids"] for v in VERDICTS]
+
+    @classmethod
+    def of_run(cls, cfg, tok) -> "GenerativeJudge":
+        """Collective: stage.sampling.judge's model at this run's parallel layout."""
+        s = cfg.stage.sampling
+        model, _ = ckpt.load_frozen(cfg, s.judge, "lm", "stage.sampling.judge")
+        return cls(model, tok, s.judge_template, cfg.stage.train.micro_batch_size)
+
+    @torch.no_grad()
+    def correct(self, references: list[str], predictions: list[str]) -> list[float]:
+        """1.0 where the judge says the prediction matches its reference. Collective over the model-parallel
+        group, whose ranks must pass the same lists; a prompt past the judge's context is judged wrong."""
+        from megatron.core import parallel_state as ps
+
+        from rlhf import grpo
+
+        prompts = [self.tok(self.template.format(reference=r, prediction=p))["input_ids"]
+                   for r, p in zip(references, predictions)]  # fmt: skip
+        fits = [i for i, p in enumerate(prompts) if len(p) + max(map(len, self.verdicts)) <= self.context]
+        out = [0.0] * len(prompts)
+        if not fits:
+            return out
+        samples = [Sample({}, prompts[i], v, [0.0] * len(v), "stop") for i in fits for v in self.verdicts]
+        batch = to_batch(samples, max(len(s.prompt_ids) + len(s.completion_ids) for s in samples) - 1, self.tok.pad_token_id)
+        logp, _ = grpo.logprobs(self.model, batch, self.micro, 1.0)
+        totals = (logp * batch["loss_mask"]).sum(1)
+        torch.distributed.broadcast(totals, src=ps.get_pipeline_model_parallel_last_rank(),
+                                    group=ps.get_pipeline_model_parallel_group())  # only the last stage has them
+        per_verdict = totals.view(len(fits), len(self.verdicts))
+        for i, row in zip(fits, per_verdict):
+            out[i] = float(int(row.argmax()) == VERDICTS.index("yes"))
+        return out
+
+
+
+def held_out_accuracy(cfg, policy, tok) -> dict:
+    """Collective: the share of data.num_eval held-out judge rows (names never trained on) the model gets right."""
+    from rlhf.tasks import general
+
+    rows = general.judge_rows(cfg.data.num_eval, cfg.data.seed + 1, cfg.stage.sampling.judge_template, held_out=True)
+    judge = GenerativeJudge(policy, tok, cfg.stage.sampling.judge_template, cfg.stage.train.micro_batch_size)
+    said = judge.correct([r["reference"] for r in rows], [r["prediction"] for r in rows])
+    right = [float(v == (r["response"] == VERDICTS[0])) for v, r in zip(said, rows)]
+    return {"eval/judge_accuracy": sum(right) / max(len(right), 1), "eval/judge_rows": len(right)}
