@@ -58,16 +58,16 @@ class GenerativeJudge:
         if not fits:
             return out
         samples = [Sample({}, prompts[i], v, [0.0] * len(v), "stop") for i in fits for v in self.verdicts]
-        batch = to_batch(samples, max(len(s.prompt_ids) + len(s.completion_ids) for s in samples) - 1, self.tok.pad_token_id)
+        width = max(len(s.prompt_ids) + len(s.completion_ids) for s in samples) - 1
+        batch = to_batch(samples, width, self.tok.pad_token_id)
         logp, _ = grpo.logprobs(self.model, batch, self.micro, 1.0)
         totals = (logp * batch["loss_mask"]).sum(1)
         torch.distributed.broadcast(totals, src=ps.get_pipeline_model_parallel_last_rank(),
                                     group=ps.get_pipeline_model_parallel_group())  # only the last stage has them
         per_verdict = totals.view(len(fits), len(self.verdicts))
         for i, row in zip(fits, per_verdict):
-            out[i] = float(int(row.argmax()) == VERDICTS.index("yes"))
+            out[i] = float(int(row.argmax()) == 0)  # VERDICTS[0]: "yes"
         return out
-
 
 
 def held_out_accuracy(cfg, policy, tok) -> dict:

@@ -41,8 +41,8 @@ def write_cots(engine, tok, rows: list[dict], cfg: Config) -> tuple[list[dict], 
     </think>, and that text replaces the row's reasoning. A CoT that never closes, is empty, or fails the
     paragraph and code-block filters leaves the row as it was."""
     s, r = cfg.stage.sampling, cfg.rollout
-    general = [i for i, row in enumerate(rows) if row["source"] == "non_reasoning"]
-    todo = [i for i in general if len(rows[i]["prompt"]) >= s.cot_min_prompt_chars]
+    given = [i for i, row in enumerate(rows) if row["source"] == "non_reasoning"]
+    todo = [i for i in given if len(rows[i]["prompt"]) >= s.cot_min_prompt_chars]
     for i in todo:
         if not rows[i]["prompt"].endswith(THINK) or THINK_END not in rows[i]["response"]:
             raise DataError(f"non-reasoning row {rows[i]['prompt_index']} of {s.non_reasoning_path} "
@@ -56,7 +56,7 @@ def write_cots(engine, tok, rows: list[dict], cfg: Config) -> tuple[list[dict], 
     groups, _ = grpo.generate_and_share(engine, tok, [rows[i] for i in mine], sampling) if mine else ([], 0)
     mine_cots = {i: g[0].text.split(THINK_END)[0] for i, g in zip(mine, groups) if THINK_END in g[0].text}
     cots = {i: cot for part in P.gather_data_parallel(mine_cots) for i, cot in part.items()}
-    counts = {"trivial": len(general) - len(todo), "unfinished": len(todo) - len(cots), "rejected": 0, "written": 0}
+    counts = {"trivial": len(given) - len(todo), "unfinished": len(todo) - len(cots), "rejected": 0, "written": 0}
     out = list(rows)
     for i, cot in sorted(cots.items()):
         long = any(len(p) > s.max_paragraph_chars for p in cot.split("\n\n"))

@@ -23,7 +23,6 @@ import json
 import logging
 from pathlib import Path
 
-
 import parallel  # noqa: F401  (CPU compatibility layer before megatron loads)
 from core.config import Config, ConfigError
 from core.data import DataError
@@ -93,7 +92,8 @@ def sample(cfg: Config, model_from: str, out_dir: Path, rewrite=None) -> tuple[l
     counts = {"prompts": len(prompts), "samples": 0, "incorrect": 0, "mixed_language": 0, "long_paragraph": 0,
               "code_block": 0, "duplicate": 0, "over_per_prompt": 0}  # fmt: skip
     kept, judged = [], {"judged": 0, "judged_correct": 0}
-    unruled = RewardPool({k: 1.0 for k in CHECKS if k != "accuracy"}, cfg.reward.timeout_s, cfg.reward.workers) if judge else None
+    rest = {k: 1.0 for k in CHECKS if k != "accuracy"}  # for judged rows: the judge decides accuracy
+    unruled = RewardPool(rest, cfg.reward.timeout_s, cfg.reward.workers) if judge else None
     with (engine or contextlib.nullcontext(), RewardPool(CHECKS, cfg.reward.timeout_s, cfg.reward.workers) as pool,
           unruled or contextlib.nullcontext()):  # fmt: skip
         for start in range(0, len(prompts), s.chunk_prompts * P.data_parallel_size()):
