@@ -261,16 +261,38 @@ def import_hf(policy, hf_dir) -> None:
     import_hf_state(policy, load_hf_dir(hf_dir), ours)
 
 
+def _export_plan(policy, models) -> tuple:
+    """(bridge, hf_cfg, conversion tasks), built once per set of parameter tensors.
+
+    why: at small sizes building the bridge's tasks (a collective over PP, a walk of every module) costs
+    as much as exporting the weights, and a weight sync runs after every RL step. The tasks hold the
+    parameter and buffer tensors, so the key is each tensor's identity and storage: a tensor replaced or
+    re-pointed (`param.data = ...`) rebuilds the plan instead of exporting stale weights."""
+    key = tuple((id(t), t.data_ptr()) for model in models for t in (*model.parameters(), *model.buffers()))
+    plan = policy.export_plan
+    stale = torch.tensor([plan is None or plan[0] != key], dtype=torch.int32)
+    if torch.distributed.is_initialized():  # building is collective: every rank rebuilds if any must
+        torch.distributed.all_reduce(stale, op=torch.distributed.ReduceOp.MAX)
+    if stale.item():
+        hf_cfg = make_hf_config(policy.cfg.model)
+        bridge = _bridge(policy, hf_cfg)
+        plan = (key, bridge, hf_cfg, bridge.build_conversion_tasks(hf_cfg, models))
+        policy.export_plan = plan
+    return plan[1:]
+
+
 def export_hf(policy, include_mtp: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
     """(hf_name, full tensor) for every mapped weight, on every rank (TP/EP gathered, PP broadcast by the bridge).
     Collective: every rank of the model-parallel group must consume the whole iterator.
     Tied embeddings: lm_head.weight is always included (vLLM otherwise keeps a stale logits head)."""
     m = policy.cfg.model
-    hf_cfg = make_hf_config(m)
     models = _models(policy)
+    bridge, hf_cfg, tasks = _export_plan(policy, models)
     # why: exporting with a name-filtered source breaks at PP > 1 when a param's HF name is absent (bridge
     # bug: "Object must exist on at least one PP rank"); export by config (all names) and filter here.
-    stream = _bridge(policy, hf_cfg).stream_weights_megatron_to_hf(models, hf_cfg, cpu=True, show_progress=False)
+    # No LoRA adapters exist here, so the bridge's per-export adapter discovery is skipped.
+    stream = bridge.stream_weights_megatron_to_hf(models, hf_cfg, cpu=True, show_progress=False,
+                                                  conversion_tasks=tasks, merge_adapter_weights=False)  # fmt: skip
     n_layers = m.num_layers
     seen = set()
     for name, t in stream:

@@ -7,7 +7,7 @@ import contextlib
 import datetime
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import torch
@@ -119,6 +119,7 @@ class Policy:
     config: Any = None
     step: int = 0
     head: str = "lm"  # lm (next-token logits) | scalar (a reward model's score per position)
+    export_plan: Any = field(default=None, repr=False, compare=False)  # hf_bridge.export_hf's cached tasks
 
 
 def build_policy(cfg: Config, with_optimizer: bool = True, head: str = "lm") -> Policy:

@@ -36,6 +36,7 @@ def test_import_matches_transformers_and_export_is_exact(results, case):
     assert row["export_missing"] == [] and row["export_extra"] == [] and row["export_shape_mismatch"] == [], row
     assert row["export_max_diff"] == 0.0, row
     assert row["has_lm_head"], "tied embeddings must still export lm_head.weight (vLLM's logits head)"
+    assert row["export_plan_follows_weights"], "export_hf's cached plan exported stale weights"
     if row["world"] == 1:
         assert row["saved_logits_max_diff"] == 0.0, "transformers loading save_hf's output"
         assert row["reimport_max_diff"] == 0.0, "import_hf(save_hf(...)) restores every tensor, MTP included"

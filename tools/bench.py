@@ -3,7 +3,7 @@ top-level `ratios` object holds the comparisons beside the raw figures.
 
     python -m tools.bench layouts --out bench_layouts.json
     python -m tools.bench rollout --out bench_rollout.json [--base runs/demo/pretrain]
-    python -m tools.bench weight_sync --out bench_sync.json
+    python -m tools.bench weight_sync --out bench_sync.json [model.hidden_size=512 model.num_layers=8 ...]
     python -m tools.bench grpo_vs_trl --out bench_grpo.json [--base runs/demo/pretrain] [--threads 2]
 """
 
@@ -94,7 +94,10 @@ def main(argv=None) -> None:
     parser.add_argument("--cases4", nargs="*", default=["dsv3_tp2_ep2_sp"])
     parser.add_argument("--threads", type=int, default=2, help="torch threads (grpo_vs_trl, rollout, weight_sync)")
     parser.add_argument("--base", help="a pretrain run dir (grpo_vs_trl default: a 300-step pretrain made here; others: random weights)")
-    args = parser.parse_args(argv)
+    parser.add_argument("overrides", nargs="*", help="config overrides for rollout and weight_sync, e.g. model.hidden_size=512")
+    args = parser.parse_intermixed_args(argv)
+    if args.overrides and args.benchmark not in ("rollout", "weight_sync"):
+        parser.error(f"{args.benchmark} takes no config overrides (got {' '.join(args.overrides)})")
     start = time.perf_counter()
     result = BENCHMARKS[args.benchmark](args)
     result["meta"] = {"benchmark": args.benchmark, "wall_s": round(time.perf_counter() - start, 1),

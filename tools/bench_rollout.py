@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 
-def _setup(threads: int, base: str | None):
+def _setup(threads: int, base: str | None, overrides: list[str]):
     import os
 
     import torch
@@ -27,7 +27,7 @@ def _setup(threads: int, base: str | None):
     from parallel import hf_bridge
     from parallel import parallelize as P
 
-    cfg = compose(["stage=r1_zero", "logger=none"])
+    cfg = compose(["stage=r1_zero", "logger=none", *overrides])
     P.init_distributed(cfg)
     policy = P.build_policy(cfg)
     if base:
@@ -54,7 +54,7 @@ def rollout(args) -> dict:
     from rlhf.prompts import load_prompts
     from rlhf.rollout import generate_groups
 
-    cfg, policy, tok, hf_dir = _setup(args.threads, args.base)
+    cfg, policy, tok, hf_dir = _setup(args.threads, args.base, args.overrides)
     r, rl = cfg.rollout, cfg.stage.rl
     rows = load_prompts(cfg.data, "train")[: rl.prompts_per_step]
     sampling = Sampling(n=r.n, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens, seed=1,
@@ -88,7 +88,7 @@ def weight_sync(args) -> dict:
     from rlhf import grpo
     from rlhf.losses import LossSettings
 
-    cfg, policy, tok, hf_dir = _setup(args.threads, args.base)
+    cfg, policy, tok, hf_dir = _setup(args.threads, args.base, args.overrides)
     r, rl, t = cfg.rollout, cfg.stage.rl, cfg.stage.train
     engine = build_engine("vllm", model_dir=str(hf_dir), max_model_len=t.seq_length, kv_cache_bytes=r.kv_cache_bytes)
     n, length = rl.prompts_per_step * r.n, t.seq_length
@@ -104,5 +104,6 @@ def weight_sync(args) -> dict:
     t_sync = _median_time(lambda: sync_weights(policy, engine, r.sync_bucket_bytes), args.steps)
     engine.shutdown()
     figures = {"sync_s": t_sync, "train_step_s": t_step, "tensors": stats["tensors"], "bytes": stats["bytes"],
-               "buckets": stats["buckets"], "threads": args.threads, "samples_per_step": n}  # fmt: skip
+               "buckets": stats["buckets"], "threads": args.threads, "samples_per_step": n, "tokens_per_sample": length,
+               "parameters": sum(p.numel() for c in policy.chunks for p in c.parameters()), "overrides": args.overrides}  # fmt: skip
     return {"figures": figures, "ratios": {"sync_over_step": t_sync / t_step}}

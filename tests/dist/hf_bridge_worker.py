@@ -129,11 +129,30 @@ def run_case(name: str, save_dir: Path | None = None) -> dict:
         hf_bridge.import_hf(policy, save_dir / name)
         result["reimport_max_diff"] = max(float("inf") if torch.isnan(t).any() else float((t - before[n]).abs().max())
                                           for n, t in tensors(policy))
+    result["export_plan_follows_weights"] = _export_follows_weights(policy)
     return dict(case=name, world=torch.distributed.get_world_size(), never_written=never_written, **result,
                 logits_max_diff=_max_all_ranks(diff), logits_scale=float(ref.abs().max()),
                 export_max_diff=_max_all_ranks(export_diff), export_missing=missing, export_extra=extra,
                 export_shape_mismatch=shape, n_exported=len(exported), n_hf=len(hf_state),
                 has_lm_head="lm_head.weight" in exported, import_s=import_s, export_s=export_s)
+
+
+def _export_follows_weights(policy) -> bool:
+    """export_hf reuses its conversion plan across calls: it must see in-place updates (an optimizer
+    step) and tensors replaced by new ones (which rebuilds the plan)."""
+    before = {k: v.clone() for k, v in hf_bridge.export_hf(policy)}  # exported tensors may alias the weights
+    with torch.no_grad():
+        for _, t in tensors(policy):
+            t.mul_(2)
+    doubled = {k: v.clone() for k, v in hf_bridge.export_hf(policy)}
+    for c in policy.chunks:
+        for module in P.unwrap(c).modules():
+            for store in (module._parameters, module._buffers):
+                for name, t in store.items():
+                    if t is not None:
+                        store[name] = torch.nn.Parameter(t.data * 0.5) if store is module._parameters else t * 0.5
+    halved = dict(hf_bridge.export_hf(policy))
+    return all(torch.equal(doubled[k], 2 * v) and torch.equal(halved[k], v) for k, v in before.items())
 
 
 def main() -> None:
