@@ -275,6 +275,12 @@ def optimizer_step(policy: Policy, loss: float | None) -> dict:
     return {"loss": loss, "grad_norm": float(grad_norm or 0.0), "lr": lr, "update_ok": bool(ok)}
 
 
+def from_last_stage(t: torch.Tensor) -> torch.Tensor:
+    """`t` as the last pipeline stage holds it, on every stage (in place): only that stage computes outputs."""
+    torch.distributed.broadcast(t, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
+    return t
+
+
 def reduce_loss(data: list[dict]) -> float | None:
     """Global token-mean loss from the per-micro-batch [sum, count] pairs, summed over DP.
 
@@ -285,8 +291,7 @@ def reduce_loss(data: list[dict]) -> float | None:
         for d in data:
             t += d["loss"].double().cpu()
         torch.distributed.all_reduce(t, group=ps.get_data_parallel_group(with_context_parallel=True))
-    last = ps.get_pipeline_model_parallel_last_rank()
-    torch.distributed.broadcast(t, src=last, group=ps.get_pipeline_model_parallel_group())
+    from_last_stage(t)
     return float(t[0] / t[1]) if t[1] > 0 else None
 
 
@@ -305,8 +310,7 @@ def reduce_sums(data: list[dict], keys: list[str]) -> dict[str, float]:
         for d in data:
             t += torch.stack([d[k].double().cpu().reshape(()) for k in keys])
         torch.distributed.all_reduce(t, group=ps.get_data_parallel_group(with_context_parallel=True))
-    last = ps.get_pipeline_model_parallel_last_rank()
-    torch.distributed.broadcast(t, src=last, group=ps.get_pipeline_model_parallel_group())
+    from_last_stage(t)
     return dict(zip(keys, t.tolist()))
 
 

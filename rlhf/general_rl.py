@@ -47,8 +47,6 @@ class RewardModel:
     @torch.no_grad()
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
         """Collective over the model-parallel group, which must pass the same rows; every rank gets the scores."""
-        from megatron.core import parallel_state as ps
-
         from rlhf.pretrain import micro_batches
 
         ids = [encode(self.tok, p, view(r, self.part, self.reasoning_end)) for p, r in zip(prompts, responses)]
@@ -65,9 +63,7 @@ class RewardModel:
             out = P.forward_backward(self.model, micro_batches(data, list(range(len(ids))), self.micro),
                                      forward_only=True, forward=_at_eos)  # fmt: skip
         scores = torch.cat([d["scores"] for d in out]) if out else torch.zeros(len(ids))
-        torch.distributed.broadcast(scores, src=ps.get_pipeline_model_parallel_last_rank(),
-                                    group=ps.get_pipeline_model_parallel_group())  # only the last stage has them
-        return scores.tolist()
+        return P.from_last_stage(scores).tolist()
 
 
 def _at_eos(batch: dict, model):

@@ -12,6 +12,7 @@ import torch
 
 from core.config import ConfigError
 from parallel import checkpoint as ckpt
+from parallel import parallelize as P
 from rlhf.rewards.rules import JUDGED, VERDICTS
 from rlhf.rollout import Sample, to_batch
 
@@ -47,8 +48,6 @@ class GenerativeJudge:
     def correct(self, references: list[str], predictions: list[str]) -> list[float]:
         """1.0 where the judge says the prediction matches its reference. Collective over the model-parallel
         group, whose ranks must pass the same lists; a prompt past the judge's context is judged wrong."""
-        from megatron.core import parallel_state as ps
-
         from rlhf import grpo
 
         prompts = [self.tok(self.template.format(reference=r, prediction=p))["input_ids"]
@@ -61,9 +60,7 @@ class GenerativeJudge:
         width = max(len(s.prompt_ids) + len(s.completion_ids) for s in samples) - 1
         batch = to_batch(samples, width, self.tok.pad_token_id)
         logp, _ = grpo.logprobs(self.model, batch, self.micro, 1.0)
-        totals = (logp * batch["loss_mask"]).sum(1)
-        torch.distributed.broadcast(totals, src=ps.get_pipeline_model_parallel_last_rank(),
-                                    group=ps.get_pipeline_model_parallel_group())  # only the last stage has them
+        totals = P.from_last_stage((logp * batch["loss_mask"]).sum(1))
         per_verdict = totals.view(len(fits), len(self.verdicts))
         for i, row in zip(fits, per_verdict):
             out[i] = float(int(row.argmax()) == 0)  # VERDICTS[0]: "yes"

@@ -9,8 +9,8 @@ writes RUN_DIR/NAME/heldout/eval.json.
 
 RUN_DIR/lineage.json records, per stage, the command, what it consumed (paths and sha256 of the
 checkpoint manifests or dataset files) and what it produced, its config's hash and commit, and its wall
-time. A re-run skips a finished stage whose command and inputs are unchanged; a stage killed midway runs
-again and resumes from its own checkpoint. RUN_DIR/summary.json maps each evaluated stage to its held-out
+time. A re-run skips a finished stage whose command, inputs and composed config (conf/ presets included)
+are unchanged; a stage killed midway runs again and resumes from its own checkpoint. RUN_DIR/summary.json maps each evaluated stage to its held-out
 pass@1, cons@k, format and language_consistency (per task too, for mixed eval data). Exit 2: a bad preset
 or argument, or an input that is missing or changed since it was recorded (the message names the stage
 and file).
@@ -100,14 +100,19 @@ def run(stages: list[dict], root: Path, preset: str, common: list[str], per_stag
         name, out = s["name"], root / s["name"]
         argv = [a.replace("=@", f"={root}/") for a in s["args"]] + common + per_stage.get(name, [])
         inputs = {r: {"path": str(root / r), "sha256": fingerprint(root / r, name, lineage)} for r in refs(s["args"])}
+        digest = config_digest(argv, name)
         done = lineage["stages"].get(name, {})
         if done.get("status") == "done" and out.exists():  # a deleted stage dir means: run it again
             if (done["argv"], done["inputs"]) != (argv, inputs):
                 raise PipelineError(f"stage {name} finished earlier with other arguments or inputs (see "
                                     f"{root / 'lineage.json'}). Fix: delete {out} to run it again.")  # fmt: skip
+            if done.get("config_digest", digest) != digest:  # lineages from before the digest: not checked
+                raise PipelineError(f"stage {name} finished earlier with another config: the same arguments now "
+                                    f"compose differently (a conf/ preset changed). Fix: delete {out} to run it "
+                                    "again, or restore the preset.")  # fmt: skip
             print(f"[pipeline] {name}: done earlier, skipped", flush=True)
         else:
-            lineage["stages"][name] = _run_stage(name, argv, inputs, out)
+            lineage["stages"][name] = {**_run_stage(name, argv, inputs, out), "config_digest": digest}
             _write(root / "lineage.json", lineage)
         if s.get("evaluate") and lineage["stages"][name].get("eval") is None:
             lineage["stages"][name]["eval"] = _evaluate(name, out, s.get("eval_args", []) + common)
@@ -117,6 +122,21 @@ def run(stages: list[dict], root: Path, preset: str, common: list[str], per_stag
     summary = {n: _reported(_read(root / n / "heldout" / "eval.json")) for n, st in lineage["stages"].items() if st.get("eval")}
     _write(root / "summary.json", summary)
     print(json.dumps(summary, indent=1), flush=True)
+
+
+def config_digest(argv: list[str], stage: str) -> str:
+    """sha256 of the config `argv` composes to (every conf/ preset it pulls in), run_dir aside."""
+    import dataclasses
+
+    from core.config import ConfigError, compose
+    from rlhf.tracking import clean
+
+    try:
+        cfg = dataclasses.asdict(compose(argv))
+    except ConfigError as e:
+        raise PipelineError(f"stage {stage}: {e}") from None
+    cfg.pop("run_dir", None)
+    return hashlib.sha256(json.dumps(clean(cfg), sort_keys=True).encode()).hexdigest()
 
 
 def _reported(result: dict) -> dict:

@@ -159,10 +159,30 @@ def packed_texts(cfg: Config, tok) -> dict[str, torch.Tensor]:
     return pack_texts(load_texts(cfg), tok, cfg.stage.train.seq_length)
 
 
+def final_eval_for(task: str):
+    """The held-out check that ends a language model's run on data.task: (cfg, policy, tok) -> summary
+    entries, called on every rank. None where the task has none."""
+    if task == "addition":
+        return addition_eval
+    if task == "judge":
+        from rlhf.judge import held_out_accuracy
+
+        return held_out_accuracy
+    return None
+
+
+def addition_eval(cfg: Config, policy: P.Policy, tok) -> dict:
+    p = cfg.parallel
+    if (p.tensor, p.pipeline, p.context, p.expert) != (1, 1, 1, 1):
+        return {"eval/note": "skipped: held-out decoding runs only without model parallelism"}
+    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    return heldout_eval(policy, tok, cfg.data.num_eval) if rank0 else {}
+
+
 def run(cfg: Config, packed_data=packed_texts, forward=None, head: str = "lm", final_eval=None) -> dict:
     """`packed_data(cfg, tok)` gives the packed rows (pretrain: plain text; rlhf.sft: prompt/response);
     `forward` the loss (default: next-token); `head` the output layer; `final_eval(cfg, policy, tok)` the
-    held-out check (default: addition decoding)."""
+    held-out check (default: `final_eval_for(data.task)`)."""
     t_start = time.time()
     env = P.init_distributed(cfg)
     try:
@@ -239,15 +259,11 @@ def _run(cfg: Config, rank0: bool, t_start: float, tracker: Tracker, packed_data
 
     summary = {"steps": policy.step, "final_loss": last["loss"], "train_s": train_s,
                "final_loss_mean50": sum(recent) / len(recent) if recent else None}  # fmt: skip
-    p = cfg.parallel
-    if final_eval is not None:
+    final_eval = final_eval or final_eval_for(cfg.data.task)
+    if final_eval is None:
+        summary["eval/note"] = f"skipped: no held-out check for data.task={cfg.data.task}"
+    else:
         summary.update(final_eval(cfg, policy, tok))
-    elif cfg.data.task != "addition":
-        summary["eval/note"] = "skipped: the held-out check is for the addition task"
-    elif (p.tensor, p.pipeline, p.context, p.expert) != (1, 1, 1, 1):
-        summary["eval/note"] = "skipped: held-out decoding runs only without model parallelism"
-    elif rank0:
-        summary.update(heldout_eval(policy, tok, cfg.data.num_eval))
     if "eval/note" in summary and rank0:
         log.warning("held-out eval %s", summary["eval/note"])
     summary["wall_s"] = time.time() - t_start

@@ -7,7 +7,8 @@ tracking are pretrain's; only the data and the start differ.
 DATA: a JSONL or Parquet file of {"prompt", "response"} rows, or a directory holding sft.parquet or
 sft.jsonl (what the rejection-sampling stage writes). Without stage.data_from: data.train_path, or for
 data=addition generated rows (prompt + correct trace), for data=judge a generative judge's rows
-(rlhf.tasks.general.judge_rows; the summary then has its held-out accuracy). stage.epochs sets the step count (paper: 2 epochs).
+(rlhf.tasks.general.judge_rows). The summary's held-out check is pretrain.final_eval_for(data.task).
+stage.epochs sets the step count (paper: 2 epochs).
 """
 
 from __future__ import annotations
@@ -31,10 +32,6 @@ def run(cfg: Config) -> dict:
     if name == "distill" and not cfg.stage.data_from:
         raise ConfigError("stage=distill learns the teacher's samples: set stage.data_from to the rejection_sampling "
                           "run dir (or a prompt/response file).")  # fmt: skip
-    if cfg.data.task == "judge" and not cfg.stage.data_from:  # a generative judge: measure it on held-out rows
-        from rlhf.judge import held_out_accuracy
-
-        return pretrain.run(cfg, packed_data=packed, final_eval=held_out_accuracy)
     return pretrain.run(cfg, packed_data=packed)
 
 

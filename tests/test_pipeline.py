@@ -99,6 +99,24 @@ def test_changed_inputs_and_arguments_are_refused(chain):
         dataset.write_text(original)
 
 
+def test_a_stage_whose_config_changed_is_not_skipped(tmp_path):
+    """The same arguments composing to another config (an edited conf/ preset) stop the pipeline."""
+    from rlhf import pipeline as pl
+
+    stages, argv = [{"name": "a", "args": ["stage=pretrain"]}], ["stage=pretrain"]
+    (tmp_path / "a").mkdir()
+
+    def finished_with(recorded_argv):
+        done = {"status": "done", "argv": argv, "inputs": {}, "config_digest": pl.config_digest(recorded_argv, "a")}
+        (tmp_path / "lineage.json").write_text(json.dumps({"pipeline": "t", "stages": {"a": done}}))
+
+    finished_with(argv)
+    pl.run(stages, tmp_path, "t", [], {}, None)  # unchanged: skipped, nothing runs
+    finished_with([*argv, "model=tiny_student"])  # as if conf/stage/pretrain.yaml had named that model
+    with pytest.raises(pl.PipelineError, match="stage a finished earlier with another config"):
+        pl.run(stages, tmp_path, "t", [], {}, None)
+
+
 def test_bad_presets_and_arguments_exit_2(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"stages": [{"name": "a", "args": ["stage=sft", "stage.init_from=@b"]}]}))
