@@ -270,10 +270,10 @@ def _export_plan(policy, models) -> tuple:
     re-pointed (`param.data = ...`) rebuilds the plan instead of exporting stale weights."""
     key = tuple((id(t), t.data_ptr()) for model in models for t in (*model.parameters(), *model.buffers()))
     plan = policy.export_plan
-    stale = torch.tensor([plan is None or plan[0] != key], dtype=torch.int32)
-    if torch.distributed.is_initialized():  # building is collective: every rank rebuilds if any must
-        torch.distributed.all_reduce(stale, op=torch.distributed.ReduceOp.MAX)
-    if stale.item():
+    # Building is collective over the ranks that export together. They build, load and step their
+    # parameters together, so their keys change together: no vote (a collective here would hang the
+    # single-rank export a restarting engine makes, rlhf.r1_zero.start_engine).
+    if plan is None or plan[0] != key:
         hf_cfg = make_hf_config(policy.cfg.model)
         bridge = _bridge(policy, hf_cfg)
         plan = (key, bridge, hf_cfg, bridge.build_conversion_tasks(hf_cfg, models))
