@@ -10,10 +10,10 @@ writes RUN_DIR/NAME/heldout/eval.json.
 RUN_DIR/lineage.json records, per stage, the command, what it consumed (paths and sha256 of the
 checkpoint manifests or dataset files) and what it produced, its config's hash and commit, and its wall
 time. A re-run skips a finished stage whose command, inputs and composed config (conf/ presets included)
-are unchanged; a stage killed midway runs again and resumes from its own checkpoint. RUN_DIR/summary.json maps each evaluated stage to its held-out
-pass@1, cons@k, format and language_consistency (per task too, for mixed eval data). Exit 2: a bad preset
-or argument, or an input that is missing or changed since it was recorded (the message names the stage
-and file).
+are unchanged; a stage killed midway runs again and resumes from its own checkpoint. RUN_DIR/summary.json
+maps each evaluated stage to its held-out pass@1, cons@k, format and language_consistency (per task too,
+for mixed eval data). Exit 2: a bad preset or argument, an input that is missing or changed since it was
+recorded, or a finished stage whose config changed (the message names the stage and file).
 """
 
 from __future__ import annotations
