@@ -311,7 +311,9 @@ def save_hf(policy, out_dir, tokenizer=None, include_mtp: bool = True) -> Path |
     Returns out_dir on rank 0, None elsewhere."""
     from safetensors.torch import save_file
 
-    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    from parallel.parallelize import is_rank0
+
+    rank0 = is_rank0()
     tensors = {}
     for name, t in export_hf(policy, include_mtp=include_mtp):
         if rank0:

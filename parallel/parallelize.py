@@ -295,6 +295,11 @@ def reduce_loss(data: list[dict]) -> float | None:
     return float(t[0] / t[1]) if t[1] > 0 else None
 
 
+def is_rank0() -> bool:
+    """Whether this process writes the run's shared files (the only process when not distributed)."""
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
 def all_ranks_true(flag: bool) -> bool:
     """The same answer on every rank: whether `flag` holds on all of them."""
     t = torch.tensor([0 if flag else 1])

@@ -63,7 +63,7 @@ class GenerativeJudge:
         totals = P.from_last_stage((logp * batch["loss_mask"]).sum(1))
         per_verdict = totals.view(len(fits), len(self.verdicts))
         for i, row in zip(fits, per_verdict):
-            out[i] = float(int(row.argmax()) == 0)  # VERDICTS[0]: "yes"
+            out[i] = float(VERDICTS[int(row.argmax())] == "yes")
         return out
 
 

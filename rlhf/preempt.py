@@ -54,9 +54,10 @@ class PreemptionWatch:
         """Call after the checkpoint is written; raise what it returns."""
         import torch
 
+        from parallel.parallelize import is_rank0
+
         marker = os.environ.get("R1_PREEMPTED_FILE")
-        rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-        if marker and rank0:
+        if marker and is_rank0():
             with open(marker, "w") as f:
                 f.write(f"{step}\n")
         if torch.distributed.is_initialized():

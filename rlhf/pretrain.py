@@ -175,8 +175,7 @@ def addition_eval(cfg: Config, policy: P.Policy, tok) -> dict:
     p = cfg.parallel
     if (p.tensor, p.pipeline, p.context, p.expert) != (1, 1, 1, 1):
         return {"eval/note": "skipped: held-out decoding runs only without model parallelism"}
-    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-    return heldout_eval(policy, tok, cfg.data.num_eval) if rank0 else {}
+    return heldout_eval(policy, tok, cfg.data.num_eval) if P.is_rank0() else {}
 
 
 def run(cfg: Config, packed_data=packed_texts, forward=None, head: str = "lm", final_eval=None) -> dict:
