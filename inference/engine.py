@@ -7,7 +7,7 @@ Failing loudly: every `generate` and `update_weights` of an engine runs under a 
 `timeout_s` it raises EngineTimeout; when the engine dies (its process exits, `dead_reason()` says why,
 or the engine raises vLLM's EngineDeadError) it raises EngineDied within about POLL_S instead of
 waiting on a process that will never answer. A dead engine is restarted once (`restart()`: built again
-with the arguments `build_engine` got) and the call retried, when that is safe: a restarted engine
+with its constructor's arguments) and the call retried, when that is safe: a restarted engine
 serves the weights it started with, so after a weight update it is restarted only when
 `weights_source` can send the current ones again.
 """
@@ -88,9 +88,12 @@ class Engine(abc.ABC):
     # not collective). With it a dead engine is restarted even after weight updates; without it, only
     # while it still serves its start-up weights.
     weights_source: Callable[[], Iterable[tuple[str, torch.Tensor]]] | None = None
+    _init_args: tuple[tuple, dict] = ((), {})  # what the engine was built with; restart() builds it again so
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _recording(cls.__init__)
         for call in ("generate", "update_weights"):
             fn = cls.__dict__.get(call)
             if fn is not None and not getattr(fn, "__isabstractmethod__", False) and not hasattr(fn, "_guarded"):
@@ -120,14 +123,11 @@ class Engine(abc.ABC):
 
     def restart(self) -> None:
         """Brings a dead engine back, serving the weights it started with. Default: shut it down and run
-        the constructor again with the arguments build_engine got."""
-        kwargs = self.__dict__.get("_build_kwargs")
-        if kwargs is None:
-            raise NotImplementedError(f"{type(self).__name__} was not made by build_engine: no arguments to "
-                                      "restart it with")  # fmt: skip
+        the constructor again with the arguments it got."""
+        args, kwargs = self._init_args
         with contextlib.suppress(Exception):  # it is dead: shutting it down may fail too
             self.shutdown()
-        type(self).__init__(self, **kwargs)
+        type(self).__init__(self, *args, **kwargs)
 
     def __enter__(self) -> "Engine":
         return self
@@ -236,12 +236,20 @@ class Engine(abc.ABC):
         if done >= self.max_restarts:
             return (f" It had already been restarted automatically {'once' if done == 1 else f'{done} times'} "
                     f"(max_restarts={self.max_restarts})." if done else "")  # fmt: skip
-        if type(self).restart is Engine.restart and "_build_kwargs" not in self.__dict__:
-            return ""
         if self.weights_source is None and (call == "update_weights" or self.__dict__.get("_weights_updated")):
             return (" It was not restarted: a restarted engine would serve its start-up weights, not the trained "
                     "ones (no weights_source to send them again).")  # fmt: skip
         return None
+
+
+def _recording(init):
+    @functools.wraps(init)
+    def recording(self, *args, **kwargs):
+        if type(self).__init__ is recording:  # the outermost constructor, not a subclass's super().__init__
+            self._init_args = (args, kwargs)
+        init(self, *args, **kwargs)
+
+    return recording
 
 
 def _guarded(call: str, fn):
@@ -377,5 +385,4 @@ def build_engine(name: str, timeout_s: float = 0.0, max_restarts: int = 1, **kwa
         raise EngineError(f"unknown rollout.engine {name!r}. Fix: use one of {sorted(ENGINES)}.")
     engine = ENGINES[name](**kwargs)
     engine.name, engine.timeout_s, engine.max_restarts = name, timeout_s, max_restarts
-    engine._build_kwargs = dict(kwargs)  # what restart() builds it again with
     return engine

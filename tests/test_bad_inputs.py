@@ -244,6 +244,16 @@ def test_a_dead_engine_is_restarted_once_and_gives_the_same_completions(hf, capl
            "Restarting it (restart 1 of 1)" in caplog.text  # fmt: skip
 
 
+def test_an_engine_built_directly_restarts_with_its_constructor_arguments(model_dir):
+    from inference.hf_engine import HFEngine
+
+    engine = HFEngine(model_dir, max_model_len=64)  # not through build_engine, and a positional argument
+    want = tokens(engine.generate(PROMPTS, SAMPLING))
+    with breaks(engine) as state:
+        got = tokens(engine.generate(PROMPTS, SAMPLING))
+    assert state["done"] == 1 and got == want
+
+
 def test_an_engine_that_dies_again_after_its_restart_is_a_clear_error(hf):
     start = time.monotonic()
     with breaks(hf, times=2), pytest.raises(EngineDied) as err:
