@@ -10,7 +10,9 @@ setup:
 	@bash tools/setup_env.sh
 
 test: setup
-	$(PY) -m pytest -q tests
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+	$(PY) -m pytest -q --durations=15 tests
 
 # The tiny R1-Zero recipe end to end: pretrain a base, GRPO on it, report and held-out summary.
 demo: setup

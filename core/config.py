@@ -7,7 +7,6 @@ types fail here) and `validate` checks the cross-field rules against the world s
 from __future__ import annotations
 
 import re
-
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -15,9 +14,7 @@ from typing import Any, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message names the field and the fix."""
+from core.errors import ConfigError
 
 
 @dataclass
@@ -364,11 +361,14 @@ def pipeline_layers(num_layers: int, p: ParallelConfig) -> list[int]:
     names = ("num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage")
     for name, v in zip(names, (first, last)):
         if v is not None and (v < 1 or pp < 2):
-            raise ConfigError(f"parallel.{name}={v} needs parallel.pipeline >= 2 and a value >= 1. "
-                              "Fix: set it to null.")
+            raise ConfigError(
+                f"parallel.{name}={v} needs parallel.pipeline >= 2 and a value >= 1. Fix: set it to null."
+            )
     if first is not None and last is not None and pp == 2 and first + last != num_layers:
-        raise ConfigError(f"parallel.{names[0]}={first} + {names[1]}={last} != model.num_layers={num_layers} at "
-                          f"parallel.pipeline=2. Fix: make them sum to {num_layers}.")
+        raise ConfigError(
+            f"parallel.{names[0]}={first} + {names[1]}={last} != model.num_layers={num_layers} at "
+            f"parallel.pipeline=2. Fix: make them sum to {num_layers}."
+        )
     if first is None and last is None:
         if num_layers % pp:
             raise ConfigError(
@@ -396,11 +396,17 @@ def _yaml(v) -> str:
 def _uneven_hint(num_layers: int, pp: int) -> str:
     """The most even (first, last) splits that megatron accepts, for an error message."""
     if pp < 3:
-        return (f"parallel.pipeline=2 with num_layers_in_first_pipeline_stage + num_layers_in_last_pipeline_stage"
-                f" = {num_layers}")
+        return (
+            f"parallel.pipeline=2 with num_layers_in_first_pipeline_stage + num_layers_in_last_pipeline_stage"
+            f" = {num_layers}"
+        )
     even = num_layers / pp
-    pairs = [(f, ls) for f in range(1, num_layers) for ls in range(1, num_layers)
-             if num_layers - f - ls >= pp - 2 and (num_layers - f - ls) % (pp - 2) == 0]  # fmt: skip
+    pairs = [
+        (f, ls)
+        for f in range(1, num_layers)
+        for ls in range(1, num_layers)
+        if num_layers - f - ls >= pp - 2 and (num_layers - f - ls) % (pp - 2) == 0
+    ]
     pairs.sort(key=lambda fl: (abs(fl[0] - even) + abs(fl[1] - even), -fl[0]))
     shown = ", ".join(f"({f}, {ls})" for f, ls in pairs[:3])
     return f"set parallel.num_layers_in_first_pipeline_stage/num_layers_in_last_pipeline_stage to one of {shown}"
@@ -466,9 +472,7 @@ def validate(cfg: Config, world_size: int) -> Config:
                 "otherwise). Fix: set parallel.sequence_parallel=true."
             )
     elif ep > 1:
-        raise ConfigError(
-            f"parallel.expert={ep} but model '{m.name}' has no experts. Fix: set parallel.expert=1."
-        )
+        raise ConfigError(f"parallel.expert={ep} but model '{m.name}' has no experts. Fix: set parallel.expert=1.")
     if m.multi_latent_attention and tp > 1 and not p.sequence_parallel:
         raise ConfigError(
             "MLA with parallel.tensor > 1 needs sequence parallelism: the shared rope key's grad is "
@@ -497,36 +501,50 @@ def _validate_rl(cfg: Config, dp: int) -> None:
     if r.n < 2:
         raise ConfigError(f"rollout.n={r.n}: GRPO compares samples within a group. Fix: rollout.n >= 2.")
     if rl.prompts_per_step % dp:
-        raise ConfigError(f"stage.rl.prompts_per_step={rl.prompts_per_step} does not split over {dp} data-parallel "
-                          "ranks (groups never span ranks). Fix: make it a multiple of parallel.data.")
+        raise ConfigError(
+            f"stage.rl.prompts_per_step={rl.prompts_per_step} does not split over {dp} data-parallel "
+            "ranks (groups never span ranks). Fix: make it a multiple of parallel.data."
+        )
     per_update = rl.prompts_per_step // dp * r.n
     if per_update % rl.minibatches or (per_update // rl.minibatches) % t.micro_batch_size:
-        raise ConfigError(f"each rank's {per_update} samples per step (prompts_per_step/data × rollout.n) must split "
-                          f"into stage.rl.minibatches={rl.minibatches} updates of whole micro-batches of "
-                          f"stage.train.micro_batch_size={t.micro_batch_size}. Fix: adjust one of them.")
+        raise ConfigError(
+            f"each rank's {per_update} samples per step (prompts_per_step/data × rollout.n) must split "
+            f"into stage.rl.minibatches={rl.minibatches} updates of whole micro-batches of "
+            f"stage.train.micro_batch_size={t.micro_batch_size}. Fix: adjust one of them."
+        )
     if r.max_new_tokens >= t.seq_length:
-        raise ConfigError(f"rollout.max_new_tokens={r.max_new_tokens} leaves no room for a prompt in "
-                          f"stage.train.seq_length={t.seq_length}. Fix: lower it or raise seq_length.")
+        raise ConfigError(
+            f"rollout.max_new_tokens={r.max_new_tokens} leaves no room for a prompt in "
+            f"stage.train.seq_length={t.seq_length}. Fix: lower it or raise seq_length."
+        )
     if rl.clip_eps_low < 0 or rl.clip_eps_high < 0 or rl.clip_eps_low >= 1:
         raise ConfigError("stage.rl.clip_eps_low must be in [0, 1) and clip_eps_high >= 0.")
     if r.overlong_prompt not in ("error", "truncate"):
         raise ConfigError(f"rollout.overlong_prompt={r.overlong_prompt!r}: expected error or truncate.")
     if (cfg.stage.name == "on_policy_distill") != bool(rl.teacher):
-        raise ConfigError(f"stage.rl.teacher={rl.teacher} with stage={cfg.stage.name}: a teacher is what "
-                          "stage=on_policy_distill learns from, and only it. Fix: set stage.rl.teacher=TEACHER_RUN "
-                          "there, and unset it elsewhere.")  # fmt: skip
+        raise ConfigError(
+            f"stage.rl.teacher={rl.teacher} with stage={cfg.stage.name}: a teacher is what "
+            "stage=on_policy_distill learns from, and only it. Fix: set stage.rl.teacher=TEACHER_RUN "
+            "there, and unset it elsewhere."
+        )
     d = cfg.data
     if bool(d.general_task) != (d.general_share > 0) or not 0 <= d.general_share < 1:
-        raise ConfigError(f"data.general_task={d.general_task} with data.general_share={d.general_share}: general "
-                          "prompts need both, a task and a share in (0, 1). Fix: set both, or neither.")  # fmt: skip
+        raise ConfigError(
+            f"data.general_task={d.general_task} with data.general_share={d.general_share}: general "
+            "prompts need both, a task and a share in (0, 1). Fix: set both, or neither."
+        )
     for name, m in cfg.reward.models.items():
         if not m.path:
-            raise ConfigError(f"reward.models.{name}.path is unset. Fix: set it to a stage=reward_model run dir, "
-                              f"or drop the model (~reward.models.{name}).")  # fmt: skip
+            raise ConfigError(
+                f"reward.models.{name}.path is unset. Fix: set it to a stage=reward_model run dir, "
+                f"or drop the model (~reward.models.{name})."
+            )
     if d.general_task and not cfg.reward.models:
-        raise ConfigError(f"data.general_task={d.general_task} mixes in prompts no rule can score, and reward.models "
-                          "is empty. Fix: set reward.models.helpful.path=RUN_DIR (a stage=reward_model run), and "
-                          "others as needed.")  # fmt: skip
+        raise ConfigError(
+            f"data.general_task={d.general_task} mixes in prompts no rule can score, and reward.models "
+            "is empty. Fix: set reward.models.helpful.path=RUN_DIR (a stage=reward_model run), and "
+            "others as needed."
+        )
 
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -552,7 +570,6 @@ def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "con
     """The config a `python -m ... [overrides]` run would get, outside of @hydra.main (tests, tools)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
-
     from hydra.errors import HydraException
 
     register_schema()

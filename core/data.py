@@ -29,6 +29,8 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from core.errors import DataError
+
 SCHEMAS: dict[str, tuple[str, ...]] = {
     "prompt": ("prompt", "answer"),
     "sft": ("prompt", "response"),
@@ -41,21 +43,12 @@ PARQUET_SUFFIXES = (".parquet",)
 IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default ignore_index
 
 
-class DataError(ValueError):
-    """A dataset file or sample is unusable; the message says where and how to fix it."""
-
-
 def _check_row(row: Any, kind: str, where: str) -> dict:
     """Validate one row against SCHEMAS[kind]; ``where`` is e.g. "data.jsonl line 3"."""
     if not isinstance(row, dict):
-        hint = (
-            " (the file looks like a JSON array; write one object per line instead)"
-            if isinstance(row, list)
-            else ""
-        )
+        hint = " (the file looks like a JSON array; write one object per line instead)" if isinstance(row, list) else ""
         raise DataError(
-            f"{where}: expected a JSON object with fields {list(SCHEMAS[kind])}, "
-            f"got {type(row).__name__}{hint}"
+            f"{where}: expected a JSON object with fields {list(SCHEMAS[kind])}, got {type(row).__name__}{hint}"
         )
     for field in SCHEMAS[kind]:
         if field not in row or row[field] is None:
@@ -70,10 +63,7 @@ def _check_row(row: Any, kind: str, where: str) -> dict:
                 f"{value!r:.60}; store it as text (e.g. join a list, or str() a number)"
             )
         if not value.strip():
-            raise DataError(
-                f"{where}: field '{field}' is empty or whitespace only; "
-                f"fill it in or drop the row"
-            )
+            raise DataError(f"{where}: field '{field}' is empty or whitespace only; fill it in or drop the row")
     return row
 
 
@@ -261,6 +251,11 @@ def pack(samples: Iterable[dict], seq_len: int, pad_id: int) -> dict[str, torch.
         "position_ids": position_ids,
         "segment_ids": segment_ids,
     }
+
+
+def causal_mask(seq_len: int, device=None) -> torch.Tensor:
+    """megatron's mask convention: True where attention is not allowed."""
+    return torch.triu(torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool, device=device), diagonal=1)
 
 
 def causal_mask_from_segments(segment_ids: torch.Tensor) -> torch.Tensor:

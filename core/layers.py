@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+# megatron-core loads on a CPU-only machine once the compatibility layer is armed, which importing the
+# parallel package does (a no-op with CUDA). The model uses nothing else of it.
+import parallel  # noqa: F401
+
+# isort: split
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
@@ -16,16 +21,27 @@ class SDPACoreAttention(MegatronModule):
     Shapes follow megatron: q/k/v [s, b, heads, dim] in, [s, b, heads * v_dim] out.
     """
 
-    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type, attention_type,
-                 attention_dropout=None, softmax_scale=None, k_channels=None, v_channels=None,
-                 cp_comm_type=None, pg_collection=None):  # fmt: skip
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type,
+        attention_type,
+        attention_dropout=None,
+        softmax_scale=None,
+        k_channels=None,
+        v_channels=None,
+        cp_comm_type=None,
+        pg_collection=None,
+    ):
         super().__init__(config=config)
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
         k_dim = k_channels or config.kv_channels
         self.softmax_scale = softmax_scale if softmax_scale is not None else k_dim**-0.5
 
-    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
-                packed_seq_params=None):  # fmt: skip
+    def forward(
+        self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None
+    ):
         if packed_seq_params is not None or attention_bias is not None:
             raise ValueError("SDPACoreAttention takes neither packed_seq_params nor attention_bias")
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, dim]
@@ -35,9 +51,14 @@ class SDPACoreAttention(MegatronModule):
         # megatron masks are True where attention is NOT allowed; SDPA's are True where it is.
         mask = None if attention_mask is None else ~attention_mask
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=attention_mask is None,
-            dropout_p=self.dropout_p if self.training else 0.0, scale=self.softmax_scale,
-        )  # fmt: skip
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=attention_mask is None,
+            dropout_p=self.dropout_p if self.training else 0.0,
+            scale=self.softmax_scale,
+        )
         s, b = query.shape[0], query.shape[1]
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 

@@ -11,6 +11,11 @@ import dataclasses
 import functools
 from typing import Any
 
+# megatron-core loads on a CPU-only machine once the compatibility layer is armed, which importing the
+# parallel package does (a no-op with CUDA). The model uses nothing else of it.
+import parallel  # noqa: F401
+
+# isort: split
 import torch
 import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
@@ -134,8 +139,15 @@ def layer_specs(config: TransformerConfig, use_te: bool, vp_stage=None, pp_rank=
     return block, mtp
 
 
-def build_gpt(m: ModelConfig, config: TransformerConfig, use_te: bool, pre_process: bool = True,
-              post_process: bool = True, vp_stage=None, pp_rank=None) -> GPTModel:  # fmt: skip
+def build_gpt(
+    m: ModelConfig,
+    config: TransformerConfig,
+    use_te: bool,
+    pre_process: bool = True,
+    post_process: bool = True,
+    vp_stage=None,
+    pp_rank=None,
+) -> GPTModel:
     block, mtp = layer_specs(config, use_te, vp_stage=vp_stage, pp_rank=pp_rank)
     return GPTModel(
         config=config,
@@ -168,16 +180,23 @@ class ScalarHead(torch.nn.Module):
         return F.linear(hidden_states, self.weight), None
 
 
-def build_reward_model(m: ModelConfig, config: TransformerConfig, use_te: bool, pre_process: bool = True,
-                       post_process: bool = True, pp_rank=None) -> GPTModel:  # fmt: skip
+def build_reward_model(
+    m: ModelConfig,
+    config: TransformerConfig,
+    use_te: bool,
+    pre_process: bool = True,
+    post_process: bool = True,
+    pp_rank=None,
+) -> GPTModel:
     """The policy's architecture with a ScalarHead: model(tokens, ...) → [batch, seq, 1] scores."""
-    model = build_gpt(dataclasses.replace(m, tie_word_embeddings=False), config, use_te, pre_process=pre_process,
-                      post_process=post_process, pp_rank=pp_rank)  # fmt: skip
+    model = build_gpt(
+        dataclasses.replace(m, tie_word_embeddings=False),
+        config,
+        use_te,
+        pre_process=pre_process,
+        post_process=post_process,
+        pp_rank=pp_rank,
+    )
     if post_process:
         model.output_layer = ScalarHead(config.hidden_size, config.init_method_std)
     return model
-
-
-def causal_mask(seq_len: int, device=None) -> torch.Tensor:
-    """megatron's mask convention: True where attention is not allowed."""
-    return torch.triu(torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool, device=device), diagonal=1)

@@ -28,7 +28,9 @@ def write_shards(packed: dict[str, torch.Tensor], out_dir: str | Path, rows_per_
         shard = out / f"shard_{i:05d}"
         shard.mkdir(exist_ok=True)
         for field in FIELDS:
-            np.save(shard / f"{field}.npy", packed[field][start : start + rows_per_shard].numpy().astype(_DTYPES[field]))
+            np.save(
+                shard / f"{field}.npy", packed[field][start : start + rows_per_shard].numpy().astype(_DTYPES[field])
+            )
         shards.append({"dir": shard.name, "rows": min(rows_per_shard, n - start)})
     (out / "index.json").write_text(json.dumps({"seq_len": seq_len, "rows": n, "shards": shards}))
     return out

@@ -94,4 +94,3 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
         # from_pretrained would otherwise treat the string as a hub repo id.
         raise FileNotFoundError(f"tokenizer directory not found: {path} (create it with save_tokenizer)")
     return PreTrainedTokenizerFast.from_pretrained(str(path))
-

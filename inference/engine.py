@@ -29,8 +29,10 @@ import torch
 log = logging.getLogger("r1stack.inference")
 
 POLL_S = 0.25  # how often a running call checks that its engine is still alive
-FIX_DEAD = ("Fix: find the cause in the log above (an out-of-memory kill, a crashed kernel or worker), then run the "
-            "same command again: the run resumes from its last checkpoint.")  # fmt: skip
+FIX_DEAD = (
+    "Fix: find the cause in the log above (an out-of-memory kill, a crashed kernel or worker), then run the "
+    "same command again: the run resumes from its last checkpoint."
+)
 
 
 class EngineError(RuntimeError):
@@ -135,7 +137,9 @@ class Engine(abc.ABC):
     def __exit__(self, *exc) -> None:
         self.shutdown()
 
-    def fit_prompts(self, prompts: list[list[int]], sampling: Sampling, policy: str) -> tuple[list[list[int]], list[int]]:
+    def fit_prompts(
+        self, prompts: list[list[int]], sampling: Sampling, policy: str
+    ) -> tuple[list[list[int]], list[int]]:
         """Applies the over-long prompt policy: 'error' names the prompt; 'truncate' keeps its tail."""
         room = self.max_model_len - sampling.max_new_tokens
         if room < 1:
@@ -164,8 +168,10 @@ class Engine(abc.ABC):
     def _describe(self, call: str, args: tuple) -> str:
         if call == "generate" and len(args) >= 2:
             n = len(args[0])
-            return (f"the {self.name} engine's generate ({n} prompt{'s' if n != 1 else ''} × "
-                    f"{getattr(args[1], 'n', '?')} samples)")  # fmt: skip
+            return (
+                f"the {self.name} engine's generate ({n} prompt{'s' if n != 1 else ''} × "
+                f"{getattr(args[1], 'n', '?')} samples)"
+            )
         return f"the {self.name} engine's {call.replace('_', ' ')}"
 
     def _guarded_call(self, call: str, fn, args: tuple, kwargs: dict):
@@ -181,16 +187,24 @@ class Engine(abc.ABC):
             if refusal is not None:
                 raise EngineDied(f"{what} failed: the engine died: {why}.{refusal} {FIX_DEAD}", why) from e
             self._restarts = self.__dict__.get("_restarts", 0) + 1
-            log.warning("%s failed: the engine died: %s. Restarting it (restart %d of %d) and retrying the call.",
-                        what, why, self._restarts, self.max_restarts)  # fmt: skip
+            log.warning(
+                "%s failed: the engine died: %s. Restarting it (restart %d of %d) and retrying the call.",
+                what,
+                why,
+                self._restarts,
+                self.max_restarts,
+            )
             try:
                 with deadline(self.timeout_s, f"restarting the {self.name} engine"):
                     self.restart()
                     if self.__dict__.get("_weights_updated") or call == "update_weights":
                         self.update_weights(self.weights_source())  # inside the guard: straight to the engine
             except Exception as failed:
-                raise EngineDied(f"{what} failed: the engine died: {why}. Restarting it failed too: "
-                                 f"{type(failed).__name__}: {failed}. {FIX_DEAD}", why) from failed  # fmt: skip
+                raise EngineDied(
+                    f"{what} failed: the engine died: {why}. Restarting it failed too: "
+                    f"{type(failed).__name__}: {failed}. {FIX_DEAD}",
+                    why,
+                ) from failed
             if call == "update_weights":  # the weights it was sending are the ones just sent
                 self._weights_updated = True
                 return None
@@ -201,8 +215,11 @@ class Engine(abc.ABC):
                 why_again = self._death(again)
                 if why_again is None:
                     raise
-                raise EngineDied(f"{what} failed: the engine died ({why}), was restarted automatically, and "
-                                 f"died again: {why_again}. {FIX_DEAD}", why_again) from again  # fmt: skip
+                raise EngineDied(
+                    f"{what} failed: the engine died ({why}), was restarted automatically, and "
+                    f"died again: {why_again}. {FIX_DEAD}",
+                    why_again,
+                ) from again
         if call == "update_weights":
             self._weights_updated = True
         return result
@@ -234,11 +251,17 @@ class Engine(abc.ABC):
         """None when a restart may follow, else the sentence that says why not."""
         done = self.__dict__.get("_restarts", 0)
         if done >= self.max_restarts:
-            return (f" It had already been restarted automatically {'once' if done == 1 else f'{done} times'} "
-                    f"(max_restarts={self.max_restarts})." if done else "")  # fmt: skip
+            return (
+                f" It had already been restarted automatically {'once' if done == 1 else f'{done} times'} "
+                f"(max_restarts={self.max_restarts})."
+                if done
+                else ""
+            )
         if self.weights_source is None and (call == "update_weights" or self.__dict__.get("_weights_updated")):
-            return (" It was not restarted: a restarted engine would serve its start-up weights, not the trained "
-                    "ones (no weights_source to send them again).")  # fmt: skip
+            return (
+                " It was not restarted: a restarted engine would serve its start-up weights, not the trained "
+                "ones (no weights_source to send them again)."
+            )
         return None
 
 
@@ -316,8 +339,10 @@ def _watch(w: _Watch, main_thread_id: int) -> None:
             if why:
                 error = EngineDied(f"{w.what} failed: the engine died: {why}. {FIX_DEAD}", why)
         if error is None and w.seconds and time.monotonic() - w.start >= w.seconds:
-            error = EngineTimeout(f"{w.what} did not finish within {w.seconds:g} s: the engine hung or is far slower "
-                                  "than expected. Fix: check the log above, or raise rollout.timeout_s.")  # fmt: skip
+            error = EngineTimeout(
+                f"{w.what} did not finish within {w.seconds:g} s: the engine hung or is far slower "
+                "than expected. Fix: check the log above, or raise rollout.timeout_s."
+            )
         if error is not None:
             with _lock:
                 if not w.done.is_set():

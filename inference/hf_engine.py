@@ -11,8 +11,15 @@ from inference.engine import Completion, Engine, Rollout, Sampling, register_eng
 
 @register_engine("hf")
 class HFEngine(Engine):
-    def __init__(self, model_dir: str, max_model_len: int, dtype: str = "float32", seed: int = 0,
-                 overlong_prompt: str = "error", **unused):  # fmt: skip
+    def __init__(
+        self,
+        model_dir: str,
+        max_model_len: int,
+        dtype: str = "float32",
+        seed: int = 0,
+        overlong_prompt: str = "error",
+        **unused,
+    ):
         from transformers import AutoModelForCausalLM
 
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()

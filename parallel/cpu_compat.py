@@ -104,9 +104,23 @@ class _CpuTorch(types.ModuleType):
     """`torch` as megatron's modules see it on CPU: CUDA devices map to CPU, CUDA-only APIs to no-ops."""
 
     _FACTORIES = (
-        "tensor", "zeros", "ones", "empty", "full", "arange", "rand", "randn", "randint",
-        "zeros_like", "ones_like", "empty_like", "full_like", "as_tensor", "eye", "linspace",
-    )  # fmt: skip
+        "tensor",
+        "zeros",
+        "ones",
+        "empty",
+        "full",
+        "arange",
+        "rand",
+        "randn",
+        "randint",
+        "zeros_like",
+        "ones_like",
+        "empty_like",
+        "full_like",
+        "as_tensor",
+        "eye",
+        "linspace",
+    )
 
     def __init__(self):
         super().__init__("torch")
@@ -257,59 +271,105 @@ def _m(name: str) -> str:
 
 
 PATCHES: tuple[Patch, ...] = (
-    Patch("paged_stash_stub",
-          "the MoE paged-stash triton kernels are imported unconditionally but used only with moe_paged_stash",
-          _m("transformer.moe.ops.paged_stash"), ("import triton", "GLOBAL_BLOCK_SIZE = 1024"), _stub_paged_stash,
-          now=True),
-    Patch("torch_proxy",
-          "megatron allocates on torch.cuda.current_device()/device='cuda' and uses CUDA streams, events and "
-          "RNG everywhere; each megatron module gets a torch whose CUDA entry points map to CPU",
-          _m("parallel_state"), ("torch.cuda.current_device()",), lambda _: sys.meta_path.insert(0, _MegatronImportHook()),
-          now=True),
-    Patch("rng_tracker", "the model-parallel RNG tracker reads and writes CUDA generator states directly",
-          _m("tensor_parallel.random"),
-          ("def _get_cuda_rng_state(", "def _set_cuda_rng_state(", "torch.cuda.default_generators"), _patch_rng),
-    Patch("distrib_optimizer_cuda_tensors",
-          "the distributed optimizer accepts only params whose type() is 'torch.cuda.*Tensor' and moves "
-          "state to CUDA when gathering it for a checkpoint",
-          _m("optimizer.distrib_optimizer"),
-          ("model_param.type() == 'torch.cuda.FloatTensor'", "send_tensor = send_tensor.cuda()"),
-          _pass_cpu_tensors_as_cuda("DistributedOptimizer._build_model_and_main_param_groups",
-                                    "DistributedOptimizer.get_parameter_state_dp_zero")),
-    Patch("float16_optimizer_cuda_tensors", "the bf16/fp16 optimizer accepts only 'torch.cuda.*Tensor' params",
-          _m("optimizer.optimizer"), ("param.type() == 'torch.cuda.FloatTensor'",),
-          _pass_cpu_tensors_as_cuda("Float16OptimizerWithFloat16Params.__init__")),
-    Patch("clip_grads_cuda_tensors", "grad clipping asserts that grads are 'torch.cuda.FloatTensor'",
-          _m("optimizer.clip_grads"), ("assert param.grad.type() == 'torch.cuda.FloatTensor'",),
-          _pass_cpu_tensors_as_cuda("clip_grad_by_total_norm_fp32")),
-    Patch("tied_embedding_cuda", "the tied-embedding sync between pipeline stages moves the weight to CUDA",
-          _m("models.common.language_module.language_module"), ("weight.data = weight.data.cuda()",),
-          _pass_cpu_tensors_as_cuda("LanguageModule.setup_embeddings_and_output_layer")),
-    Patch("checkpoint_exchange_cuda", "dist-checkpoint loading moves exchanged shards to CUDA",
-          _m("dist_checkpointing.exchange_utils"), ("all_loaded_tensors[shard_id].cuda()",),
-          _pass_cpu_tensors_as_cuda("exchange_loaded_tensors_gather_rounds", "exchange_loaded_tensors_broadcast")),
-    Patch("adam_step_restore",
-          "without apex, torch's Adam keeps `step` as a state tensor, which the distributed optimizer's "
-          "fully-reshardable load does not pass in, so it raises KeyError: 'step'",
-          _m("optimizer.distrib_optimizer"), ('if k == "step":', "dst_tensors[key].copy_(tensors[key])"),
-          _patch_adam_step_restore),
-    Patch("moe_split_sizes",
-          "the MoE all-to-all dispatcher turns split sizes into numpy only when they were on a GPU; on CPU "
-          "they stay tensors and gloo's all_to_all_single rejects them",
-          _m("transformer.moe.moe_utils"),
-          ("if torch.is_tensor(tensor) and tensor.is_cuda:", "cpu_tensor = cpu_tensor.numpy()"),
-          _patch_moe_split_sizes),
-    Patch("mla_duplicated_linear",
-          "without Transformer Engine, MLA accepts no duplicated (sequence-sharded) Linear for its "
-          "down-projections, and the column-parallel ones lose the TP sum of the rope key's grad",
-          _m("transformer.multi_latent_attention"),
-          ("from megatron.core.post_training.modelopt.layers import Linear", "Linear,\n                TEColumnParallelLinear,"),
-          _patch_mla_linear),
-    Patch("bridge_torch_proxy",
-          "megatron-bridge's replicated-weight mapping broadcasts from torch.cuda.current_device() at TP > 1; "
-          "the import hook gives megatron.bridge modules the same CPU torch (nothing else to install)",
-          "megatron.bridge.models.conversion.param_mapping", ("torch.cuda.current_device()",), lambda _: None),
-)  # fmt: skip
+    Patch(
+        "paged_stash_stub",
+        "the MoE paged-stash triton kernels are imported unconditionally but used only with moe_paged_stash",
+        _m("transformer.moe.ops.paged_stash"),
+        ("import triton", "GLOBAL_BLOCK_SIZE = 1024"),
+        _stub_paged_stash,
+        now=True,
+    ),
+    Patch(
+        "torch_proxy",
+        "megatron allocates on torch.cuda.current_device()/device='cuda' and uses CUDA streams, events and "
+        "RNG everywhere; each megatron module gets a torch whose CUDA entry points map to CPU",
+        _m("parallel_state"),
+        ("torch.cuda.current_device()",),
+        lambda _: sys.meta_path.insert(0, _MegatronImportHook()),
+        now=True,
+    ),
+    Patch(
+        "rng_tracker",
+        "the model-parallel RNG tracker reads and writes CUDA generator states directly",
+        _m("tensor_parallel.random"),
+        ("def _get_cuda_rng_state(", "def _set_cuda_rng_state(", "torch.cuda.default_generators"),
+        _patch_rng,
+    ),
+    Patch(
+        "distrib_optimizer_cuda_tensors",
+        "the distributed optimizer accepts only params whose type() is 'torch.cuda.*Tensor' and moves "
+        "state to CUDA when gathering it for a checkpoint",
+        _m("optimizer.distrib_optimizer"),
+        ("model_param.type() == 'torch.cuda.FloatTensor'", "send_tensor = send_tensor.cuda()"),
+        _pass_cpu_tensors_as_cuda(
+            "DistributedOptimizer._build_model_and_main_param_groups",
+            "DistributedOptimizer.get_parameter_state_dp_zero",
+        ),
+    ),
+    Patch(
+        "float16_optimizer_cuda_tensors",
+        "the bf16/fp16 optimizer accepts only 'torch.cuda.*Tensor' params",
+        _m("optimizer.optimizer"),
+        ("param.type() == 'torch.cuda.FloatTensor'",),
+        _pass_cpu_tensors_as_cuda("Float16OptimizerWithFloat16Params.__init__"),
+    ),
+    Patch(
+        "clip_grads_cuda_tensors",
+        "grad clipping asserts that grads are 'torch.cuda.FloatTensor'",
+        _m("optimizer.clip_grads"),
+        ("assert param.grad.type() == 'torch.cuda.FloatTensor'",),
+        _pass_cpu_tensors_as_cuda("clip_grad_by_total_norm_fp32"),
+    ),
+    Patch(
+        "tied_embedding_cuda",
+        "the tied-embedding sync between pipeline stages moves the weight to CUDA",
+        _m("models.common.language_module.language_module"),
+        ("weight.data = weight.data.cuda()",),
+        _pass_cpu_tensors_as_cuda("LanguageModule.setup_embeddings_and_output_layer"),
+    ),
+    Patch(
+        "checkpoint_exchange_cuda",
+        "dist-checkpoint loading moves exchanged shards to CUDA",
+        _m("dist_checkpointing.exchange_utils"),
+        ("all_loaded_tensors[shard_id].cuda()",),
+        _pass_cpu_tensors_as_cuda("exchange_loaded_tensors_gather_rounds", "exchange_loaded_tensors_broadcast"),
+    ),
+    Patch(
+        "adam_step_restore",
+        "without apex, torch's Adam keeps `step` as a state tensor, which the distributed optimizer's "
+        "fully-reshardable load does not pass in, so it raises KeyError: 'step'",
+        _m("optimizer.distrib_optimizer"),
+        ('if k == "step":', "dst_tensors[key].copy_(tensors[key])"),
+        _patch_adam_step_restore,
+    ),
+    Patch(
+        "moe_split_sizes",
+        "the MoE all-to-all dispatcher turns split sizes into numpy only when they were on a GPU; on CPU "
+        "they stay tensors and gloo's all_to_all_single rejects them",
+        _m("transformer.moe.moe_utils"),
+        ("if torch.is_tensor(tensor) and tensor.is_cuda:", "cpu_tensor = cpu_tensor.numpy()"),
+        _patch_moe_split_sizes,
+    ),
+    Patch(
+        "mla_duplicated_linear",
+        "without Transformer Engine, MLA accepts no duplicated (sequence-sharded) Linear for its "
+        "down-projections, and the column-parallel ones lose the TP sum of the rope key's grad",
+        _m("transformer.multi_latent_attention"),
+        (
+            "from megatron.core.post_training.modelopt.layers import Linear",
+            "Linear,\n                TEColumnParallelLinear,",
+        ),
+        _patch_mla_linear,
+    ),
+    Patch(
+        "bridge_torch_proxy",
+        "megatron-bridge's replicated-weight mapping broadcasts from torch.cuda.current_device() at TP > 1; "
+        "the import hook gives megatron.bridge modules the same CPU torch (nothing else to install)",
+        "megatron.bridge.models.conversion.param_mapping",
+        ("torch.cuda.current_device()",),
+        lambda _: None,
+    ),
+)
 
 _applied = False
 

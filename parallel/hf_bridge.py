@@ -131,8 +131,16 @@ def _bare_megatron_training() -> None:
         if (Path(loc) / "training" / "global_vars.py").exists():
             pkg = _bare_package("megatron.training", Path(loc) / "training")
             gv = importlib.import_module("megatron.training.global_vars")
-            for n in ("get_args", "get_timers", "get_adlr_autoresume", "get_signal_handler", "get_tokenizer",
-                      "get_tensorboard_writer", "get_wandb_writer", "get_one_logger"):
+            for n in (
+                "get_args",
+                "get_timers",
+                "get_adlr_autoresume",
+                "get_signal_handler",
+                "get_tokenizer",
+                "get_tensorboard_writer",
+                "get_wandb_writer",
+                "get_one_logger",
+            ):
                 setattr(pkg, n, getattr(gv, n))
             return
     raise ImportError("megatron.training not found next to megatron.core")
@@ -179,7 +187,6 @@ def _register_local_spec_modules() -> None:
     AutoMapping.register_module_type("Linear", "replicated")
 
 
-
 # ---------------------------------------------------------------------------------------------------
 # Conversion API over MegatronModelBridge (load_weights_hf_to_megatron / stream_weights_megatron_to_hf).
 
@@ -204,7 +211,9 @@ def _models(policy) -> list[torch.nn.Module]:
     for model in models:
         # why: the bridge reads config.share_embeddings_and_output_weights, which megatron's TransformerConfig
         # lacks (GPTModel keeps it on the module); unset, a tied model exports no lm_head.weight.
-        model.config.share_embeddings_and_output_weights = bool(getattr(model, "share_embeddings_and_output_weights", False))
+        model.config.share_embeddings_and_output_weights = bool(
+            getattr(model, "share_embeddings_and_output_weights", False)
+        )
     return models
 
 
@@ -257,7 +266,9 @@ def import_hf(policy, hf_dir) -> None:
     ours = make_hf_config(policy.cfg.model)
     for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
         if getattr(hf_cfg, k) != getattr(ours, k):
-            raise ValueError(f"{hf_dir}: {k}={getattr(hf_cfg, k)} but model {policy.cfg.model.name} has {getattr(ours, k)}")
+            raise ValueError(
+                f"{hf_dir}: {k}={getattr(hf_cfg, k)} but model {policy.cfg.model.name} has {getattr(ours, k)}"
+            )
     import_hf_state(policy, load_hf_dir(hf_dir), ours)
 
 
@@ -291,8 +302,9 @@ def export_hf(policy, include_mtp: bool = True) -> Iterator[tuple[str, torch.Ten
     # why: exporting with a name-filtered source breaks at PP > 1 when a param's HF name is absent (bridge
     # bug: "Object must exist on at least one PP rank"); export by config (all names) and filter here.
     # No LoRA adapters exist here, so the bridge's per-export adapter discovery is skipped.
-    stream = bridge.stream_weights_megatron_to_hf(models, hf_cfg, cpu=True, show_progress=False,
-                                                  conversion_tasks=tasks, merge_adapter_weights=False)  # fmt: skip
+    stream = bridge.stream_weights_megatron_to_hf(
+        models, hf_cfg, cpu=True, show_progress=False, conversion_tasks=tasks, merge_adapter_weights=False
+    )
     n_layers = m.num_layers
     seen = set()
     for name, t in stream:

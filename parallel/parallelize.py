@@ -101,8 +101,11 @@ def runtime_config(cfg: Config) -> dict[str, Any]:
         if getattr(p, name) is not None:  # an uneven pipeline split (DeepSeek-V3's 61 layers at PP 12 or 16)
             rt[name] = getattr(p, name)
     if p.recompute != "none":
-        rt.update(recompute_granularity=p.recompute, recompute_method="uniform" if p.recompute == "full" else None,
-                  recompute_num_layers=1 if p.recompute == "full" else None)  # fmt: skip
+        rt.update(
+            recompute_granularity=p.recompute,
+            recompute_method="uniform" if p.recompute == "full" else None,
+            recompute_num_layers=1 if p.recompute == "full" else None,
+        )
     if p.fp8:
         rt.update(fp8=p.fp8, fp8_recipe=p.fp8_recipe)
     return rt
@@ -126,14 +129,18 @@ def build_policy(cfg: Config, with_optimizer: bool = True, head: str = "lm") -> 
     config = model_lib.transformer_config(cfg.model, **runtime_config(cfg))
     use_te = use_transformer_engine(cfg.parallel.transformer_impl)
     if head == "scalar" and cfg.parallel.sequence_parallel:
-        raise ConfigError("a reward model does not support parallel.sequence_parallel yet: its scalar head reads "
-                          "whole sequences. Fix: set parallel.sequence_parallel=false.")  # fmt: skip
+        raise ConfigError(
+            "a reward model does not support parallel.sequence_parallel yet: its scalar head reads "
+            "whole sequences. Fix: set parallel.sequence_parallel=false."
+        )
     model = (model_lib.build_reward_model if head == "scalar" else model_lib.build_gpt)(
-        cfg.model, config, use_te,
+        cfg.model,
+        config,
+        use_te,
         pre_process=ps.is_pipeline_first_stage(ignore_virtual=True),
         post_process=ps.is_pipeline_last_stage(ignore_virtual=True),
         pp_rank=ps.get_pipeline_model_parallel_rank(),
-    )  # fmt: skip
+    )
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     p = cfg.parallel
@@ -204,14 +211,18 @@ def token_loss(output: torch.Tensor, loss_mask: torch.Tensor):
 
 def _default_forward(batch: dict, model) -> tuple[torch.Tensor, Callable]:
     out = model(
-        batch["tokens"], batch["position_ids"], batch["attention_mask"],
-        labels=batch["labels"], loss_mask=batch["loss_mask"],
-    )  # fmt: skip
+        batch["tokens"],
+        batch["position_ids"],
+        batch["attention_mask"],
+        labels=batch["labels"],
+        loss_mask=batch["loss_mask"],
+    )
     return out, lambda o: token_loss(o, batch["loss_mask"])
 
 
-def forward_backward(policy: Policy, micro_batches: list[dict], forward_only: bool = False,
-                     forward: Callable = _default_forward) -> list[Any]:  # fmt: skip
+def forward_backward(
+    policy: Policy, micro_batches: list[dict], forward_only: bool = False, forward: Callable = _default_forward
+) -> list[Any]:
     """Runs megatron's schedule (1F1B under PP) over this DP rank's micro-batches.
 
     `forward(batch, model)` returns (output, loss_fn); loss_fn(output) returns (loss_sum, n_tokens, data).
@@ -277,7 +288,9 @@ def optimizer_step(policy: Policy, loss: float | None) -> dict:
 
 def from_last_stage(t: torch.Tensor) -> torch.Tensor:
     """`t` as the last pipeline stage holds it, on every stage (in place): only that stage computes outputs."""
-    torch.distributed.broadcast(t, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
+    torch.distributed.broadcast(
+        t, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group()
+    )
     return t
 
 

@@ -29,8 +29,10 @@ def run(cfg: Config) -> dict:
         raise ConfigError("stage=cold_start_sft fine-tunes a model: set stage.init_from (the paper: the base).")
     if not cfg.stage.data_from:
         if not c.source:
-            raise ConfigError("stage=cold_start_sft has no data. Fix: set stage.cold_start.source to the run dir "
-                              "of the model to collect outputs from (R1-Zero), or stage.data_from to ready rows.")  # fmt: skip
+            raise ConfigError(
+                "stage=cold_start_sft has no data. Fix: set stage.cold_start.source to the run dir "
+                "of the model to collect outputs from (R1-Zero), or stage.data_from to ready rows."
+            )
         check_pattern(c)
         data = Path(cfg.run_dir) / DATA_DIR
         rejection_sampling.build(cfg, c.source, data, rewrite=lambda rows: [in_pattern(r, c) for r in rows])
@@ -43,16 +45,23 @@ def in_pattern(row: dict, c) -> dict:
     both the reasoning and the answer are there."""
     reasoning = reasoning_of(row["response"])
     answer = (extract_answer(row["response"]) or "").strip()
-    return {**row, "response": reasoning + c.reasoning_end + c.summary.format(answer=answer, reasoning=reasoning),
-            "source": "cold_start"}  # fmt: skip
+    return {
+        **row,
+        "response": reasoning + c.reasoning_end + c.summary.format(answer=answer, reasoning=reasoning),
+        "source": "cold_start",
+    }
 
 
 def check_pattern(c) -> None:
     try:
         c.summary.format(answer="", reasoning="")
     except (KeyError, IndexError, ValueError) as e:
-        raise ConfigError(f"stage.cold_start.summary={c.summary!r} is not a template of {{answer}} and "
-                          f"{{reasoning}} ({e!r}). Fix: write literal braces as {{{{ and }}}}.") from None  # fmt: skip
+        raise ConfigError(
+            f"stage.cold_start.summary={c.summary!r} is not a template of {{answer}} and "
+            f"{{reasoning}} ({e!r}). Fix: write literal braces as {{{{ and }}}}."
+        ) from None
     if not c.reasoning_end:
-        raise ConfigError("stage.cold_start.reasoning_end is empty: the pattern needs a token between the "
-                          "reasoning and the summary. Fix: set it (default </think>).")  # fmt: skip
+        raise ConfigError(
+            "stage.cold_start.reasoning_end is empty: the pattern needs a token between the "
+            "reasoning and the summary. Fix: set it (default </think>)."
+        )

@@ -44,19 +44,32 @@ def evaluate(engine, tok, rows: list[dict], ecfg, pool, max_new_tokens: int) -> 
 
 def _score(engine, tok, rows: list[dict], ecfg, pool, max_new_tokens: int) -> list[dict]:
     """One record per prompt: its k samples' accuracy, consensus, format (and language) and lengths."""
-    sampling = Sampling(n=ecfg.k, temperature=ecfg.temperature, top_p=ecfg.top_p,
-                        max_new_tokens=ecfg.max_new_tokens or max_new_tokens, seed=ecfg.seed, stop_token_ids=(tok.eos_token_id,))  # fmt: skip
+    sampling = Sampling(
+        n=ecfg.k,
+        temperature=ecfg.temperature,
+        top_p=ecfg.top_p,
+        max_new_tokens=ecfg.max_new_tokens or max_new_tokens,
+        seed=ecfg.seed,
+        stop_token_ids=(tok.eos_token_id,),
+    )
     groups, _ = generate_groups(engine, tok, rows, sampling)
     flat = [s for g in groups for s in g]
     scores = pool.score([s.text for s in flat], [s.row for s in flat]).per_reward
     records, i = [], 0
     for row, g in zip(rows, groups):
         share = {name: mean(v[i : i + len(g)]) for name, v in scores.items()}
-        records.append({"task": row.get("task") or "default", "pass@1": share["accuracy"],
-                        "cons": _consensus(g, scores["accuracy"][i : i + len(g)]), "format": share["format"],
-                        "language_consistency": share.get("language_consistency"),
-                        "lengths": [len(s.completion_ids) for s in g],
-                        "reasoning_first": mean(starts_with_trace(s.text) for s in g), "audit": _audit(row, g)})  # fmt: skip
+        records.append(
+            {
+                "task": row.get("task") or "default",
+                "pass@1": share["accuracy"],
+                "cons": _consensus(g, scores["accuracy"][i : i + len(g)]),
+                "format": share["format"],
+                "language_consistency": share.get("language_consistency"),
+                "lengths": [len(s.completion_ids) for s in g],
+                "reasoning_first": mean(starts_with_trace(s.text) for s in g),
+                "audit": _audit(row, g),
+            }
+        )
         i += len(g)
     return records
 
@@ -64,11 +77,19 @@ def _score(engine, tok, rows: list[dict], ecfg, pool, max_new_tokens: int) -> li
 def _aggregate(records: list[dict], k: int) -> dict:
     n = max(len(records), 1)
     lengths = sorted(x for r in records for x in r["lengths"]) or [0]
-    out = {"n_prompts": len(records), "pass@1": sum(r["pass@1"] for r in records) / n,
-           f"cons@{k}": sum(r["cons"] for r in records) / n, "format": sum(r["format"] for r in records) / n,
-           "response_length": sum(lengths) / len(lengths),
-           "response_length_dist": {"min": lengths[0], "p50": _pct(lengths, 0.5), "p90": _pct(lengths, 0.9),
-                                    "max": lengths[-1]}}  # fmt: skip
+    out = {
+        "n_prompts": len(records),
+        "pass@1": sum(r["pass@1"] for r in records) / n,
+        f"cons@{k}": sum(r["cons"] for r in records) / n,
+        "format": sum(r["format"] for r in records) / n,
+        "response_length": sum(lengths) / len(lengths),
+        "response_length_dist": {
+            "min": lengths[0],
+            "p50": _pct(lengths, 0.5),
+            "p90": _pct(lengths, 0.9),
+            "max": lengths[-1],
+        },
+    }
     lang = [r["language_consistency"] for r in records if r["language_consistency"] is not None]
     if lang:
         out["language_consistency"] = sum(lang) / len(lang)

@@ -21,8 +21,8 @@ from core.config import Config
 from parallel import checkpoint as ckpt
 from parallel import parallelize as P
 from rlhf.prompts import is_general
-from rlhf.rewards import RewardPool, RewardResult
 from rlhf.reward_model import encode, view
+from rlhf.rewards import RewardPool, RewardResult
 
 NOT_SCORED = math.nan  # a reward that does not apply to a sample (step_metrics averages the others)
 
@@ -51,17 +51,23 @@ class RewardModel:
 
         ids = [encode(self.tok, p, view(r, self.part, self.reasoning_end)) for p, r in zip(prompts, responses)]
         width = max(len(x) for x in ids)
-        data = {"tokens": torch.full((len(ids), width), self.tok.pad_token_id), "labels": torch.zeros(len(ids), width, dtype=torch.long),
-                "position_ids": torch.zeros(len(ids), width, dtype=torch.long), "loss_mask": torch.zeros(len(ids), width),
-                "segment_ids": torch.full((len(ids), width), -1), "ends": torch.zeros(len(ids), 1, dtype=torch.long)}  # fmt: skip
+        data = {
+            "tokens": torch.full((len(ids), width), self.tok.pad_token_id),
+            "labels": torch.zeros(len(ids), width, dtype=torch.long),
+            "position_ids": torch.zeros(len(ids), width, dtype=torch.long),
+            "loss_mask": torch.zeros(len(ids), width),
+            "segment_ids": torch.full((len(ids), width), -1),
+            "ends": torch.zeros(len(ids), 1, dtype=torch.long),
+        }
         for i, x in enumerate(ids):
             data["tokens"][i, : len(x)] = torch.tensor(x)
             data["position_ids"][i, : len(x)] = torch.arange(len(x))
             data["segment_ids"][i, : len(x)] = 0
             data["ends"][i, 0] = len(x) - 1
         with P.eval_mode(self.model):
-            out = P.forward_backward(self.model, micro_batches(data, list(range(len(ids))), self.micro),
-                                     forward_only=True, forward=_at_eos)  # fmt: skip
+            out = P.forward_backward(
+                self.model, micro_batches(data, list(range(len(ids))), self.micro), forward_only=True, forward=_at_eos
+            )
         scores = torch.cat([d["scores"] for d in out]) if out else torch.zeros(len(ids))
         return P.from_last_stage(scores).tolist()
 
@@ -84,8 +90,10 @@ class MixedRewards(contextlib.ExitStack):
         r = cfg.reward
         self.rule = RewardPool(dict(r.weights), r.timeout_s, r.workers)
         self.general = RewardPool(dict(r.general_weights), r.timeout_s, r.workers) if r.general_weights else None
-        self.models = {name: (RewardModel(cfg, f"reward.models.{name}.path", m.path, tok), m.weight)
-                       for name, m in r.models.items()}  # fmt: skip
+        self.models = {
+            name: (RewardModel(cfg, f"reward.models.{name}.path", m.path, tok), m.weight)
+            for name, m in r.models.items()
+        }
 
     def __enter__(self):
         super().__enter__()

@@ -103,23 +103,31 @@ def distill_advantages(teacher: P.Policy, batch: dict, micro: int, temperature: 
     return (batch["teacher_logp"] - batch["old_logp"]) * batch["loss_mask"]
 
 
-def update(policy: P.Policy, batch: dict, settings: LossSettings, minibatches: int, micro: int,
-           temperature: float) -> dict:  # fmt: skip
+def update(
+    policy: P.Policy, batch: dict, settings: LossSettings, minibatches: int, micro: int, temperature: float
+) -> dict:
     """rl.minibatches optimizer steps over disjoint shares of the batch; returns averaged metrics."""
     n = batch["tokens"].shape[0]
     if n % minibatches or (n // minibatches) % micro:
-        raise ValueError(f"{n} samples do not split into {minibatches} minibatches of micro-batches of {micro}. "
-                         "Fix: make prompts_per_step × rollout.n a multiple of minibatches × micro_batch_size.")  # fmt: skip
+        raise ValueError(
+            f"{n} samples do not split into {minibatches} minibatches of micro-batches of {micro}. "
+            "Fix: make prompts_per_step × rollout.n a multiple of minibatches × micro_batch_size."
+        )
     size, steps = n // minibatches, []
     fwd = _forward(policy.cfg.model.vocab_size, temperature, settings)
     for k in range(minibatches):
         policy.optimizer.zero_grad()
-        data = P.forward_backward(policy, micro_batches(batch, list(range(k * size, (k + 1) * size)), micro), forward=fwd)
+        data = P.forward_backward(
+            policy, micro_batches(batch, list(range(k * size, (k + 1) * size)), micro), forward=fwd
+        )
         sums = P.reduce_sums(data, ["entropy", "clip_frac", "kl", "sequences"])
         step = P.optimizer_step(policy, P.reduce_loss(data))
         seqs = sums.pop("sequences") or 1
         steps.append({**step, **{k2: v / seqs for k2, v in sums.items()}})
-    out = {k: mean(s[k] for s in steps) for k in ("loss", "grad_norm", "entropy", "clip_frac", "kl", "lr")
-           if all(s[k] is not None and math.isfinite(s[k]) for s in steps)}  # fmt: skip
+    out = {
+        k: mean(s[k] for s in steps)
+        for k in ("loss", "grad_norm", "entropy", "clip_frac", "kl", "lr")
+        if all(s[k] is not None and math.isfinite(s[k]) for s in steps)
+    }
     out["update_ok"] = all(s["update_ok"] for s in steps)
     return out

@@ -24,9 +24,11 @@ def rule_checkable(row: dict) -> bool:
 def refuse_judged(rows: list[dict], where: str) -> None:
     """Only rejection sampling has a judge: elsewhere a judged row could never be scored."""
     if any(not rule_checkable(r) for r in rows):
-        raise ConfigError(f"{where}: rows of task {JUDGED!r} have no rule reward, and only stage=rejection_sampling "
-                          "asks a generative judge (stage.sampling.judge). Fix: give those rows a task with a scorer, "
-                          "or use them in rejection sampling.")  # fmt: skip
+        raise ConfigError(
+            f"{where}: rows of task {JUDGED!r} have no rule reward, and only stage=rejection_sampling "
+            "asks a generative judge (stage.sampling.judge). Fix: give those rows a task with a scorer, "
+            "or use them in rejection sampling."
+        )
 
 
 class GenerativeJudge:
@@ -50,8 +52,10 @@ class GenerativeJudge:
         group, whose ranks must pass the same lists; a prompt past the judge's context is judged wrong."""
         from rlhf import grpo
 
-        prompts = [self.tok(self.template.format(reference=r, prediction=p))["input_ids"]
-                   for r, p in zip(references, predictions)]  # fmt: skip
+        prompts = [
+            self.tok(self.template.format(reference=r, prediction=p))["input_ids"]
+            for r, p in zip(references, predictions)
+        ]
         fits = [i for i, p in enumerate(prompts) if len(p) + max(map(len, self.verdicts)) <= self.context]
         out = [0.0] * len(prompts)
         if not fits:

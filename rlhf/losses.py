@@ -120,6 +120,9 @@ def rl_loss(logp, batch: dict, s: LossSettings):
     loss_sum, count = agg(total, mask, s.max_len)
     with torch.no_grad():  # per-sequence token means, summed: the caller divides by the sequence count
         seq = lambda v: ((v * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum()  # noqa: E731
-        metrics = {"clip_frac": seq(clipped), "kl": seq(kl) if kl is not None else torch.tensor(float("nan")),
-                   "sequences": torch.tensor(float(logp.shape[0]))}  # fmt: skip
+        metrics = {
+            "clip_frac": seq(clipped),
+            "kl": seq(kl) if kl is not None else torch.tensor(float("nan")),
+            "sequences": torch.tensor(float(logp.shape[0])),
+        }
     return loss_sum, count, metrics

@@ -26,12 +26,26 @@ def mix(kept: list[dict], s, seed: int) -> list[dict]:
     want = round(len(kept) * s.non_reasoning_share / max(1e-9, 1 - s.non_reasoning_share))
     extra = general.sft_rows(want, seed) if s.non_reasoning_path == "greet" else load_rows(s.non_reasoning_path, "sft")
     if want > len(extra):
-        log.warning("non-reasoning data has %d rows, %d wanted for share %.2f: using all", len(extra), want,
-                    s.non_reasoning_share)  # fmt: skip
+        log.warning(
+            "non-reasoning data has %d rows, %d wanted for share %.2f: using all",
+            len(extra),
+            want,
+            s.non_reasoning_share,
+        )
     picked = random.Random(seed).sample(range(len(extra)), min(want, len(extra)))
-    rows = kept + [{"prompt": extra[i]["prompt"], "response": extra[i]["response"], "source": "non_reasoning",
-                    "prompt_index": i, "sample_index": -1, "task": "general", "answer": "", "seed": seed}
-                   for i in sorted(picked)]  # fmt: skip
+    rows = kept + [
+        {
+            "prompt": extra[i]["prompt"],
+            "response": extra[i]["response"],
+            "source": "non_reasoning",
+            "prompt_index": i,
+            "sample_index": -1,
+            "task": "general",
+            "answer": "",
+            "seed": seed,
+        }
+        for i in sorted(picked)
+    ]
     random.Random(seed).shuffle(rows)
     return rows
 
@@ -45,14 +59,22 @@ def write_cots(engine, tok, rows: list[dict], cfg: Config) -> tuple[list[dict], 
     todo = [i for i in given if len(rows[i]["prompt"]) >= s.cot_min_prompt_chars]
     for i in todo:
         if not rows[i]["prompt"].endswith(THINK) or THINK_END not in rows[i]["response"]:
-            raise DataError(f"non-reasoning row {rows[i]['prompt_index']} of {s.non_reasoning_path} "
-                            f"({rows[i]['prompt'][:60]!r}) has no place for a CoT. Fix: end its prompt with "
-                            f"{THINK} and write its response as REASONING{THINK_END}REST (the reasoning may be "
-                            "empty), or set stage.sampling.non_reasoning_cot=false.")  # fmt: skip
+            raise DataError(
+                f"non-reasoning row {rows[i]['prompt_index']} of {s.non_reasoning_path} "
+                f"({rows[i]['prompt'][:60]!r}) has no place for a CoT. Fix: end its prompt with "
+                f"{THINK} and write its response as REASONING{THINK_END}REST (the reasoning may be "
+                "empty), or set stage.sampling.non_reasoning_cot=false."
+            )
     mine = todo[P.data_parallel_rank() :: P.data_parallel_size()]
     stop = (tok.convert_tokens_to_ids(THINK_END), tok.eos_token_id)
-    sampling = Sampling(n=1, temperature=r.temperature, top_p=r.top_p, max_new_tokens=s.cot_max_new_tokens,
-                        seed=cfg.seed * 1_000_003 - 1, stop_token_ids=stop)  # fmt: skip
+    sampling = Sampling(
+        n=1,
+        temperature=r.temperature,
+        top_p=r.top_p,
+        max_new_tokens=s.cot_max_new_tokens,
+        seed=cfg.seed * 1_000_003 - 1,
+        stop_token_ids=stop,
+    )
     groups, _ = grpo.generate_and_share(engine, tok, [rows[i] for i in mine], sampling) if mine else ([], 0)
     mine_cots = {i: g[0].text.split(THINK_END)[0] for i, g in zip(mine, groups) if THINK_END in g[0].text}
     cots = {i: cot for part in P.gather_data_parallel(mine_cots) for i, cot in part.items()}

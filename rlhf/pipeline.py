@@ -104,12 +104,16 @@ def run(stages: list[dict], root: Path, preset: str, common: list[str], per_stag
         done = lineage["stages"].get(name, {})
         if done.get("status") == "done" and out.exists():  # a deleted stage dir means: run it again
             if (done["argv"], done["inputs"]) != (argv, inputs):
-                raise PipelineError(f"stage {name} finished earlier with other arguments or inputs (see "
-                                    f"{root / 'lineage.json'}). Fix: delete {out} to run it again.")  # fmt: skip
+                raise PipelineError(
+                    f"stage {name} finished earlier with other arguments or inputs (see "
+                    f"{root / 'lineage.json'}). Fix: delete {out} to run it again."
+                )
             if done.get("config_digest", digest) != digest:  # lineages from before the digest: not checked
-                raise PipelineError(f"stage {name} finished earlier with another config: the same arguments now "
-                                    f"compose differently (a conf/ preset changed). Fix: delete {out} to run it "
-                                    "again, or restore the preset.")  # fmt: skip
+                raise PipelineError(
+                    f"stage {name} finished earlier with another config: the same arguments now "
+                    f"compose differently (a conf/ preset changed). Fix: delete {out} to run it "
+                    "again, or restore the preset."
+                )
             print(f"[pipeline] {name}: done earlier, skipped", flush=True)
         else:
             lineage["stages"][name] = {**_run_stage(name, argv, inputs, out), "config_digest": digest}
@@ -119,7 +123,9 @@ def run(stages: list[dict], root: Path, preset: str, common: list[str], per_stag
             _write(root / "lineage.json", lineage)
         if name == until:
             break
-    summary = {n: _reported(_read(root / n / "heldout" / "eval.json")) for n, st in lineage["stages"].items() if st.get("eval")}
+    summary = {
+        n: _reported(_read(root / n / "heldout" / "eval.json")) for n, st in lineage["stages"].items() if st.get("eval")
+    }
     _write(root / "summary.json", summary)
     print(json.dumps(summary, indent=1), flush=True)
 
@@ -152,10 +158,15 @@ def _run_stage(name: str, argv: list[str], inputs: dict, out: Path) -> dict:
     t0 = time.time()
     _call(cmd, out / "stage.log", name)
     config = out / "config.json"
-    return {"status": "done", "argv": argv, "inputs": inputs, "wall_s": round(time.time() - t0, 1),
-            "output": {"path": str(out), "sha256": fingerprint(out, name)},
-            "config_sha256": _sha(config) if config.exists() else None,
-            "commit": _read(config).get("git", {}).get("commit") if config.exists() else None}  # fmt: skip
+    return {
+        "status": "done",
+        "argv": argv,
+        "inputs": inputs,
+        "wall_s": round(time.time() - t0, 1),
+        "output": {"path": str(out), "sha256": fingerprint(out, name)},
+        "config_sha256": _sha(config) if config.exists() else None,
+        "commit": _read(config).get("git", {}).get("commit") if config.exists() else None,
+    }
 
 
 def _evaluate(name: str, out: Path, args: list[str]) -> dict:
@@ -189,8 +200,10 @@ def fingerprint(stage_dir: Path, user: str, lineage: dict | None = None) -> str:
     digest = _sha(artifact)
     recorded = (lineage or {}).get("stages", {}).get(stage_dir.name, {}).get("output", {}).get("sha256")
     if lineage is not None and recorded != digest:
-        raise PipelineError(f"stage {user} needs {artifact}, which changed since stage {stage_dir.name} wrote it "
-                            f"(recorded {recorded}, now {digest}). Fix: delete {stage_dir} and re-run.")  # fmt: skip
+        raise PipelineError(
+            f"stage {user} needs {artifact}, which changed since stage {stage_dir.name} wrote it "
+            f"(recorded {recorded}, now {digest}). Fix: delete {stage_dir} and re-run."
+        )
     return digest
 
 

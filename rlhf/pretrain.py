@@ -19,8 +19,7 @@ import torch
 
 import parallel  # noqa: F401  (CPU compatibility layer before megatron loads)
 from core.config import Config, ConfigError
-from core.data import causal_mask_from_segments, load_rows, pack, shuffled_rows
-from core.model import causal_mask
+from core.data import causal_mask, causal_mask_from_segments, load_rows, pack, shuffled_rows
 from core.tokenizer import build_char_tokenizer, save_tokenizer
 from parallel import checkpoint as ckpt
 from parallel import parallelize as P
@@ -48,8 +47,10 @@ def load_texts(cfg: Config) -> list[str]:
         texts = addition.pretraining_text(random.Random(d.seed), d.num_train)
         if d.general_task:  # general text in the corpus too, as a base model sees the web's: of uneven quality
             if d.general_task != "greet" or not 0 < d.general_share < 1:
-                raise ConfigError(f"data.general_task={d.general_task!r}, data.general_share={d.general_share}: "
-                                  "expected greet and a share in (0, 1).")  # fmt: skip
+                raise ConfigError(
+                    f"data.general_task={d.general_task!r}, data.general_share={d.general_share}: "
+                    "expected greet and a share in (0, 1)."
+                )
             n = round(len(texts) * d.general_share / (1 - d.general_share))
             texts += [r["prompt"] + r["response"] for r in general.sft_rows(n, d.seed)]
             random.Random(d.seed).shuffle(texts)
@@ -94,8 +95,15 @@ def micro_batches(data: dict[str, torch.Tensor], rows: list[int], micro: int) ->
 
 
 @torch.no_grad()
-def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, vocab: int,
-             temperature: float = 0.0, generator: torch.Generator | None = None) -> list[list[int]]:  # fmt: skip
+def generate(
+    model,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    eos_id: int,
+    vocab: int,
+    temperature: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
     """Greedy (temperature 0) or sampled decoding that recomputes the full forward per token; fine for
     a tiny model. Prompts must share one length; finished rows leave the batch."""
     if len({len(p) for p in prompts}) != 1:
@@ -148,9 +156,14 @@ def heldout_eval(policy: P.Policy, tok, n: int, max_new_tokens: int = EVAL_MAX_N
 def _progress(enabled: bool, total: int, start: int):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    bar = Progress(TextColumn("pretrain"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s"), TimeRemainingColumn(),
-                   disable=not enabled)  # fmt: skip
+    bar = Progress(
+        TextColumn("pretrain"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s"),
+        TimeRemainingColumn(),
+        disable=not enabled,
+    )
     task = bar.add_task("pretrain", total=total, completed=start, loss="-", tps="-")
     return bar, task
 
@@ -198,8 +211,10 @@ def _run(cfg: Config, rank0: bool, t_start: float, tracker: Tracker, packed_data
 
     tok = build_char_tokenizer()
     if len(tok) > cfg.model.vocab_size:
-        raise ConfigError(f"the char tokenizer has {len(tok)} tokens > model.vocab_size={cfg.model.vocab_size}. "
-                          f"Fix: set model.vocab_size >= {len(tok)}.")  # fmt: skip
+        raise ConfigError(
+            f"the char tokenizer has {len(tok)} tokens > model.vocab_size={cfg.model.vocab_size}. "
+            f"Fix: set model.vocab_size >= {len(tok)}."
+        )
     if rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_tokenizer(tok, run_dir / "tokenizer")
@@ -211,8 +226,10 @@ def _run(cfg: Config, rank0: bool, t_start: float, tracker: Tracker, packed_data
         meta = ckpt.load(policy, ckpt_root, with_optimizer=True, with_rng=True)
         log.info("resumed from %s at step %d", ckpt_root, policy.step)
         if meta["extra"].get("data_position") != policy.step * t.global_batch_size:
-            log.warning("checkpoint data_position %s does not match step×global batch: the batch size changed",
-                        meta["extra"].get("data_position"))  # fmt: skip
+            log.warning(
+                "checkpoint data_position %s does not match step×global batch: the batch size changed",
+                meta["extra"].get("data_position"),
+            )
     elif cfg.stage.init_from:  # fine-tuning (or continued pretraining): its weights, a fresh optimizer
         ckpt.load(policy, ckpt.of_run(cfg.stage.init_from), with_optimizer=False)
         policy.step = 0
@@ -235,14 +252,23 @@ def _run(cfg: Config, rank0: bool, t_start: float, tracker: Tracker, packed_data
             lr = last["lr"]
             dt = time.perf_counter() - t0
             tokens = int((data["segment_ids"][rows] >= 0).sum())
-            row = {"step": policy.step, "train/loss": last["loss"], "train/grad_norm": last["grad_norm"],
-                   "train/lr": lr, "train/skipped": not last["update_ok"], "perf/step_s": dt,
-                   "perf/tokens_per_s": tokens / dt, "data/position": policy.step * t.global_batch_size}  # fmt: skip
+            row = {
+                "step": policy.step,
+                "train/loss": last["loss"],
+                "train/grad_norm": last["grad_norm"],
+                "train/lr": lr,
+                "train/skipped": not last["update_ok"],
+                "perf/step_s": dt,
+                "perf/tokens_per_s": tokens / dt,
+                "data/position": policy.step * t.global_batch_size,
+            }
             tracker.log(row)
             bar.update(task, completed=policy.step, loss=f"{last['loss']:.3f}", tps=f"{tokens / dt:,.0f}")
             if rank0 and not show and (policy.step % max(1, t.steps // 10) == 0 or policy.step == t.steps):
-                print(f"step {policy.step}/{t.steps} loss {last['loss']:.4f} lr {lr:.2e} {tokens / dt:,.0f} tok/s",
-                      flush=True)  # fmt: skip
+                print(
+                    f"step {policy.step}/{t.steps} loss {last['loss']:.4f} lr {lr:.2e} {tokens / dt:,.0f} tok/s",
+                    flush=True,
+                )
             guard.update(last["update_ok"], policy.step, last["loss"])
             if last["update_ok"]:
                 recent = (recent + [last["loss"]])[-50:]
@@ -256,8 +282,12 @@ def _run(cfg: Config, rank0: bool, t_start: float, tracker: Tracker, packed_data
         _save(policy, ckpt_root, cfg)
     train_s = time.time() - t_start
 
-    summary = {"steps": policy.step, "final_loss": last["loss"], "train_s": train_s,
-               "final_loss_mean50": sum(recent) / len(recent) if recent else None}  # fmt: skip
+    summary = {
+        "steps": policy.step,
+        "final_loss": last["loss"],
+        "train_s": train_s,
+        "final_loss_mean50": sum(recent) / len(recent) if recent else None,
+    }
     final_eval = final_eval or final_eval_for(cfg.data.task)
     if final_eval is None:
         summary["eval/note"] = f"skipped: no held-out check for data.task={cfg.data.task}"

@@ -52,8 +52,10 @@ def load_prompts(data_cfg, split: str) -> list[dict]:
         raise ValueError(f"split={split!r}: expected one of {SPLITS}")
     template = _template_name(data_cfg)  # checked before generating anything
     if (split == "train" and data_cfg.num_train < 1) or data_cfg.num_eval < 0:
-        raise ConfigError(f"data.num_train={data_cfg.num_train}, data.num_eval={data_cfg.num_eval}. "
-                          "Fix: num_train >= 1 and num_eval >= 0.")  # fmt: skip
+        raise ConfigError(
+            f"data.num_train={data_cfg.num_train}, data.num_eval={data_cfg.num_eval}. "
+            "Fix: num_train >= 1 and num_eval >= 0."
+        )
     if data_cfg.source == "generated":
         rows = _generated(data_cfg, split)
     elif data_cfg.source in ("jsonl", "parquet"):
@@ -77,8 +79,15 @@ def _general(data_cfg, split: str, n_reasoning: int) -> list[dict]:
         raise ConfigError(f"data.general_task={data_cfg.general_task!r}: expected greet (rlhf.tasks.general).")
     n = round(n_reasoning * data_cfg.general_share / (1 - data_cfg.general_share))
     rows = general.prompts(n, data_cfg.seed + (0 if split == "train" else 1), held_out=split == "eval")
-    return [{"question": r["question"], "answer": None if split == "train" else r["answer"], "task": r["task"],
-             "metadata": {"general": True}} for r in rows]  # fmt: skip
+    return [
+        {
+            "question": r["question"],
+            "answer": None if split == "train" else r["answer"],
+            "task": r["task"],
+            "metadata": {"general": True},
+        }
+        for r in rows
+    ]
 
 
 def is_general(row: dict) -> bool:
@@ -113,7 +122,7 @@ def _generated(data_cfg, split: str) -> list[dict]:
         return [
             {"question": _addition_question(r["prompt"]), "answer": r["answer"], "task": "addition", "metadata": {}}
             for r in make(n, seed=data_cfg.seed)
-        ]  # fmt: skip
+        ]
     if task == "code":
         return _code_rows(data_cfg, split)
     if task == "bilingual":
@@ -137,8 +146,11 @@ def _generated(data_cfg, split: str) -> list[dict]:
 
 def _code_rows(data_cfg, split: str) -> list[dict]:
     try:
-        rows = code.train_rows(data_cfg.num_train, data_cfg.seed) if split == "train" else \
-            code.eval_rows(data_cfg.num_eval, data_cfg.seed)  # fmt: skip
+        rows = (
+            code.train_rows(data_cfg.num_train, data_cfg.seed)
+            if split == "train"
+            else code.eval_rows(data_cfg.num_eval, data_cfg.seed)
+        )
     except ValueError as e:
         raise ConfigError(f"data.task=code: {e}. Fix: lower data.num_eval.") from e
     validate_gold(rows, where=f"data.task=code {split}")  # also fails here, not mid-run, when no sandbox works
@@ -164,8 +176,12 @@ def _rg_entries(name: str, size: int, seed: int) -> tuple[dict, ...]:
 
 
 def _rg_row(name: str, entry: dict) -> dict:
-    return {"question": entry["question"], "answer": str(entry["answer"]), "task": f"rg/{name}",
-            "metadata": {"entry": entry}}  # fmt: skip
+    return {
+        "question": entry["question"],
+        "answer": str(entry["answer"]),
+        "task": f"rg/{name}",
+        "metadata": {"entry": entry},
+    }
 
 
 def _rg_eval(name: str, data_cfg, train_questions: set[str]) -> list[dict]:
@@ -209,8 +225,15 @@ def _read(path: str, default_task: str | None) -> list[dict]:
     for where, r in zip(_locations(Path(path), len(raw)), raw):
         meta = r.get("metadata") if isinstance(r.get("metadata"), dict) else {}
         extra = {k: v for k, v in r.items() if k not in _FIELDS}  # id, level, subject...: kept for logging
-        rows.append({"question": r["prompt"], "answer": r["answer"], "task": r.get("task") or default_task or "math",
-                     "metadata": {**extra, **meta}, "_where": where})  # fmt: skip
+        rows.append(
+            {
+                "question": r["prompt"],
+                "answer": r["answer"],
+                "task": r.get("task") or default_task or "math",
+                "metadata": {**extra, **meta},
+                "_where": where,
+            }
+        )
     return rows
 
 

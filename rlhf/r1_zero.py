@@ -31,9 +31,9 @@ from rlhf import grpo
 from rlhf.evaluate import SCORES, evaluate
 from rlhf.general_rl import training_rewards
 from rlhf.guard import NonFiniteGuard
+from rlhf.judge import refuse_judged
 from rlhf.losses import LossSettings
 from rlhf.preempt import PreemptionWatch
-from rlhf.judge import refuse_judged
 from rlhf.prompts import load_prompts
 from rlhf.rewards import RewardPool
 from rlhf.rollout import to_batch
@@ -63,19 +63,28 @@ def train(cfg: Config, rank0: bool) -> dict:
     engine = start_engine(cfg, policy, run_dir / "hf_init", tok) if hosts_engine() else None
     settings = LossSettings.from_config(rl, cfg.rollout.max_new_tokens)
     r = cfg.rollout
-    with engine or contextlib.nullcontext(), \
-         training_rewards(cfg, tok) as pool, \
-         RewardPool(SCORES, cfg.reward.timeout_s, cfg.reward.workers) as eval_pool, \
-         Tracker(cfg, run_dir, rank0) as tracker, progress(rank0, t.steps, policy.step // rl.minibatches) as bar, \
-         PreemptionWatch() as watch:  # fmt: skip
+    with (
+        engine or contextlib.nullcontext(),
+        training_rewards(cfg, tok) as pool,
+        RewardPool(SCORES, cfg.reward.timeout_s, cfg.reward.workers) as eval_pool,
+        Tracker(cfg, run_dir, rank0) as tracker,
+        progress(rank0, t.steps, policy.step // rl.minibatches) as bar,
+        PreemptionWatch() as watch,
+    ):
         tracker.trim(policy.step // rl.minibatches)
         if "base" not in evals:
             evals["base"] = evaluate(engine, tok, eval_rows, cfg.eval, eval_pool, r.max_new_tokens)
         guard = NonFiniteGuard(rl.max_bad_steps, "lower stage.train.optim.lr or raise stage.rl.kl_coef.")
         for step in range(policy.step // rl.minibatches + 1, t.steps + 1):
             clock = StepClock()
-            sampling = Sampling(n=r.n, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
-                                seed=cfg.seed * 1_000_003 + step, stop_token_ids=(tok.eos_token_id,))  # fmt: skip
+            sampling = Sampling(
+                n=r.n,
+                temperature=r.temperature,
+                top_p=r.top_p,
+                max_new_tokens=r.max_new_tokens,
+                seed=cfg.seed * 1_000_003 + step,
+                stop_token_ids=(tok.eos_token_id,),
+            )
             groups, position, info = collect(engine, tok, train_rows, position, sampling, pool, rl)
             clock.lap("rollout")
             samples = [s for g in groups for s in g]
@@ -102,8 +111,12 @@ def train(cfg: Config, rank0: bool) -> dict:
             bar.advance(row)
             preempted = watch.requested()
             if preempted or (t.save_every and step % t.save_every == 0) or step == t.steps:
-                ckpt.save(policy, run_dir / "checkpoints", keep=t.keep_checkpoints,
-                          extra={"rl_step": step, "prompt_position": position, "evals": evals})  # fmt: skip
+                ckpt.save(
+                    policy,
+                    run_dir / "checkpoints",
+                    keep=t.keep_checkpoints,
+                    extra={"rl_step": step, "prompt_position": position, "evals": evals},
+                )
             if preempted:
                 raise watch.stop(step)
         evals["final"] = evaluate(engine, tok, eval_rows, cfg.eval, eval_pool, r.max_new_tokens)
@@ -121,7 +134,9 @@ def collect(engine, tok, rows, position, sampling, pool, rl):
     for _ in range(1 + (rl.max_refill_rounds if rl.dynamic_sampling else 0)):
         ids = shuffled_rows(position, rl.prompts_per_step, 0, len(rows))
         position += rl.prompts_per_step
-        groups, truncated = grpo.generate_and_share(engine, tok, [rows[i] for i in P.split_for_data_parallel(ids)], sampling)
+        groups, truncated = grpo.generate_and_share(
+            engine, tok, [rows[i] for i in P.split_for_data_parallel(ids)], sampling
+        )
         counts = grpo.score(groups, pool, rl, sampling.max_new_tokens)
         info["prompts"] += len(groups)
         info["truncated"] += truncated
@@ -149,9 +164,15 @@ def start_engine(cfg: Config, policy, hf_dir: Path, tok):
     """The engine starts from an HF export of the policy's current weights."""
     hf_bridge.save_hf(policy, hf_dir, tokenizer=tok)  # collective; rank 0 writes a loadable HF dir
     r, p = cfg.rollout, cfg.parallel
-    engine = build_engine(r.engine, model_dir=str(hf_dir), max_model_len=cfg.stage.train.seq_length,
-                          kv_cache_bytes=r.kv_cache_bytes, seed=cfg.seed, overlong_prompt=r.overlong_prompt,
-                          timeout_s=r.timeout_s)  # fmt: skip
+    engine = build_engine(
+        r.engine,
+        model_dir=str(hf_dir),
+        max_model_len=cfg.stage.train.seq_length,
+        kv_cache_bytes=r.kv_cache_bytes,
+        seed=cfg.seed,
+        overlong_prompt=r.overlong_prompt,
+        timeout_s=r.timeout_s,
+    )
     if (p.tensor, p.pipeline, p.expert, p.context) == (1, 1, 1, 1):  # export is then local to this rank
         engine.weights_source = lambda: hf_bridge.export_hf(policy)  # lets a dead engine restart mid-run
     return engine

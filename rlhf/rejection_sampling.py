@@ -81,26 +81,45 @@ def sample(cfg: Config, model_from: str, out_dir: Path, rewrite=None) -> tuple[l
     prompts = prompts[: s.prompts] if s.prompts else prompts
     unchecked = not all(map(rule_checkable, prompts))
     if unchecked and not s.judge:
-        raise ConfigError(f"data={cfg.data.name} has rows of task {JUDGED!r}, which no rule checks. Fix: set "
-                          "stage.sampling.judge to a generative judge's run dir (stage=sft data=judge trains the "
-                          "tiny one).")  # fmt: skip
+        raise ConfigError(
+            f"data={cfg.data.name} has rows of task {JUDGED!r}, which no rule checks. Fix: set "
+            "stage.sampling.judge to a generative judge's run dir (stage=sft data=judge trains the "
+            "tiny one)."
+        )
     policy = P.build_policy(cfg, with_optimizer=False)
     meta = ckpt.load(policy, ckpt.of_run(model_from), with_optimizer=False)
     judge = GenerativeJudge.of_run(cfg, tok) if unchecked else None
     source = {"checkpoint": str(ckpt.resolve(ckpt.of_run(model_from))), "step": meta["step"]}
     engine = start_engine(cfg, policy, out_dir / "hf_model", tok) if hosts_engine() else None
-    counts = {"prompts": len(prompts), "samples": 0, "incorrect": 0, "mixed_language": 0, "long_paragraph": 0,
-              "code_block": 0, "duplicate": 0, "over_per_prompt": 0}  # fmt: skip
+    counts = {
+        "prompts": len(prompts),
+        "samples": 0,
+        "incorrect": 0,
+        "mixed_language": 0,
+        "long_paragraph": 0,
+        "code_block": 0,
+        "duplicate": 0,
+        "over_per_prompt": 0,
+    }
     kept, judged = [], {"judged": 0, "judged_correct": 0}
     rest = {k: 1.0 for k in CHECKS if k != "accuracy"}  # for judged rows: the judge decides accuracy
     unruled = RewardPool(rest, cfg.reward.timeout_s, cfg.reward.workers) if judge else None
-    with (engine or contextlib.nullcontext(), RewardPool(CHECKS, cfg.reward.timeout_s, cfg.reward.workers) as pool,
-          unruled or contextlib.nullcontext()):  # fmt: skip
+    with (
+        engine or contextlib.nullcontext(),
+        RewardPool(CHECKS, cfg.reward.timeout_s, cfg.reward.workers) as pool,
+        unruled or contextlib.nullcontext(),
+    ):
         for start in range(0, len(prompts), s.chunk_prompts * P.data_parallel_size()):
             ids = list(range(start, min(start + s.chunk_prompts * P.data_parallel_size(), len(prompts))))
             mine = ids[P.data_parallel_rank() :: P.data_parallel_size()]
-            sampling = Sampling(n=r.n, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
-                                seed=cfg.seed * 1_000_003 + start, stop_token_ids=(tok.eos_token_id,))  # fmt: skip
+            sampling = Sampling(
+                n=r.n,
+                temperature=r.temperature,
+                top_p=r.top_p,
+                max_new_tokens=r.max_new_tokens,
+                seed=cfg.seed * 1_000_003 + start,
+                stop_token_ids=(tok.eos_token_id,),
+            )
             groups, _ = grpo.generate_and_share(engine, tok, [prompts[i] for i in mine], sampling)
             flat = [x for g in groups for x in g]
             scores = score(flat, pool, unruled, judge, judged)
@@ -116,9 +135,18 @@ def sample(cfg: Config, model_from: str, out_dir: Path, rewrite=None) -> tuple[l
                     if verdict != "keep":
                         counts[verdict] += 1
                         continue
-                    kept.append({"prompt": x.row["prompt"], "response": x.text, "source": "rejection_sampling",
-                                 "prompt_index": pid, "sample_index": j, "task": x.row.get("task") or "",
-                                 "answer": x.row.get("answer") or "", "seed": sampling.seed})  # fmt: skip
+                    kept.append(
+                        {
+                            "prompt": x.row["prompt"],
+                            "response": x.text,
+                            "source": "rejection_sampling",
+                            "prompt_index": pid,
+                            "sample_index": j,
+                            "task": x.row.get("task") or "",
+                            "answer": x.row.get("answer") or "",
+                            "seed": sampling.seed,
+                        }
+                    )
         kept, counts = _gather(kept, {**counts, **judged} if judge else counts)
         rows = non_reasoning.mix(rewrite(kept) if rewrite else kept, s, cfg.seed)
         if s.non_reasoning_cot:
@@ -139,8 +167,9 @@ def score(flat: list, pool, unruled, judge, judged: dict) -> dict[str, list[floa
                     out[name][k] = v
     answered = [k for k in unchecked if extract_answer(flat[k].text) is not None]
     if answered:  # every model-parallel peer holds the same samples (generate_and_share): a safe collective
-        verdicts = judge.correct([str(flat[k].row.get("answer")) for k in answered],
-                                 [extract_answer(flat[k].text) for k in answered])  # fmt: skip
+        verdicts = judge.correct(
+            [str(flat[k].row.get("answer")) for k in answered], [extract_answer(flat[k].text) for k in answered]
+        )
         for k, v in zip(answered, verdicts):
             out["accuracy"][k] = v
         judged["judged"] += len(answered)
@@ -149,7 +178,7 @@ def score(flat: list, pool, unruled, judge, judged: dict) -> dict[str, list[floa
 
 
 def screen(text: str, scores: dict, s, language: str, seen: set[str]) -> str:
-    """"keep", or the first filter the sample fails; a kept text is added to `seen`."""
+    """ "keep", or the first filter the sample fails; a kept text is added to `seen`."""
     reasoning = reasoning_of(text)
     if scores["accuracy"] < 1 or scores["format"] < 1:
         return "incorrect"
@@ -170,17 +199,27 @@ def write(run_dir: Path, rows: list[dict], counts: dict, source: dict, cfg: Conf
     import pyarrow.parquet as pq
 
     if not rows:
-        raise DataError(f"rejection sampling kept no rows (counts: {counts}). Fix: sample from a stronger "
-                           "model, raise rollout.n, or relax stage.sampling filters.")  # fmt: skip
+        raise DataError(
+            f"rejection sampling kept no rows (counts: {counts}). Fix: sample from a stronger "
+            "model, raise rollout.n, or relax stage.sampling filters."
+        )
     version = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
     run_dir.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pylist(rows).replace_schema_metadata({"r1stack_version": version})
     tmp = run_dir / (DATASET + ".tmp")
     pq.write_table(table, tmp)
     tmp.replace(run_dir / DATASET)
-    manifest = {"version": version, "rows": len(rows), "kept": counts["kept"], "counts": counts, "source": source,
-                "non_reasoning": sum(r["source"].startswith("non_reasoning") for r in rows),
-                "sampling": dataclasses.asdict(cfg.stage.sampling), "rollout_n": cfg.rollout.n, "data": cfg.data.name}  # fmt: skip
+    manifest = {
+        "version": version,
+        "rows": len(rows),
+        "kept": counts["kept"],
+        "counts": counts,
+        "source": source,
+        "non_reasoning": sum(r["source"].startswith("non_reasoning") for r in rows),
+        "sampling": dataclasses.asdict(cfg.stage.sampling),
+        "rollout_n": cfg.rollout.n,
+        "data": cfg.data.name,
+    }
     (run_dir / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")  # last: marks the run done
     log.info("rejection sampling: %s", json.dumps(counts))
     return manifest
@@ -190,4 +229,6 @@ def _gather(kept: list[dict], counts: dict) -> tuple[list[dict], dict]:
     parts = P.gather_data_parallel((kept, {**counts, "kept": len(kept)}))
     total = {k: sum(c[k] for _, c in parts) for k in parts[0][1]}
     total["prompts"] = counts["prompts"]
-    return sorted((row for rows, _ in parts for row in rows), key=lambda x: (x["prompt_index"], x["sample_index"])), total
+    return sorted(
+        (row for rows, _ in parts for row in rows), key=lambda x: (x["prompt_index"], x["sample_index"])
+    ), total

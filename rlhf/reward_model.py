@@ -40,24 +40,33 @@ def pairs(cfg: Config, split: str) -> list[dict]:
         return general.preference_pairs(d.task, n, seed, held_out=split == "eval")
     if split == "eval":
         return []
-    raise ConfigError("stage=reward_model has no preference pairs. Fix: set stage.data_from=FILE ({prompt, chosen, "
-                      "rejected} rows) or data=preference_helpful / data=preference_harmless.")  # fmt: skip
+    raise ConfigError(
+        "stage=reward_model has no preference pairs. Fix: set stage.data_from=FILE ({prompt, chosen, "
+        "rejected} rows) or data=preference_helpful / data=preference_harmless."
+    )
 
 
 def packed(cfg: Config, tok, split: str = "train") -> dict:
     """One row per pair: [bos prompt chosen eos | bos prompt rejected eos | pad], "ends" = both eos positions."""
     seq, pad = cfg.stage.train.seq_length, tok.pad_token_id
     rows = pairs(cfg, split)
-    out = {"tokens": torch.full((len(rows), seq), pad), "labels": torch.zeros(len(rows), seq, dtype=torch.long),
-           "position_ids": torch.zeros(len(rows), seq, dtype=torch.long), "loss_mask": torch.zeros(len(rows), seq),
-           "segment_ids": torch.full((len(rows), seq), -1), "ends": torch.zeros(len(rows), 2, dtype=torch.long)}  # fmt: skip
+    out = {
+        "tokens": torch.full((len(rows), seq), pad),
+        "labels": torch.zeros(len(rows), seq, dtype=torch.long),
+        "position_ids": torch.zeros(len(rows), seq, dtype=torch.long),
+        "loss_mask": torch.zeros(len(rows), seq),
+        "segment_ids": torch.full((len(rows), seq), -1),
+        "ends": torch.zeros(len(rows), 2, dtype=torch.long),
+    }
     for i, r in enumerate(rows):
         start = 0
         for j, response in enumerate((r["chosen"], r["rejected"])):
             ids = encode(tok, r["prompt"], view(response, cfg.stage.view, cfg.stage.cold_start.reasoning_end))
             if start + len(ids) > seq:
-                raise DataError(f"preference pair {i}: prompt with chosen and with rejected take more than "
-                                f"stage.train.seq_length={seq} tokens together. Fix: raise seq_length or shorten it.")  # fmt: skip
+                raise DataError(
+                    f"preference pair {i}: prompt with chosen and with rejected take more than "
+                    f"stage.train.seq_length={seq} tokens together. Fix: raise seq_length or shorten it."
+                )
             out["tokens"][i, start : start + len(ids)] = torch.tensor(ids)
             out["position_ids"][i, start : start + len(ids)] = torch.arange(len(ids))
             out["segment_ids"][i, start : start + len(ids)] = j
@@ -86,8 +95,11 @@ def bradley_terry(batch: dict, model):
         margin = at_ends[:, 0] - at_ends[:, 1]
         loss = -F.logsigmoid(margin).sum()
         n = torch.tensor(margin.numel(), dtype=torch.int)
-        return loss, n, {"loss": torch.stack([loss.detach(), n.float()]), "right": (margin > 0).float().sum(),
-                         "pairs": n.float()}  # fmt: skip
+        return (
+            loss,
+            n,
+            {"loss": torch.stack([loss.detach(), n.float()]), "right": (margin > 0).float().sum(), "pairs": n.float()},
+        )
 
     return scores, loss_fn
 
@@ -103,8 +115,11 @@ def pair_accuracy(cfg: Config, policy, tok) -> dict:
         return {"eval/note": "skipped: no held-out preference pairs (data.eval_path)"}
     mine = P.split_for_data_parallel(list(range(n)))
     with P.eval_mode(policy):
-        out = P.forward_backward(policy, micro_batches(data, mine, cfg.stage.train.micro_batch_size),
-                                 forward_only=True, forward=bradley_terry)  # fmt: skip
+        out = P.forward_backward(
+            policy,
+            micro_batches(data, mine, cfg.stage.train.micro_batch_size),
+            forward_only=True,
+            forward=bradley_terry,
+        )
     sums = P.reduce_sums(out, ["right", "pairs"])
     return {"eval/pair_accuracy": sums["right"] / max(sums["pairs"], 1), "eval/pairs": int(sums["pairs"])}
-

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from core.model import causal_mask
+from core.data import causal_mask
 from inference.engine import Engine, Sampling
 
 
@@ -32,10 +32,19 @@ def generate_groups(engine: Engine, tok, rows: list[dict], sampling: Sampling) -
     out = engine.generate(prompts, sampling)  # under the engine's own watch: timeout_s, death, one restart
     groups = []
     for row, prompt, comps in zip(rows, prompts, out.completions):
-        groups.append([
-            Sample(row, prompt, c.token_ids, c.logprobs, c.finish_reason, tok.decode(c.token_ids, skip_special_tokens=True))
-            for c in comps
-        ])  # fmt: skip
+        groups.append(
+            [
+                Sample(
+                    row,
+                    prompt,
+                    c.token_ids,
+                    c.logprobs,
+                    c.finish_reason,
+                    tok.decode(c.token_ids, skip_special_tokens=True),
+                )
+                for c in comps
+            ]
+        )
     return groups, len(out.truncated_prompts)
 
 
@@ -48,15 +57,22 @@ def to_batch(samples: list[Sample], seq_len: int, pad_id: int) -> dict[str, torc
     for i, s in enumerate(samples):
         full = (s.prompt_ids + s.completion_ids)[: seq_len + 1]
         if len(s.prompt_ids) + len(s.completion_ids) > seq_len + 1:
-            raise ValueError(f"sample {i}: prompt+completion {len(full)} tokens > seq_length+1={seq_len + 1}. "
-                             "Fix: raise stage.train.seq_length or lower rollout.max_new_tokens.")  # fmt: skip
+            raise ValueError(
+                f"sample {i}: prompt+completion {len(full)} tokens > seq_length+1={seq_len + 1}. "
+                "Fix: raise stage.train.seq_length or lower rollout.max_new_tokens."
+            )
         tokens[i, : len(full) - 1] = torch.tensor(full[:-1])
         labels[i, : len(full) - 1] = torch.tensor(full[1:])
         start, end = len(s.prompt_ids) - 1, len(full) - 1
         loss_mask[i, start:end] = 1
         engine_logp[i, start:end] = torch.tensor(s.engine_logp[: end - start])
-    return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "engine_logp": engine_logp,
-            "position_ids": torch.arange(seq_len).expand(n, seq_len)}  # fmt: skip
+    return {
+        "tokens": tokens,
+        "labels": labels,
+        "loss_mask": loss_mask,
+        "engine_logp": engine_logp,
+        "position_ids": torch.arange(seq_len).expand(n, seq_len),
+    }
 
 
 def micro_batches(batch: dict[str, torch.Tensor], rows: list[int], micro: int) -> list[dict]:

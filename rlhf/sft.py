@@ -30,8 +30,10 @@ def run(cfg: Config) -> dict:
     if not cfg.stage.init_from:
         raise ConfigError(f"stage={name} fine-tunes a model: set stage.init_from to a run dir or checkpoint dir.")
     if name == "distill" and not cfg.stage.data_from:
-        raise ConfigError("stage=distill learns the teacher's samples: set stage.data_from to the rejection_sampling "
-                          "run dir (or a prompt/response file).")  # fmt: skip
+        raise ConfigError(
+            "stage=distill learns the teacher's samples: set stage.data_from to the rejection_sampling "
+            "run dir (or a prompt/response file)."
+        )
     return pretrain.run(cfg, packed_data=packed)
 
 
@@ -45,8 +47,10 @@ def rows(cfg: Config) -> list[dict]:
         return addition.sft_rows(d.num_train, d.seed)
     if d.source == "generated" and d.task == "judge":
         return general.judge_rows(d.num_train, d.seed, cfg.stage.sampling.judge_template)
-    raise ConfigError("stage=sft has no data. Fix: set stage.data_from=FILE_OR_DIR (prompt/response rows), "
-                      "or data=jsonl data.train_path=FILE.")  # fmt: skip
+    raise ConfigError(
+        "stage=sft has no data. Fix: set stage.data_from=FILE_OR_DIR (prompt/response rows), "
+        "or data=jsonl data.train_path=FILE."
+    )
 
 
 def data_file(path: str) -> Path:
@@ -55,8 +59,10 @@ def data_file(path: str) -> Path:
         for name in DATA_FILES:
             if (p / name).is_file():
                 return p / name
-        raise DataError(f"stage.data_from={path}: a directory without {' or '.join(DATA_FILES)}; "
-                        "point it at the rows file or the run dir of the stage that wrote them")  # fmt: skip
+        raise DataError(
+            f"stage.data_from={path}: a directory without {' or '.join(DATA_FILES)}; "
+            "point it at the rows file or the run dir of the stage that wrote them"
+        )
     return p
 
 

@@ -37,19 +37,29 @@ def step_metrics(step: int, groups, batch: dict, stats: dict, info: dict, sync: 
     seq_log_ratio = ((batch["old_logp"] - batch["engine_logp"]) * mask).sum(-1)
     names = sorted({k for s in samples for k in s.rewards})
     sums = {
-        "samples": len(samples), "reward": sum(s.reward for s in samples),
-        "length": float(lengths.sum()), "tokens": float(mask.sum()), "diff": float(diff.sum()),
-        "seq_ratio": float(torch.exp(seq_log_ratio).sum()), "finish_length": sum(s.finish_reason == "length" for s in samples),
-        "prompts": info["prompts"], "truncated": info["truncated"], "reward_errors": info["reward_errors"],
-        "reward_timeouts": info["reward_timeouts"], "informative": info["informative_frac"] * len(groups), "groups": len(groups),
+        "samples": len(samples),
+        "reward": sum(s.reward for s in samples),
+        "length": float(lengths.sum()),
+        "tokens": float(mask.sum()),
+        "diff": float(diff.sum()),
+        "seq_ratio": float(torch.exp(seq_log_ratio).sum()),
+        "finish_length": sum(s.finish_reason == "length" for s in samples),
+        "prompts": info["prompts"],
+        "truncated": info["truncated"],
+        "reward_errors": info["reward_errors"],
+        "reward_timeouts": info["reward_timeouts"],
+        "informative": info["informative_frac"] * len(groups),
+        "groups": len(groups),
         # NaN: a reward that does not apply to the sample (a reward model's score on a reasoning prompt)
         **{f"r_{n}": sum(v for s in samples if not math.isnan(v := s.rewards.get(n, math.nan))) for n in names},
         **{f"c_{n}": sum(not math.isnan(s.rewards.get(n, math.nan)) for s in samples) for n in names},
-    }  # fmt: skip
+    }
     if "teacher_logp" in batch:  # on-policy distillation: the k1 estimate of KL(student‖teacher) per token
         sums["reverse_kl"] = float(((batch["old_logp"] - batch["teacher_logp"]) * mask).sum())
     g = P.reduce_sums([{k: torch.tensor(float(v)) for k, v in sums.items()}], list(sums))
-    peak = torch.tensor([float(diff.max()) if ps.is_pipeline_last_stage(ignore_virtual=True) else 0.0, float(lengths.max())])
+    peak = torch.tensor(
+        [float(diff.max()) if ps.is_pipeline_last_stage(ignore_virtual=True) else 0.0, float(lengths.max())]
+    )
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(peak, torch.distributed.ReduceOp.MAX)
     n, step_s = max(g["samples"], 1), time.perf_counter() - clock.start
@@ -57,20 +67,33 @@ def step_metrics(step: int, groups, batch: dict, stats: dict, info: dict, sync: 
         "step": step,
         "reward/mean": g["reward"] / n,
         **{f"reward/{name}": g[f"r_{name}"] / g[f"c_{name}"] if g[f"c_{name}"] else None for name in names},
-        "reward/errors": g["reward_errors"], "reward/timeouts": g["reward_timeouts"],
-        "response_length/mean": g["length"] / n, "response_length/max": float(peak[1]),
+        "reward/errors": g["reward_errors"],
+        "reward/timeouts": g["reward_timeouts"],
+        "response_length/mean": g["length"] / n,
+        "response_length/max": float(peak[1]),
         "response_length/clip_frac": g["finish_length"] / n,
-        "train/loss": stats.get("loss"), "train/kl": stats.get("kl"), "train/entropy": stats.get("entropy"),
-        "train/clip_frac": stats.get("clip_frac"), "train/grad_norm": stats.get("grad_norm"), "train/lr": stats.get("lr"),
+        "train/loss": stats.get("loss"),
+        "train/kl": stats.get("kl"),
+        "train/entropy": stats.get("entropy"),
+        "train/clip_frac": stats.get("clip_frac"),
+        "train/grad_norm": stats.get("grad_norm"),
+        "train/lr": stats.get("lr"),
         "train/skipped": not stats["update_ok"],
-        "rollout/logprob_diff_mean": g["diff"] / max(g["tokens"], 1), "rollout/logprob_diff_max": float(peak[0]),
-        "rollout/seq_importance_ratio": g["seq_ratio"] / n, "rollout/prompts": g["prompts"],
-        "rollout/truncated_prompts": g["truncated"], "rollout/informative_frac": g["informative"] / max(g["groups"], 1),
-        "perf/step_s": step_s, "perf/samples_per_s": n / step_s, "perf/tokens_per_s": g["tokens"] / step_s,
-        "perf/rollout_s": clock.phases.get("rollout", 0.0), "perf/train_s": clock.phases.get("train", 0.0),
+        "rollout/logprob_diff_mean": g["diff"] / max(g["tokens"], 1),
+        "rollout/logprob_diff_max": float(peak[0]),
+        "rollout/seq_importance_ratio": g["seq_ratio"] / n,
+        "rollout/prompts": g["prompts"],
+        "rollout/truncated_prompts": g["truncated"],
+        "rollout/informative_frac": g["informative"] / max(g["groups"], 1),
+        "perf/step_s": step_s,
+        "perf/samples_per_s": n / step_s,
+        "perf/tokens_per_s": g["tokens"] / step_s,
+        "perf/rollout_s": clock.phases.get("rollout", 0.0),
+        "perf/train_s": clock.phases.get("train", 0.0),
         "perf/cpu_s": time.process_time() - clock.cpu_start,
-        "sync/seconds": sync["seconds"], "sync/mb": sync["bytes"] / 2**20,
-    }  # fmt: skip
+        "sync/seconds": sync["seconds"],
+        "sync/mb": sync["bytes"] / 2**20,
+    }
     if "reverse_kl" in g:
         row["distill/reverse_kl"] = g["reverse_kl"] / max(g["tokens"], 1)
     return row
@@ -83,11 +106,15 @@ class _Bar:
     def advance(self, row: dict) -> None:
         if self.bar is None:
             if row["step"] % 10 == 0:
-                print(f"step {row['step']} reward {row['reward/mean']:.3f} acc {row.get('reward/accuracy') or 0:.3f} "
-                      f"len {row['response_length/mean']:.1f} {row['perf/tokens_per_s']:,.0f} tok/s", flush=True)  # fmt: skip
+                print(
+                    f"step {row['step']} reward {row['reward/mean']:.3f} acc {row.get('reward/accuracy') or 0:.3f} "
+                    f"len {row['response_length/mean']:.1f} {row['perf/tokens_per_s']:,.0f} tok/s",
+                    flush=True,
+                )
             return
-        self.bar.update(self.task, completed=row["step"], reward=f"{row['reward/mean']:.3f}",
-                        tps=f"{row['perf/tokens_per_s']:,.0f}")  # fmt: skip
+        self.bar.update(
+            self.task, completed=row["step"], reward=f"{row['reward/mean']:.3f}", tps=f"{row['perf/tokens_per_s']:,.0f}"
+        )
 
 
 @contextlib.contextmanager
@@ -101,8 +128,13 @@ def progress(rank0: bool, total: int, start: int):
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    bar = Progress(TextColumn("GRPO"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("reward {task.fields[reward]}  {task.fields[tps]} tok/s"), TimeRemainingColumn())  # fmt: skip
+    bar = Progress(
+        TextColumn("GRPO"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("reward {task.fields[reward]}  {task.fields[tps]} tok/s"),
+        TimeRemainingColumn(),
+    )
     task = bar.add_task("grpo", total=total, completed=start, reward="-", tps="-")
     with bar:
         yield _Bar(bar, task)

@@ -174,13 +174,17 @@ class Tracker:
 
 def git_state() -> dict:
     """The commit the code runs at, and whether the tree had uncommitted changes."""
+
     def git(*args):
         out = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=10)
         return out.stdout.strip() if out.returncode == 0 else None
 
     try:
         commit = git("rev-parse", "HEAD")
-        return {"commit": commit, "dirty": bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None}
+        return {
+            "commit": commit,
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None,
+        }
     except (OSError, subprocess.TimeoutExpired):  # no git binary, or a hung filesystem
         return {"commit": None, "dirty": None}
 
@@ -207,11 +211,17 @@ def _init_wandb(cfg, run_dir: Path):
     run_id = run_id or "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
     try:
         run = wandb.init(
-            mode=lg.mode, project=lg.project, entity=lg.entity, dir=str(run_dir), name=run_dir.resolve().name,
-            config=clean(run_config(cfg)), id=run_id, resume="allow",
+            mode=lg.mode,
+            project=lg.project,
+            entity=lg.entity,
+            dir=str(run_dir),
+            name=run_dir.resolve().name,
+            config=clean(run_config(cfg)),
+            id=run_id,
+            resume="allow",
             # console="off": leave stdout/stderr (and the progress bar) alone.
             settings=wandb.Settings(silent=True, console="off"),
-        )  # fmt: skip
+        )
     except Exception as e:  # noqa: BLE001  (wandb raises many types: UsageError, CommError, timeouts, ...)
         raise TrackingError(
             f"W&B init failed with logger.mode={lg.mode} ({type(e).__name__}: {e}). "

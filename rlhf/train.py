@@ -59,9 +59,18 @@ def _r1_zero(cfg):
 
 # reasoning_rl, general_rl (R1 stages 2 and 4) and on_policy_distill are the GRPO loop of r1_zero, distill the
 # SFT of sft; their configs differ.
-STAGES = {"pretrain": _pretrain, "sft": _sft, "cold_start_sft": _cold_start_sft, "r1_zero": _r1_zero,
-          "reasoning_rl": _r1_zero, "general_rl": _r1_zero, "on_policy_distill": _r1_zero, "rejection_sampling": _rejection_sampling, "distill": _sft,
-          "reward_model": _reward_model}
+STAGES = {
+    "pretrain": _pretrain,
+    "sft": _sft,
+    "cold_start_sft": _cold_start_sft,
+    "r1_zero": _r1_zero,
+    "reasoning_rl": _r1_zero,
+    "general_rl": _r1_zero,
+    "on_policy_distill": _r1_zero,
+    "rejection_sampling": _rejection_sampling,
+    "distill": _sft,
+    "reward_model": _reward_model,
+}
 
 
 def run_stage(cfg) -> dict:

@@ -46,11 +46,18 @@ def P(single_process):
 
 def lm_batch(seed: int = 0, b: int = 4, s: int = 16, vocab: int = 100) -> list[dict]:
     """One micro-batch of random tokens in the layout parallel.parallelize expects."""
-    from core.model import causal_mask
+    from core.data import causal_mask
 
     t = torch.randint(0, vocab, (b, s + 1), generator=torch.Generator().manual_seed(seed))
-    return [dict(tokens=t[:, :-1], labels=t[:, 1:], loss_mask=torch.ones(b, s),
-                 position_ids=torch.arange(s).expand(b, s), attention_mask=causal_mask(s))]  # fmt: skip
+    return [
+        dict(
+            tokens=t[:, :-1],
+            labels=t[:, 1:],
+            loss_mask=torch.ones(b, s),
+            position_ids=torch.arange(s).expand(b, s),
+            attention_mask=causal_mask(s),
+        )
+    ]
 
 
 def cli_env(**extra) -> dict:
@@ -75,16 +82,23 @@ def read_metrics(run_dir: Path, drop_wall_clock: bool = False) -> list[dict]:
 
 def run_worker(cmd: list, timeout: int = 900) -> None:
     """Runs a multi-process test worker from the repo root, one thread per rank; fails with its output."""
-    proc = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=cli_env(), capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
+    proc = subprocess.run(
+        [str(c) for c in cmd], cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=timeout
+    )
     if proc.returncode:
         pytest.fail(f"{' '.join(map(str, cmd))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
 
 
 def module_cli(module: str, *args, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
     """`python -m MODULE ARGS` in a subprocess, as a user runs it; fails the test on a non-zero exit."""
-    proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=cli_env(),
-                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *map(str, args)],
+        cwd=ROOT,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and proc.returncode:
         pytest.fail(f"{module} {' '.join(map(str, args))} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-5000:]}")
     return proc
@@ -98,6 +112,12 @@ def train_cli(*overrides, check: bool = True) -> subprocess.CompletedProcess:
 def base(tmp_path_factory):
     """A 40-step pretrained tiny base (a run dir), one per test module that asks for it."""
     run = tmp_path_factory.mktemp("base")
-    train_cli("stage=pretrain", f"run_dir={run}", "stage.train.steps=40", "data.num_train=3000", "data.num_eval=32",
-              "logger=none")  # fmt: skip
+    train_cli(
+        "stage=pretrain",
+        f"run_dir={run}",
+        "stage.train.steps=40",
+        "data.num_train=3000",
+        "data.num_eval=32",
+        "logger=none",
+    )
     return run

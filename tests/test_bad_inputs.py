@@ -33,8 +33,15 @@ PROMPTS = [[1, 64, 36, 22, 35], [1, 10, 44, 36]]
 
 def _run(cmd: list[str], timeout: float = 240, **env) -> subprocess.CompletedProcess:
     full_env = cli_env(**env)
-    proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [str(c) for c in cmd],
+        cwd=ROOT,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     finally:
@@ -61,7 +68,9 @@ def _refused(proc: subprocess.CompletedProcess, *fragments: str) -> str:
 
 
 def test_cli_unknown_key_exits_2_with_the_fix():
-    err = _refused(_train("parallel.tensr=2"), "config error: unknown config key 'parallel.tensr'", "Fix: check the spelling")
+    err = _refused(
+        _train("parallel.tensr=2"), "config error: unknown config key 'parallel.tensr'", "Fix: check the spelling"
+    )
     assert len(err.strip().splitlines()) == 1  # one line, nothing else
 
 
@@ -72,11 +81,17 @@ def test_unknown_stage_name_lists_the_stages():
         run_stage(compose(["stage.name=warmup"]))
 
 
-@pytest.mark.parametrize("overrides, match", [
-    (["stage=r1_zero", "rollout.overlong_prompt=drop"], r"rollout.overlong_prompt='drop': expected error or truncate"),
-    (["stage=r1_zero", "stage.rl.clip_eps_low=1.5"], r"stage.rl.clip_eps_low must be in \[0, 1\)"),
-    (["parallel.recompute=some"], r"parallel.recompute='some': expected none, selective or full"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (
+            ["stage=r1_zero", "rollout.overlong_prompt=drop"],
+            r"rollout.overlong_prompt='drop': expected error or truncate",
+        ),
+        (["stage=r1_zero", "stage.rl.clip_eps_low=1.5"], r"stage.rl.clip_eps_low must be in \[0, 1\)"),
+        (["parallel.recompute=some"], r"parallel.recompute='some': expected none, selective or full"),
+    ],
+)
 def test_enum_and_range_fields_name_the_allowed_values(overrides, match):
     with pytest.raises(ConfigError, match=match):
         validate(compose(overrides), 1)
@@ -123,12 +138,16 @@ def test_checkpoint_without_a_readable_manifest_is_refused(tmp_path):
     from parallel import checkpoint as ckpt
 
     _fake_step(tmp_path, "step_00000004")
-    with pytest.raises(ckpt.CheckpointError, match=r"step_00000004 is damaged: manifest.json is missing.*No earlier checkpoint"):
+    with pytest.raises(
+        ckpt.CheckpointError, match=r"step_00000004 is damaged: manifest.json is missing.*No earlier checkpoint"
+    ):
         ckpt.load(None, tmp_path)  # refused before anything is read into a model
     _fake_step(tmp_path, "step_00000002")
     (tmp_path / "latest").write_text("step_00000004\n")
     (tmp_path / "step_00000004" / "manifest.json").write_text("{not json")
-    offer = re.escape(f"previous checkpoint is step_00000002: resume from it with `echo step_00000002 > {tmp_path}/latest`")
+    offer = re.escape(
+        f"previous checkpoint is step_00000002: resume from it with `echo step_00000002 > {tmp_path}/latest`"
+    )
     with pytest.raises(ckpt.CheckpointError, match=r"manifest.json is unreadable.*" + offer):
         ckpt.load(None, tmp_path)
 
@@ -137,10 +156,21 @@ def test_cli_checkpoint_of_another_model_exits_2_with_the_fix(P, tmp_path):
     from parallel import checkpoint as ckpt
 
     ckpt.save(P.build_policy(compose([]), with_optimizer=False), tmp_path / "dense", with_optimizer=False)
-    proc = _train("stage=pretrain", "model=tiny_dsv3", f"stage.init_from={tmp_path / 'dense'}", f"run_dir={tmp_path / 'run'}",
-                  "data.num_train=16", "stage.train.steps=1", "logger=none")  # fmt: skip
-    err = _refused(proc, f"cannot load {tmp_path / 'dense' / 'step_00000000'} (saved from model 'tiny_dense') into this "
-                         "run's model 'tiny_dsv3'", "Fix: run with the model it was saved from (model=tiny_dense")  # fmt: skip
+    proc = _train(
+        "stage=pretrain",
+        "model=tiny_dsv3",
+        f"stage.init_from={tmp_path / 'dense'}",
+        f"run_dir={tmp_path / 'run'}",
+        "data.num_train=16",
+        "stage.train.steps=1",
+        "logger=none",
+    )
+    err = _refused(
+        proc,
+        f"cannot load {tmp_path / 'dense' / 'step_00000000'} (saved from model 'tiny_dense') into this "
+        "run's model 'tiny_dsv3'",
+        "Fix: run with the model it was saved from (model=tiny_dense",
+    )
     assert "error: cannot load" in err.strip().splitlines()[-1]  # the message is the last word
 
 
@@ -154,7 +184,10 @@ def _nan_reward(completion: str, sample: dict) -> float:
 
 def test_a_reward_returning_nan_scores_zero_and_is_counted(caplog):
     sample = {"prompt": "1+1", "answer": "2", "task": "math", "metadata": {}}
-    with caplog.at_level(logging.ERROR), RewardPool({"bad_inputs_nan": 1.0, "format": 0.5}, timeout_s=5, workers=0) as pool:
+    with (
+        caplog.at_level(logging.ERROR),
+        RewardPool({"bad_inputs_nan": 1.0, "format": 0.5}, timeout_s=5, workers=0) as pool,
+    ):
         out = pool.score(["x</think><answer>2</answer>"] * 3, [sample] * 3)
     assert out.per_reward["bad_inputs_nan"] == [0.0] * 3 and out.errors["bad_inputs_nan"] == 3
     assert out.total == [0.5] * 3  # the other rewards still count
@@ -170,9 +203,19 @@ def model_dir(tmp_path_factory):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     path = tmp_path_factory.mktemp("tiny_qwen2")
-    cfg = Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=1, head_dim=32, max_position_embeddings=128, tie_word_embeddings=True,
-                      bos_token_id=1, eos_token_id=2)  # fmt: skip
+    cfg = Qwen2Config(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     torch.manual_seed(0)
     Qwen2ForCausalLM(cfg).save_pretrained(path)
     return str(path)
@@ -240,8 +283,10 @@ def test_a_dead_engine_is_restarted_once_and_gives_the_same_completions(hf, capl
         got = tokens(hf.generate(PROMPTS, SAMPLING))
     assert state["done"] == 1 and got == want
     assert time.monotonic() - start < 20  # the poll saw it die; timeout_s is 60
-    assert "the hf engine's generate (2 prompts × 2 samples) failed: the engine died: its model is gone. " \
-           "Restarting it (restart 1 of 1)" in caplog.text  # fmt: skip
+    assert (
+        "the hf engine's generate (2 prompts × 2 samples) failed: the engine died: its model is gone. "
+        "Restarting it (restart 1 of 1)" in caplog.text
+    )
 
 
 def test_an_engine_built_directly_restarts_with_its_constructor_arguments(model_dir):
@@ -260,8 +305,10 @@ def test_an_engine_that_dies_again_after_its_restart_is_a_clear_error(hf):
         hf.generate(PROMPTS, SAMPLING)
     assert time.monotonic() - start < 20
     msg = str(err.value)
-    assert msg.startswith("the hf engine's generate (2 prompts × 2 samples) failed: the engine died (its model is gone), "
-                          "was restarted automatically, and died again: its model is gone.")  # fmt: skip
+    assert msg.startswith(
+        "the hf engine's generate (2 prompts × 2 samples) failed: the engine died (its model is gone), "
+        "was restarted automatically, and died again: its model is gone."
+    )
     assert "Fix: find the cause in the log above" in msg and "run the same command again" in msg
     with breaks(hf), pytest.raises(EngineDied, match=r"already been restarted automatically once \(max_restarts=1\)"):
         hf.generate(PROMPTS, SAMPLING)  # one restart per engine, then every death is an error
@@ -271,7 +318,10 @@ def test_a_dead_engine_is_not_restarted_onto_stale_weights(hf):
     trained = {k: v + 0.05 * torch.randn_like(v) for k, v in hf.model.state_dict().items()}
     hf.update_weights(trained.items())
     want = tokens(hf.generate(PROMPTS, SAMPLING))
-    with breaks(hf), pytest.raises(EngineDied, match=r"not restarted: a restarted engine would serve its start-up weights"):
+    with (
+        breaks(hf),
+        pytest.raises(EngineDied, match=r"not restarted: a restarted engine would serve its start-up weights"),
+    ):
         hf.generate(PROMPTS, SAMPLING)
     hf.restart()  # by hand; the automatic one is still unused
     hf.weights_source = lambda: trained.items()  # the trainer can send the current weights again
@@ -320,10 +370,12 @@ def test_vllm_engine_process_killed_mid_generate_is_a_clear_error_not_a_hang(mod
     proc = _run([sys.executable, script, model_dir], timeout=280, VLLM_ENABLE_V1_MULTIPROCESSING="1")
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     assert line, (proc.returncode, proc.stdout[-2000:], proc.stderr[-4000:])
-    r = json.loads(line[len("RESULT "):])
+    r = json.loads(line[len("RESULT ") :])
     assert r["cores"] == 1 and r["first"] == 2, r
     assert r["error"] == "EngineDied", r
     assert r["after_kill_s"] < 10, r  # timeout_s is 120
-    assert r["message"].startswith("the vllm engine's generate (16 prompts × 4 samples) failed: the engine died: "
-                                   "its engine-core process exited (EngineCore killed by SIGKILL).")  # fmt: skip
+    assert r["message"].startswith(
+        "the vllm engine's generate (16 prompts × 4 samples) failed: the engine died: "
+        "its engine-core process exited (EngineCore killed by SIGKILL)."
+    )
     assert "Fix: find the cause in the log above (an out-of-memory kill" in r["message"]

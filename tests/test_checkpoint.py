@@ -7,15 +7,14 @@ import pytest
 import torch
 
 from core.config import compose
-
-
 from tests.conftest import lm_batch as batch
 
 
 def new_policy(P):
     torch.manual_seed(0)
-    return P.build_policy(compose(["stage.train.optim.lr=1e-2", "stage.train.micro_batch_size=4",
-                                   "stage.train.global_batch_size=4"]))  # fmt: skip
+    return P.build_policy(
+        compose(["stage.train.optim.lr=1e-2", "stage.train.micro_batch_size=4", "stage.train.global_batch_size=4"])
+    )
 
 
 def weights(policy):
@@ -115,7 +114,9 @@ def test_damaged_checkpoint_is_refused_and_the_previous_one_offered(P, tmp_path)
     data = bytearray((newest / shard).read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte, same size: only the checksum can tell
     (newest / shard).write_bytes(bytes(data))
-    with pytest.raises(ckpt.CheckpointError, match=rf"damaged: {shard}: .*sha256.*previous checkpoint is step_00000000"):
+    with pytest.raises(
+        ckpt.CheckpointError, match=rf"damaged: {shard}: .*sha256.*previous checkpoint is step_00000000"
+    ):
         ckpt.load(new_policy(P), tmp_path)
     (newest / "rng" / "rank_00000.pt").unlink()
     assert any("rng/rank_00000.pt is missing" in p for p in ckpt.verify(newest))

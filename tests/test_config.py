@@ -27,12 +27,27 @@ def test_published_hyperparameters():
     qwen = compose(["model=qwen2_5_7b"]).model
     assert (qwen.num_layers, qwen.hidden_size, qwen.num_query_groups, qwen.vocab_size) == (28, 3584, 4, 152064)
     llama = compose(["model=llama3_1_8b"]).model
-    assert (llama.num_layers, llama.ffn_hidden_size, llama.rotary_base, llama.llama3_rope_scaling) == (32, 14336, 500000.0, 8.0)
+    assert (llama.num_layers, llama.ffn_hidden_size, llama.rotary_base, llama.llama3_rope_scaling) == (
+        32,
+        14336,
+        500000.0,
+        8.0,
+    )
 
 
 def test_valid_layouts_fill_data_parallel():
-    cfg = validate(compose(["model=tiny_dsv3", "parallel.tensor=2", "parallel.expert=2",
-                            "parallel.sequence_parallel=true", "stage.train.micro_batch_size=4"]), 4)  # fmt: skip
+    cfg = validate(
+        compose(
+            [
+                "model=tiny_dsv3",
+                "parallel.tensor=2",
+                "parallel.expert=2",
+                "parallel.sequence_parallel=true",
+                "stage.train.micro_batch_size=4",
+            ]
+        ),
+        4,
+    )
     assert cfg.parallel.data == 2
 
 

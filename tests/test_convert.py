@@ -25,15 +25,21 @@ def _make_hf(model: str, out):
     return state
 
 
-@pytest.mark.parametrize("model,layout", [("tiny_dense", ["parallel=tp2"]),
-                                          ("tiny_dsv3", ["parallel.expert=2", "stage.train.micro_batch_size=1"])])
+@pytest.mark.parametrize(
+    "model,layout",
+    [("tiny_dense", ["parallel=tp2"]), ("tiny_dsv3", ["parallel.expert=2", "stage.train.micro_batch_size=1"])],
+)
 def test_import_at_a_layout_and_export_back(tmp_path, model, layout):
     from parallel.hf_bridge import load_hf_dir
 
     state = _make_hf(model, tmp_path / "hf")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29655"]
-    run_worker([*torchrun, "-m", "tools.convert", "import", tmp_path / "hf", tmp_path / "ckpt", f"model={model}", *layout], 600)
-    run_worker([sys.executable, "-m", "tools.convert", "export", tmp_path / "ckpt", tmp_path / "back", f"model={model}"], 600)
+    run_worker(
+        [*torchrun, "-m", "tools.convert", "import", tmp_path / "hf", tmp_path / "ckpt", f"model={model}", *layout], 600
+    )
+    run_worker(
+        [sys.executable, "-m", "tools.convert", "export", tmp_path / "ckpt", tmp_path / "back", f"model={model}"], 600
+    )
     back = load_hf_dir(tmp_path / "back")
     mtp = {k for k in back if k.startswith("model.layers.") and int(k.split(".")[2]) >= 4}
     assert set(state) <= set(back) and set(back) - set(state) <= mtp  # MTP layers exist only on our side
@@ -44,6 +50,11 @@ def test_import_at_a_layout_and_export_back(tmp_path, model, layout):
 def test_import_without_config_is_a_clear_error(tmp_path):
     import subprocess
 
-    proc = subprocess.run([sys.executable, "-m", "tools.convert", "import", tmp_path, tmp_path / "ckpt"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "tools.convert", "import", tmp_path, tmp_path / "ckpt"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2 and "no config.json" in proc.stderr

@@ -80,7 +80,10 @@ def test_save_and_load(tok, tmp_path, monkeypatch):
         assert len(loaded) == len(tok)
         assert loaded(text)["input_ids"] == tok(text)["input_ids"]
         assert (loaded.pad_token_id, loaded.bos_token_id, loaded.eos_token_id, loaded.unk_token_id) == (
-            tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, tok.unk_token_id,
+            tok.pad_token_id,
+            tok.bos_token_id,
+            tok.eos_token_id,
+            tok.unk_token_id,
         )
         assert loaded.decode(loaded.encode(text[:-1], add_special_tokens=False)) == text[:-1]
 
@@ -94,7 +97,7 @@ def test_load_tokenizer_missing_dir(tmp_path):
 
 
 def write_jsonl(path, lines):
-    path.write_text("\n".join(l if isinstance(l, str) else json.dumps(l) for l in lines) + "\n")
+    path.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
     return path
 
 
@@ -209,7 +212,9 @@ def test_file_level_errors(tmp_path):
     with pytest.raises(DataError, match=r"empty\.jsonl: no rows.*\"answer\""):
         load_rows(empty, "prompt")
 
-    empty_pq = write_parquet(tmp_path / "empty.parquet", {"prompt": pa.array([], pa.string()), "answer": pa.array([], pa.string())})
+    empty_pq = write_parquet(
+        tmp_path / "empty.parquet", {"prompt": pa.array([], pa.string()), "answer": pa.array([], pa.string())}
+    )
     with pytest.raises(DataError, match=r"empty\.parquet: no rows"):
         load_rows(empty_pq, "prompt")
 

@@ -16,10 +16,21 @@ def model_dir(tmp_path_factory):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     path = tmp_path_factory.mktemp("tiny_qwen2")
-    cfg = Qwen2Config(vocab_size=128, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
-                      rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=True, bos_token_id=1,
-                      eos_token_id=2)  # fmt: skip
+    cfg = Qwen2Config(
+        vocab_size=128,
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     torch.manual_seed(0)
     Qwen2ForCausalLM(cfg).save_pretrained(path)
     return str(path)
@@ -56,7 +67,9 @@ def test_sampled_logprobs_are_the_policys_and_seeded(engines):
     s = Sampling(n=4, temperature=1.0, max_new_tokens=10, seed=123)
     first, again = vllm.generate(PROMPTS, s), vllm.generate(PROMPTS, s)
     assert [len(c) for c in first.completions] == [4, 4, 4]
-    assert [[c.token_ids for c in p] for p in first.completions] == [[c.token_ids for c in p] for p in again.completions]
+    assert [[c.token_ids for c in p] for p in first.completions] == [
+        [c.token_ids for c in p] for p in again.completions
+    ]
     assert len({tuple(c.token_ids) for c in first.completions[0]}) > 1, "n samples should differ"
     for prompt, samples in zip(PROMPTS, first.completions):
         for c in samples:

@@ -4,12 +4,19 @@ from parallel.env import detect
 def test_torchrun_variables():
     env = detect({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "h0", "MASTER_PORT": "1234"})
     assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.master_port, env.launcher) == (
-        3, 4, 1, "h0", 1234, "torchrun")  # fmt: skip
+        3,
+        4,
+        1,
+        "h0",
+        1234,
+        "torchrun",
+    )
 
 
 def test_slurm_variables():
-    env = detect({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "42",
-                  "MASTER_ADDR": "node7"})  # fmt: skip
+    env = detect(
+        {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "42", "MASTER_ADDR": "node7"}
+    )
     assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.launcher) == (5, 8, 1, "node7", "slurm")
     assert env.master_port == 20042  # same on every task of the job, without coordination
 

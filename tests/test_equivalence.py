@@ -12,8 +12,18 @@ import pytest
 from tests.conftest import ROOT, run_worker
 
 WORKER = ROOT / "tests" / "dist" / "equivalence_worker.py"
-WORLD_2 = ["dense_tp2", "dense_tp2_to_tp1", "dense_pp2", "dense_dp2_distopt", "dense_resume_distopt",
-           "dsv3_tp2_sp", "dsv3_pp2", "dsv3_ep2", "dsv3_tp2_ep2_sp", "dsv3_dp2_distopt"]  # fmt: skip
+WORLD_2 = [
+    "dense_tp2",
+    "dense_tp2_to_tp1",
+    "dense_pp2",
+    "dense_dp2_distopt",
+    "dense_resume_distopt",
+    "dsv3_tp2_sp",
+    "dsv3_pp2",
+    "dsv3_ep2",
+    "dsv3_tp2_ep2_sp",
+    "dsv3_dp2_distopt",
+]
 WORLD_4 = ["dsv3_tp2_ep2_sp", "dsv3_pp2_ep2_from_tp2_ep2"]
 TOL = 1e-5
 

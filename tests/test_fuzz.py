@@ -75,18 +75,79 @@ RG = ["rg/countdown", "rg/basic_arithmetic", "rg/gsm_symbolic", "rg/string_inser
 ALL = ["addition", *MATH_GOLDS, *RG]
 
 PARTIAL_TAGS = ["<answer", "answer>", "</answer", "<think", "</think", "<", ">", "/", "</", "<<answer>>"]
-LATEX = ["\\frac{1}{2}", "\\frac{", "{", "}", "\\boxed{", "$", "\\$", "\\(", "\\)", "\\[", "\\]", "\\sqrt{2}", "x^2",
-         "^", "_", "=", ",", " or ", "\\{1,2\\}", "\\infty", "\\pi", "\\text{", "\\,", "~", "\\\\", "&", "%", "\\%",
-         "\\begin{pmatrix}", "\\end{pmatrix}", "\\left(", "\\right)", "\\lor", "\\pm", "(", ")", "[", "]"]  # fmt: skip
-NASTY = ["\x00", "\ufeff", "\u202e", "\ud800", "\U0001d7d9", "١٢٣", "²", "１２", "ｅｘｉｔ()", "exit()", "quit()",
-         "__import__('os').getpid()", "[1, 2]", "'a'", "\n", "\r\n", "\t", " ", "NaN", "inf", "1e309", "-0", "0.",
-         "..."]  # fmt: skip
+LATEX = [
+    "\\frac{1}{2}",
+    "\\frac{",
+    "{",
+    "}",
+    "\\boxed{",
+    "$",
+    "\\$",
+    "\\(",
+    "\\)",
+    "\\[",
+    "\\]",
+    "\\sqrt{2}",
+    "x^2",
+    "^",
+    "_",
+    "=",
+    ",",
+    " or ",
+    "\\{1,2\\}",
+    "\\infty",
+    "\\pi",
+    "\\text{",
+    "\\,",
+    "~",
+    "\\\\",
+    "&",
+    "%",
+    "\\%",
+    "\\begin{pmatrix}",
+    "\\end{pmatrix}",
+    "\\left(",
+    "\\right)",
+    "\\lor",
+    "\\pm",
+    "(",
+    ")",
+    "[",
+    "]",
+]
+NASTY = [
+    "\x00",
+    "\ufeff",
+    "\u202e",
+    "\ud800",
+    "\U0001d7d9",
+    "١٢٣",
+    "²",
+    "１２",
+    "ｅｘｉｔ()",
+    "exit()",
+    "quit()",
+    "__import__('os').getpid()",
+    "[1, 2]",
+    "'a'",
+    "\n",
+    "\r\n",
+    "\t",
+    " ",
+    "NaN",
+    "inf",
+    "1e309",
+    "-0",
+    "0.",
+    "...",
+]
 numbers = st.one_of(st.integers(-(10**6), 10**6).map(str), st.floats(allow_nan=False, width=32).map(str))
 piece = st.one_of(st.sampled_from(TAGS + PARTIAL_TAGS + LATEX + NASTY), st.text(max_size=8), numbers)
 # Huge repeats of flat text; nesting repeats ("(" * 60) are slow by design (math-verify times out at 5 s)
 # and go through the pool in test_pool_never_waits_past_its_timeout.
-huge = st.tuples(st.sampled_from(TAGS + PARTIAL_TAGS + ["a", "1", " ", "\x00", "é", "1, ", "\\,"]),
-                 st.integers(100, 5000)).map(lambda t: t[0] * t[1])  # fmt: skip
+huge = st.tuples(
+    st.sampled_from(TAGS + PARTIAL_TAGS + ["a", "1", " ", "\x00", "é", "1, ", "\\,"]), st.integers(100, 5000)
+).map(lambda t: t[0] * t[1])
 small_text = st.lists(piece, max_size=14).map("".join)
 text = st.lists(st.integers(0, 9).flatmap(lambda i: huge if i == 0 else piece), max_size=14).map("".join)
 # Two in three hold an <answer> block, so the scorers see most of them.
@@ -151,8 +212,12 @@ no_answer_open = text.filter(lambda t: ANSWER not in t)
 
 
 @fuzz(100)
-@given(head=no_answer_open, answer=small_text, tail=completions,
-       name=st.sampled_from(["addition", "math:1234", "math:-58", "rg/gsm_symbolic"]))  # fmt: skip
+@given(
+    head=no_answer_open,
+    answer=small_text,
+    tail=completions,
+    name=st.sampled_from(["addition", "math:1234", "math:-58", "rg/gsm_symbolic"]),
+)
 def test_only_the_first_answer_block_counts(head, answer, tail, name):
     s = sample(name)
     while ANSWER_END in answer:
@@ -168,8 +233,12 @@ def digit_free(text: str) -> str:
 
 
 @fuzz(250)
-@given(before=text, inside=small_text, after=text,
-       name=st.sampled_from([*FAR_GOLDS, "addition", "rg/countdown", "rg/basic_arithmetic", "rg/gsm_symbolic"]))
+@given(
+    before=text,
+    inside=small_text,
+    after=text,
+    name=st.sampled_from([*FAR_GOLDS, "addition", "rg/countdown", "rg/basic_arithmetic", "rg/gsm_symbolic"]),
+)
 def test_text_without_digits_never_scores(before, inside, after, name):
     s = sample(name)
     c = tame(digit_free(before + ANSWER + inside + ANSWER_END + after), name)
@@ -179,11 +248,52 @@ def test_text_without_digits_never_scores(before, inside, after, name):
 # Ways to give several numbers in one answer. Left out, because LaTeX reads them as arithmetic, not as a
 # list: "/", "\cdot", "|a|", "!", and a wide space (\quad, \text{ }, "$ $" in a box), which latex2sympy
 # reads as a mixed number (12 \quad 34 = 46). Each of those reads as one value, so it cannot hedge either.
-SEPS = [", ", ",", " , ", " or ", " and ", "; ", " \\text{ or } ", " \\text{or} ", " \\lor ", " \\vee ", " = ",
-        " \\neq ", " \\approx ", " \\to ", " \\\\ ", " & ", "$ or $", "} or \\boxed{", "}, \\boxed{",
-        ANSWER_END + ANSWER, ANSWER_END + " or " + ANSWER, " ", "  ", "\\,", "~", "\\ ", "\n", "\\;"]  # fmt: skip
-WRAPS = ["{}", "${}$", "\\boxed{{{}}}", "x = {}", "x \\in \\{{{}\\}}", "\\{{{}\\}}", "[{}]", "({})", "\\({}\\)",
-         "\\[{}\\]", "The answer is {}", "{} or something", "{}.", "\\text{{{}}}"]  # fmt: skip
+SEPS = [
+    ", ",
+    ",",
+    " , ",
+    " or ",
+    " and ",
+    "; ",
+    " \\text{ or } ",
+    " \\text{or} ",
+    " \\lor ",
+    " \\vee ",
+    " = ",
+    " \\neq ",
+    " \\approx ",
+    " \\to ",
+    " \\\\ ",
+    " & ",
+    "$ or $",
+    "} or \\boxed{",
+    "}, \\boxed{",
+    ANSWER_END + ANSWER,
+    ANSWER_END + " or " + ANSWER,
+    " ",
+    "  ",
+    "\\,",
+    "~",
+    "\\ ",
+    "\n",
+    "\\;",
+]
+WRAPS = [
+    "{}",
+    "${}$",
+    "\\boxed{{{}}}",
+    "x = {}",
+    "x \\in \\{{{}\\}}",
+    "\\{{{}\\}}",
+    "[{}]",
+    "({})",
+    "\\({}\\)",
+    "\\[{}\\]",
+    "The answer is {}",
+    "{} or something",
+    "{}.",
+    "\\text{{{}}}",
+]
 
 
 def hedge(nums: list[int], sep: str, wrap: str) -> str:
@@ -191,9 +301,13 @@ def hedge(nums: list[int], sep: str, wrap: str) -> str:
 
 
 @fuzz(400)
-@given(gold=st.integers(100, 99_999).flatmap(lambda g: st.sampled_from([g, -g])),
-       nums=st.lists(st.integers(0, 99_999), min_size=1, max_size=5), sep=st.sampled_from(SEPS),
-       wrap=st.sampled_from(WRAPS), think=st.booleans())  # fmt: skip
+@given(
+    gold=st.integers(100, 99_999).flatmap(lambda g: st.sampled_from([g, -g])),
+    nums=st.lists(st.integers(0, 99_999), min_size=1, max_size=5),
+    sep=st.sampled_from(SEPS),
+    wrap=st.sampled_from(WRAPS),
+    think=st.booleans(),
+)
 @example(gold=17, nums=[12, 5], sep=" ", wrap="{}", think=False)  # was 1: "12 5" read as the mixed number 12 + 5
 @example(gold=46, nums=[12, 34], sep=" ", wrap="\\boxed{{{}}}", think=False)
 def test_wrong_numbers_never_score_in_any_hedge(gold, nums, sep, wrap, think):
@@ -207,26 +321,32 @@ def test_wrong_numbers_never_score_in_any_hedge(gold, nums, sep, wrap, think):
 
 
 @fuzz(250)
-@given(nums=st.lists(st.integers(-20, 20), min_size=2, max_size=5, unique=True), sep=st.sampled_from(SEPS),
-       wrap=st.sampled_from(WRAPS))  # fmt: skip
+@given(
+    nums=st.lists(st.integers(-20, 20), min_size=2, max_size=5, unique=True),
+    sep=st.sampled_from(SEPS),
+    wrap=st.sampled_from(WRAPS),
+)
 def test_one_answer_never_matches_two_golds(nums, sep, wrap):
     # A policy cannot list candidates and be paid for whichever is right: at most one of them scores.
     c = hedge(nums, sep, wrap)
     assert sum(acc(c, math_sample(str(n))) for n in nums) <= 1
 
 
-@pytest.mark.parametrize("gold, pred, want", [
-    ("10000", "10 000", 1.0),  # was 0, and "0" was right: math-verify reads "10 000" as 10·0
-    ("0", "10 000", 0.0),
-    ("1000", "1\\,000", 1.0),
-    ("1000000", "1~000~000", 1.0),
-    ("10 000", "10000", 1.0),  # the same gold, which loaded as 0
-    ("0", "7 0", 0.0),
-    ("17", "12 5", 0.0),  # was 1: the mixed-number rule, 12 + 5
-    ("3/2", "1 \\frac12", 1.0),  # mixed numbers still read as such
-    ("\\$18.90", "18.9", 1.0),  # was a load-time error: \$ was taken for a math delimiter
-    ("18.90", "\\$18.90", 1.0),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "gold, pred, want",
+    [
+        ("10000", "10 000", 1.0),  # was 0, and "0" was right: math-verify reads "10 000" as 10·0
+        ("0", "10 000", 0.0),
+        ("1000", "1\\,000", 1.0),
+        ("1000000", "1~000~000", 1.0),
+        ("10 000", "10000", 1.0),  # the same gold, which loaded as 0
+        ("0", "7 0", 0.0),
+        ("17", "12 5", 0.0),  # was 1: the mixed-number rule, 12 + 5
+        ("3/2", "1 \\frac12", 1.0),  # mixed numbers still read as such
+        ("\\$18.90", "18.9", 1.0),  # was a load-time error: \$ was taken for a math delimiter
+        ("18.90", "\\$18.90", 1.0),
+    ],
+)
 def test_math_reads_digit_groups_as_latex_does(gold, pred, want):
     assert is_parsed(parse_math(gold))
     assert acc(answer_block(pred), math_sample(gold)) == want
@@ -254,8 +374,16 @@ def test_rg_scorers_never_run_the_answer():
     # and so did every later answer in that worker; string_insertion, n_queens, ... eval() it outright.
     flag = "_r1stack_fuzz_ran"
     payload = f"setattr(__import__('builtins'), '{flag}', 1)"
-    for name in ["rg/countdown", "rg/puzzle24", "rg/simple_integration", "rg/polynomial_multiplication",
-                 "rg/string_insertion", "rg/spiral_matrix", "rg/binary_matrix", "rg/n_queens"]:  # fmt: skip
+    for name in [
+        "rg/countdown",
+        "rg/puzzle24",
+        "rg/simple_integration",
+        "rg/polynomial_multiplication",
+        "rg/string_insertion",
+        "rg/spiral_matrix",
+        "rg/binary_matrix",
+        "rg/n_queens",
+    ]:
         s = sample(name)
         for answer in (payload, f"{payload} or 1", f"[{payload}]", "exit()", "ｅｘｉｔ()", "[x for x in ()]"):
             assert acc(answer_block(answer), s) == 0.0
@@ -276,8 +404,11 @@ def test_rg_eval_lists_are_complete_and_their_golds_pass():
     runs_answer = set()
     for name, (cls, _) in DATASETS.items():
         src = inspect.getsource(cls.score_answer)
-        calls = {n.func.id if isinstance(n.func, ast.Name) else getattr(n.func, "attr", "")
-                 for n in ast.walk(ast.parse(textwrap.dedent(src))) if isinstance(n, ast.Call)}  # fmt: skip
+        calls = {
+            n.func.id if isinstance(n.func, ast.Name) else getattr(n.func, "attr", "")
+            for n in ast.walk(ast.parse(textwrap.dedent(src)))
+            if isinstance(n, ast.Call)
+        }
         if calls & {"eval", "exec", "parse_expr", "sympify"}:
             runs_answer.add(name)
     runs_answer.discard("number_sorting")  # evals its own gold, never the answer
@@ -340,24 +471,47 @@ json_value = st.recursive(
     max_leaves=6,
 )
 row = st.fixed_dictionaries(
-    {"prompt": st.one_of(st.text(max_size=20), st.just("What is 6*7?"), json_value),
-     "answer": st.one_of(st.sampled_from(GOOD_GOLDS + BAD_GOLDS), math_text, json_value)},
-    optional={"task": st.one_of(st.sampled_from(TASKS), json_value),
-              "metadata": st.one_of(json_value, st.just({"entry": {"answer": "1"}})), "id": json_value},
-).map(lambda r: json.dumps(r, ensure_ascii=False).encode("utf-8", "surrogatepass"))  # fmt: skip
+    {
+        "prompt": st.one_of(st.text(max_size=20), st.just("What is 6*7?"), json_value),
+        "answer": st.one_of(st.sampled_from(GOOD_GOLDS + BAD_GOLDS), math_text, json_value),
+    },
+    optional={
+        "task": st.one_of(st.sampled_from(TASKS), json_value),
+        "metadata": st.one_of(json_value, st.just({"entry": {"answer": "1"}})),
+        "id": json_value,
+    },
+).map(lambda r: json.dumps(r, ensure_ascii=False).encode("utf-8", "surrogatepass"))
 BIG_INT_ROW = b'{"prompt": "q", "answer": ' + b"1" * 5000 + b"}"  # past int's 4300-digit str limit
 good_row = st.fixed_dictionaries(  # well-formed rows; only some golds parse
-    {"prompt": st.text(st.characters(blacklist_categories=["Cs"]), max_size=20).map(lambda t: t.strip() or "q"),
-     "answer": st.one_of(st.sampled_from(GOOD_GOLDS), st.sampled_from(GOOD_GOLDS), math_text.map(lambda t: t or "0"))},
+    {
+        "prompt": st.text(st.characters(blacklist_categories=["Cs"]), max_size=20).map(lambda t: t.strip() or "q"),
+        "answer": st.one_of(
+            st.sampled_from(GOOD_GOLDS), st.sampled_from(GOOD_GOLDS), math_text.map(lambda t: t or "0")
+        ),
+    },
     optional={"task": st.sampled_from(["math", "addition"]), "id": st.integers()},
-).map(lambda r: json.dumps(r).encode())  # fmt: skip
+).map(lambda r: json.dumps(r).encode())
 raw_line = st.one_of(
-    row, row, row,
+    row,
+    row,
+    row,
     st.text(max_size=30).map(lambda t: t.encode("utf-8", "surrogatepass")),  # mostly not JSON
     json_value.map(lambda v: json.dumps(v).encode()),  # JSON, not an object
-    st.sampled_from([b"", b"   ", b"\r", b"\xef\xbb\xbf", b"\xff\xfe{}", b"[" * 100_000, BIG_INT_ROW,
-                     b'{"prompt": "q", "answer": NaN}', b'{"prompt": "q", "answer": "1"', b'{"prompt": "q"} x']),
-).map(lambda b: b.replace(b"\n", b" "))  # fmt: skip
+    st.sampled_from(
+        [
+            b"",
+            b"   ",
+            b"\r",
+            b"\xef\xbb\xbf",
+            b"\xff\xfe{}",
+            b"[" * 100_000,
+            BIG_INT_ROW,
+            b'{"prompt": "q", "answer": NaN}',
+            b'{"prompt": "q", "answer": "1"',
+            b'{"prompt": "q"} x',
+        ]
+    ),
+).map(lambda b: b.replace(b"\n", b" "))
 
 
 def line_is_good(raw: bytes, lineno: int) -> bool | None:

@@ -19,7 +19,9 @@ WORKER = ROOT / "tests" / "dist" / "gpu_worker.py"
 def run(case, tmp_path, needs="transformer_engine"):
     pytest.importorskip(needs, reason=f"{needs} not installed (R1_EXTRAS=gpu)")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, WORKER, case, tmp_path], env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, WORKER, case, tmp_path], env=env, capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stderr[-5000:]
     return json.loads((tmp_path / f"{case}.json").read_text())
 

@@ -21,8 +21,21 @@ LOGITS_TOL = 1e-5  # fp32 kernel-order noise (torch SDPA/RMSNorm vs HF eager) is
 def results(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("hf_bridge")
     run_worker([sys.executable, WORKER, workdir / "single.json", *SINGLE], timeout=600)
-    run_worker([sys.executable, "-m", "torch.distributed.run", "--master-port", "29631", "--nproc-per-node", "2",
-                WORKER, workdir / "world2.json", *WORLD_2], timeout=600)
+    run_worker(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--master-port",
+            "29631",
+            "--nproc-per-node",
+            "2",
+            WORKER,
+            workdir / "world2.json",
+            *WORLD_2,
+        ],
+        timeout=600,
+    )
     rows = json.loads((workdir / "single.json").read_text()) + json.loads((workdir / "world2.json").read_text())
     return {r["case"]: r for r in rows}
 
@@ -90,6 +103,7 @@ def check_weight_sync(row: dict) -> None:
 def test_trainer_to_vllm_weight_sync(tmp_path, model):
     """vLLM from save_hf(initial weights); train; sync_weights; engine logprobs == trainer's (fp32, CPU)."""
     pytest.importorskip("vllm")
-    run_worker([sys.executable, ROOT / "tests" / "dist" / "weight_sync_worker.py", tmp_path / "sync.json", model],
-               timeout=600)  # fmt: skip
+    run_worker(
+        [sys.executable, ROOT / "tests" / "dist" / "weight_sync_worker.py", tmp_path / "sync.json", model], timeout=600
+    )
     check_weight_sync(json.loads((tmp_path / "sync.json").read_text()))

@@ -56,8 +56,9 @@ def test_sdpa_core_attention_equals_megatron_dot_product_attention(P):
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType
 
+    from core.data import causal_mask
     from core.layers import SDPACoreAttention
-    from core.model import causal_mask, transformer_config
+    from core.model import transformer_config
     from parallel.parallelize import runtime_config
 
     cfg = compose([])
@@ -84,7 +85,7 @@ def test_torch_norm_marks_params_for_the_sequence_parallel_reduce():
 
 @pytest.mark.parametrize("name,params", [("tiny_dense", (0.7e6, 0.9e6)), ("tiny_dsv3", (1.5e6, 3e6))])
 def test_tiny_models_build_and_run(P, name, params):
-    from core.model import causal_mask
+    from core.data import causal_mask
 
     cfg = compose([f"model={name}"])
     policy = P.build_policy(cfg, with_optimizer=False)

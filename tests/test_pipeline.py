@@ -12,18 +12,53 @@ from core.config import ConfigError, compose
 from tests.conftest import module_cli
 
 SMOKE = [  # the r1_tiny chain's wiring at test size; `memorise` stands in for a long pretrain
-    {"name": "memorise", "args": ["stage=sft", "stage.init_from=BASE", "data.num_train=32", "stage.epochs=300",
-                                  "stage.train.optim.lr=3e-3", "stage.train.micro_batch_size=32"]},
-    {"name": "r1_zero", "args": ["stage=r1_zero", "stage.init_from=@memorise", "stage.train.steps=2",
-                                 "stage.rl.prompts_per_step=8", "stage.train.global_batch_size=64"], "evaluate": True},
+    {
+        "name": "memorise",
+        "args": [
+            "stage=sft",
+            "stage.init_from=BASE",
+            "data.num_train=32",
+            "stage.epochs=300",
+            "stage.train.optim.lr=3e-3",
+            "stage.train.micro_batch_size=32",
+        ],
+    },
+    {
+        "name": "r1_zero",
+        "args": [
+            "stage=r1_zero",
+            "stage.init_from=@memorise",
+            "stage.train.steps=2",
+            "stage.rl.prompts_per_step=8",
+            "stage.train.global_batch_size=64",
+        ],
+        "evaluate": True,
+    },
     # from the memorising model, not the base, so that rejection sampling after it finds correct samples
-    {"name": "cold_start_sft", "args": ["stage=cold_start_sft", "stage.init_from=@memorise",
-                                        "stage.cold_start.source=@r1_zero", "stage.epochs=20"], "evaluate": True},
+    {
+        "name": "cold_start_sft",
+        "args": [
+            "stage=cold_start_sft",
+            "stage.init_from=@memorise",
+            "stage.cold_start.source=@r1_zero",
+            "stage.epochs=20",
+        ],
+        "evaluate": True,
+    },
     {"name": "rejection_sampling", "args": ["stage=rejection_sampling", "stage.init_from=@cold_start_sft"]},
     {"name": "student_base", "args": ["stage=pretrain", "model=tiny_student", "stage.train.steps=20"]},
-    {"name": "distill", "args": ["stage=distill", "model=tiny_student", "stage.init_from=@student_base",
-                                 "stage.data_from=@rejection_sampling", "stage.epochs=20"], "evaluate": True},
-]  # fmt: skip
+    {
+        "name": "distill",
+        "args": [
+            "stage=distill",
+            "model=tiny_student",
+            "stage.init_from=@student_base",
+            "stage.data_from=@rejection_sampling",
+            "stage.epochs=20",
+        ],
+        "evaluate": True,
+    },
+]
 COMMON = ["logger=none", "data.num_train=32", "data.num_eval=8", "eval.k=2", "reward.workers=1"]
 
 
@@ -51,7 +86,10 @@ def test_the_chain_records_lineage_and_skips_finished_stages(chain):
     assert list(lineage) == [s["name"] for s in SMOKE] and all(s["status"] == "done" for s in lineage.values())
     assert "memorise: done earlier, skipped" in second.stdout and "r1_zero: done earlier, skipped" in second.stdout
     # each input is the exact artifact its producer recorded
-    assert lineage["distill"]["inputs"]["rejection_sampling"]["sha256"] == lineage["rejection_sampling"]["output"]["sha256"]
+    assert (
+        lineage["distill"]["inputs"]["rejection_sampling"]["sha256"]
+        == lineage["rejection_sampling"]["output"]["sha256"]
+    )
     assert lineage["cold_start_sft"]["inputs"]["r1_zero"]["sha256"] == lineage["r1_zero"]["output"]["sha256"]
     assert lineage["distill"]["config_sha256"] and lineage["distill"]["commit"]
     summary = json.loads((run / "summary.json").read_text())
@@ -120,10 +158,12 @@ def test_a_stage_whose_config_changed_is_not_skipped(tmp_path):
 def test_bad_presets_and_arguments_exit_2(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"stages": [{"name": "a", "args": ["stage=sft", "stage.init_from=@b"]}]}))
-    cases = [([f"pipeline={bad}", f"run_dir={tmp_path}"], "uses @b, which is not an earlier stage"),
-             (["pipeline=nope", f"run_dir={tmp_path}"], "no pipeline preset 'nope'"),
-             (["pipeline=r1_tiny"], "run_dir= is missing"),
-             (["pipeline=r1_tiny", f"run_dir={tmp_path}", "nosuch:x=1"], "no stage ['nosuch']")]  # fmt: skip
+    cases = [
+        ([f"pipeline={bad}", f"run_dir={tmp_path}"], "uses @b, which is not an earlier stage"),
+        (["pipeline=nope", f"run_dir={tmp_path}"], "no pipeline preset 'nope'"),
+        (["pipeline=r1_tiny"], "run_dir= is missing"),
+        (["pipeline=r1_tiny", f"run_dir={tmp_path}", "nosuch:x=1"], "no stage ['nosuch']"),
+    ]
     for args, message in cases:
         out = pipeline(*args, check=False)
         assert out.returncode == 2 and message in out.stderr, (args, out.stderr)
@@ -138,8 +178,13 @@ def test_the_r1_pattern_tokens_are_configurable():
     from rlhf.cold_start import check_pattern, in_pattern
 
     # on a command line, Hydra needs the braces quoted: 'stage.cold_start.summary="So the sum is {answer}."'
-    c = compose(["stage=cold_start_sft", "stage.cold_start.reasoning_end='|special_token|'",
-                 "stage.cold_start.summary='So the sum is {answer}.'"]).stage.cold_start  # fmt: skip
+    c = compose(
+        [
+            "stage=cold_start_sft",
+            "stage.cold_start.reasoning_end='|special_token|'",
+            "stage.cold_start.summary='So the sum is {answer}.'",
+        ]
+    ).stage.cold_start
     row = {"response": "5+7+0=12</think><answer>12</answer>", "prompt": "p"}
     assert in_pattern(row, c)["response"] == "5+7+0=12|special_token|So the sum is 12."
     c.summary = "{answr}"
@@ -152,6 +197,8 @@ def test_r1_tiny_preset_wires_every_stage_to_an_earlier_one():
 
     stages = load_preset("r1_tiny")
     names = [s["name"] for s in stages]
-    assert names[:2] == ["pretrain", "r1_zero"] and {"cold_start_sft", "reasoning_rl", "distill", "student_rl"} <= set(names)
+    assert names[:2] == ["pretrain", "r1_zero"] and {"cold_start_sft", "reasoning_rl", "distill", "student_rl"} <= set(
+        names
+    )
     for s in stages:  # every override composes: a typo in the preset fails here, not 15 minutes in
         compose([a for a in s["args"] if "=@" not in a])

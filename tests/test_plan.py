@@ -20,13 +20,18 @@ def planned(*overrides):
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "tools.plan", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "tools.plan", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_the_published_layouts_are_presets():
-    assert {"dsv3_pretrain_2048_h800", "dsv3_grpo_verl_96_h20", "dsv3_grpo_nemorl_256_h100",
-            "dsv3_grpo_nemorl_512_h100"} <= set(PRESETS_671B)  # fmt: skip
+    assert {
+        "dsv3_pretrain_2048_h800",
+        "dsv3_grpo_verl_96_h20",
+        "dsv3_grpo_nemorl_256_h100",
+        "dsv3_grpo_nemorl_512_h100",
+    } <= set(PRESETS_671B)
 
 
 @pytest.mark.parametrize("preset", PRESETS_671B)
@@ -68,17 +73,33 @@ def test_fitted_constants_are_what_the_fit_returns():
 
 def test_cli_prints_json_with_every_term(tmp_path):
     out_file = tmp_path / "plan.json"
-    proc = cli("model=deepseek_v3_671b", "parallel=dsv3_grpo_verl_96_h20", "cluster.gpus=96", "cluster.gpu=h20",
-               "--out", str(out_file))  # fmt: skip
+    proc = cli(
+        "model=deepseek_v3_671b",
+        "parallel=dsv3_grpo_verl_96_h20",
+        "cluster.gpus=96",
+        "cluster.gpu=h20",
+        "--out",
+        str(out_file),
+    )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert json.loads(out_file.read_text()) == out
-    memory_keys = {"weights", "grads", "optimizer", "activations", "rollout_weights", "rollout_kv_cache", "peak",
-                   "capacity", "fits"}  # fmt: skip
+    memory_keys = {
+        "weights",
+        "grads",
+        "optimizer",
+        "activations",
+        "rollout_weights",
+        "rollout_kv_cache",
+        "peak",
+        "capacity",
+        "fits",
+    }
     assert memory_keys <= set(out["memory_gib"])
     assert {"step", "generation", "logprobs", "train", "refit", "offload"} <= set(out["time_s"])
-    assert {"matmul", "attention", "tp_comm", "ep_comm", "pp_bubble", "pp_p2p", "dp_sync",
-            "optimizer"} <= set(out["time_s"]["update"])  # fmt: skip
+    assert {"matmul", "attention", "tp_comm", "ep_comm", "pp_bubble", "pp_p2p", "dp_sync", "optimizer"} <= set(
+        out["time_s"]["update"]
+    )
     assert out["time_s"]["update"]["tp_comm"] > 0 and out["time_s"]["update"]["ep_comm"] > 0
     assert out["memory_gib"]["optimizer_on_cpu"] > 0 and out["memory_gib"]["optimizer"] == 0  # CPU Adam
     assert out["cluster"]["spec"]["bf16_flops"] == 148e12
@@ -91,24 +112,49 @@ def test_cli_rejects_with_the_field_and_exit_2():
     assert "Fix:" in proc.stderr
 
 
-@pytest.mark.parametrize("overrides,match", [
-    (["parallel=dsv3_grpo_verl_96_h20", "parallel.num_layers_in_last_pipeline_stage=5"],
-     r"num_layers_in_last_pipeline_stage=5 leaves 56 layers for 11 middle pipeline stages.*Fix: .*\(6, 5\)"),
-    (["parallel=dsv3_grpo_nemorl_256_h100", "parallel.num_layers_in_first_pipeline_stage=null",
-      "parallel.num_layers_in_last_pipeline_stage=null"], r"num_layers=61 is not divisible by parallel.pipeline=16"),
-    (["parallel=dsv3_grpo_nemorl_256_h100", "parallel.expert=48"],
-     r"parallel.expert=48 does not divide model.num_moe_experts=256"),
-    (["parallel=dsv3_grpo_verl_96_h20", "parallel.tensor=3"],
-     r"parallel.tensor=3 does not divide model.num_attention_heads=128"),
-    (["parallel=dsv3_grpo_verl_96_h20", "plan.rollout_tensor=48"], r"plan.rollout_tensor=48 must divide"),
-    (["parallel=dsv3_grpo_nemorl_512_h100", "plan.rollout_gpus=512"], r"plan.rollout_gpus in \[1, 511\]"),
-    (["parallel=dsv3_pretrain_2048_h800", "cluster.gpu=a100"],
-     r"cluster.gpu='a100'.*\['h100', 'h20', 'h200', 'h800'\]"),
-    (["cluster.gpu=h100"], r"cluster.gpus is not set"),
-    (["parallel=dsv3_pretrain_2048_h800", "parallel.pipeline=15", "parallel.num_layers_in_last_pipeline_stage=null",
-      "parallel.num_layers_in_first_pipeline_stage=5", "cluster.gpus=1920"], r"dualpipe needs an even parallel.pipeline"),
-    (["parallel=dsv3_grpo_nemorl_256_h100", "plan.response_tokens=2000"], r"plan.response_tokens=2000 .* exceeds"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (
+            ["parallel=dsv3_grpo_verl_96_h20", "parallel.num_layers_in_last_pipeline_stage=5"],
+            r"num_layers_in_last_pipeline_stage=5 leaves 56 layers for 11 middle pipeline stages.*Fix: .*\(6, 5\)",
+        ),
+        (
+            [
+                "parallel=dsv3_grpo_nemorl_256_h100",
+                "parallel.num_layers_in_first_pipeline_stage=null",
+                "parallel.num_layers_in_last_pipeline_stage=null",
+            ],
+            r"num_layers=61 is not divisible by parallel.pipeline=16",
+        ),
+        (
+            ["parallel=dsv3_grpo_nemorl_256_h100", "parallel.expert=48"],
+            r"parallel.expert=48 does not divide model.num_moe_experts=256",
+        ),
+        (
+            ["parallel=dsv3_grpo_verl_96_h20", "parallel.tensor=3"],
+            r"parallel.tensor=3 does not divide model.num_attention_heads=128",
+        ),
+        (["parallel=dsv3_grpo_verl_96_h20", "plan.rollout_tensor=48"], r"plan.rollout_tensor=48 must divide"),
+        (["parallel=dsv3_grpo_nemorl_512_h100", "plan.rollout_gpus=512"], r"plan.rollout_gpus in \[1, 511\]"),
+        (
+            ["parallel=dsv3_pretrain_2048_h800", "cluster.gpu=a100"],
+            r"cluster.gpu='a100'.*\['h100', 'h20', 'h200', 'h800'\]",
+        ),
+        (["cluster.gpu=h100"], r"cluster.gpus is not set"),
+        (
+            [
+                "parallel=dsv3_pretrain_2048_h800",
+                "parallel.pipeline=15",
+                "parallel.num_layers_in_last_pipeline_stage=null",
+                "parallel.num_layers_in_first_pipeline_stage=5",
+                "cluster.gpus=1920",
+            ],
+            r"dualpipe needs an even parallel.pipeline",
+        ),
+        (["parallel=dsv3_grpo_nemorl_256_h100", "plan.response_tokens=2000"], r"plan.response_tokens=2000 .* exceeds"),
+    ],
+)
 def test_layouts_that_do_not_divide_name_the_field(overrides, match):
     with pytest.raises(ConfigError, match=match):
         planned(*overrides)
@@ -132,8 +178,14 @@ def test_vllm_that_cannot_hold_its_weights_is_rejected():
 
 def test_doubling_tp_halves_weights_per_gpu():
     def mem(tp):
-        overrides = ["model=llama3_1_8b", f"parallel.tensor={tp}", "cluster.gpus=8", "cluster.gpu=h100",
-                     "stage.train.micro_batch_size=1", "stage.train.global_batch_size=8"]  # fmt: skip
+        overrides = [
+            "model=llama3_1_8b",
+            f"parallel.tensor={tp}",
+            "cluster.gpus=8",
+            "cluster.gpu=h100",
+            "stage.train.micro_batch_size=1",
+            "stage.train.global_batch_size=8",
+        ]
         return plan(compose(overrides))["memory_gib"]
 
     m2, m4 = mem(2), mem(4)

@@ -73,16 +73,30 @@ def test_pretraining_text_mix_avoids_held_out_pairs():
 
 def _train(run_dir, *overrides, check=True):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "R1_NO_PROGRESS": "1"}
-    cmd = [sys.executable, "-m", "rlhf.train", "stage=pretrain", f"run_dir={run_dir}", f"hydra.run.dir={run_dir}",
-           "hydra.output_subdir=.hydra", "logger=none", *overrides]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "rlhf.train",
+        "stage=pretrain",
+        f"run_dir={run_dir}",
+        f"hydra.run.dir={run_dir}",
+        "hydra.output_subdir=.hydra",
+        "logger=none",
+        *overrides,
+    ]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     if check:
         assert out.returncode == 0, out.stderr[-3000:]
     return out
 
 
-SMALL = ["stage.train.global_batch_size=8", "stage.train.micro_batch_size=4", "stage.train.save_every=5",
-         "data.num_train=500", "data.num_eval=8"]  # fmt: skip
+SMALL = [
+    "stage.train.global_batch_size=8",
+    "stage.train.micro_batch_size=4",
+    "stage.train.save_every=5",
+    "data.num_train=500",
+    "data.num_eval=8",
+]
 
 
 def test_pretrain_runs_logs_checkpoints_and_resumes(tmp_path):

@@ -32,7 +32,12 @@ def test_addition_keeps_its_compact_prompt_and_holds_out_eval_pairs():
     assert all(addition.is_held_out(*p) for p in pairs(evals))
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in evals}
     a, b = pairs(train[:1]).pop()
-    assert train[0] == {"prompt": addition.make_prompt(a, b), "answer": str(a + b), "task": "addition", "metadata": {"language": "en"}}
+    assert train[0] == {
+        "prompt": addition.make_prompt(a, b),
+        "answer": str(a + b),
+        "task": "addition",
+        "metadata": {"language": "en"},
+    }
     r1 = load_prompts(cfg(task="addition", template="r1_zero"), "train")[0]
     assert r1["prompt"].endswith(f"User: {a:03d}+{b:03d}. Assistant: <think>")
 
@@ -68,8 +73,10 @@ def test_jsonl_rows_are_templated_validated_and_located(tmp_path):
     rows = [{"prompt": f"What is {i}+{i}?", "answer": str(2 * i), "id": i} for i in range(6)]
     rows[1]["task"] = "addition"
     path = write_jsonl(tmp_path / "d.jsonl", rows[:2] + [None] + rows[2:])  # a blank line 3
-    train, evals = load_prompts(cfg(source="jsonl", train_path=path, num_eval=2), "train"), load_prompts(
-        cfg(source="jsonl", train_path=path, num_eval=2), "eval")  # fmt: skip
+    train, evals = (
+        load_prompts(cfg(source="jsonl", train_path=path, num_eval=2), "train"),
+        load_prompts(cfg(source="jsonl", train_path=path, num_eval=2), "eval"),
+    )
     assert [r["metadata"]["id"] for r in train] == [0, 1, 2, 3] and [r["metadata"]["id"] for r in evals] == [4, 5]
     assert [r["_where"] for r in evals] == [f"{path} line 6", f"{path} line 7"]
     assert [r["task"] for r in train[:3]] == ["math", "addition", "math"]
@@ -90,12 +97,15 @@ def test_jsonl_errors_name_the_line(tmp_path):
         load_prompts(cfg(source="jsonl", train_path=gold, num_eval=2), "eval")
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(task="addition", template="chatml"), r"data.template='chatml'"),
-    (dict(task="chess"), r"data.task='chess'.*countdown"),
-    (dict(source="csv"), r"data.source='csv'"),
-    (dict(source="jsonl"), r"data.train_path"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(task="addition", template="chatml"), r"data.template='chatml'"),
+        (dict(task="chess"), r"data.task='chess'.*countdown"),
+        (dict(source="csv"), r"data.source='csv'"),
+        (dict(source="jsonl"), r"data.train_path"),
+    ],
+)
 def test_config_errors_name_the_field(kw, match):
     with pytest.raises(ConfigError, match=match):
         load_prompts(cfg(**kw), "train")

@@ -15,18 +15,47 @@ from core.config import ConfigError, compose, validate
 from tests.conftest import ROOT, cli_env, read_metrics
 from tests.conftest import train_cli as _train
 
-SMALL = ["stage.rl.prompts_per_step=4", "rollout.n=4", "stage.train.micro_batch_size=8", "data.num_eval=8",
-         "eval.k=2", "stage.train.save_every=2", "reward.workers=1"]  # fmt: skip
-REQUIRED = ["step", "reward/mean", "reward/accuracy", "reward/format", "response_length/mean", "train/loss",
-            "train/kl", "train/entropy", "train/clip_frac", "rollout/logprob_diff_mean", "perf/step_s",
-            "perf/samples_per_s", "perf/rollout_s", "perf/train_s", "sync/seconds", "sync/mb"]  # fmt: skip
+SMALL = [
+    "stage.rl.prompts_per_step=4",
+    "rollout.n=4",
+    "stage.train.micro_batch_size=8",
+    "data.num_eval=8",
+    "eval.k=2",
+    "stage.train.save_every=2",
+    "reward.workers=1",
+]
+REQUIRED = [
+    "step",
+    "reward/mean",
+    "reward/accuracy",
+    "reward/format",
+    "response_length/mean",
+    "train/loss",
+    "train/kl",
+    "train/entropy",
+    "train/clip_frac",
+    "rollout/logprob_diff_mean",
+    "perf/step_s",
+    "perf/samples_per_s",
+    "perf/rollout_s",
+    "perf/train_s",
+    "sync/seconds",
+    "sync/mb",
+]
 
 GROUPS = {"reward", "response_length", "rollout", "train", "perf", "sync"}
 
 
 def test_grpo_runs_logs_evaluates_and_resumes(base, tmp_path):
     run = tmp_path / "r1"
-    _train("stage=r1_zero", f"stage.init_from={base}", f"run_dir={run}", "stage.train.steps=2", "stage.rl.kl_coef=0.001", *SMALL)
+    _train(
+        "stage=r1_zero",
+        f"stage.init_from={base}",
+        f"run_dir={run}",
+        "stage.train.steps=2",
+        "stage.rl.kl_coef=0.001",
+        *SMALL,
+    )
     rows = read_metrics(run)
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
@@ -43,12 +72,21 @@ def test_grpo_runs_logs_evaluates_and_resumes(base, tmp_path):
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000004"  # 2 steps × 2 minibatches
 
     # Resume: the same command with more steps continues from the checkpoint, keeps the base eval.
-    _train("stage=r1_zero", f"stage.init_from={base}", f"run_dir={run}", "stage.train.steps=3", "stage.rl.kl_coef=0.001", *SMALL)
+    _train(
+        "stage=r1_zero",
+        f"stage.init_from={base}",
+        f"run_dir={run}",
+        "stage.train.steps=3",
+        "stage.rl.kl_coef=0.001",
+        *SMALL,
+    )
     assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
     again = json.loads((run / "eval.json").read_text())
     assert again["base"] == first["base"]
 
-    report = subprocess.run([sys.executable, "-m", "tools.report", f"run_dir={run}"], cwd=ROOT, capture_output=True, text=True)
+    report = subprocess.run(
+        [sys.executable, "-m", "tools.report", f"run_dir={run}"], cwd=ROOT, capture_output=True, text=True
+    )
     assert report.returncode == 0, report.stderr
     html = (run / "report.html").read_text()
     for plot in ("reward", "response_length", "kl", "entropy"):
@@ -58,9 +96,20 @@ def test_grpo_runs_logs_evaluates_and_resumes(base, tmp_path):
 def test_dynamic_sampling_and_variants_run(base, tmp_path):
     """DAPO-style switches together: clip-higher, token-mean loss, dynamic sampling, overlong penalty, TIS."""
     run = tmp_path / "dapo"
-    _train("stage=r1_zero", f"stage.init_from={base}", f"run_dir={run}", "stage.train.steps=2", *SMALL,
-           "stage.rl.kl_coef=0", "stage.rl.clip_eps_high=0.28", "stage.rl.loss_agg=token_mean", "stage.rl.dynamic_sampling=true",
-           "stage.rl.overlong_buffer=8", "stage.rl.tis_cap=2.0", "stage.rl.advantage=dr_grpo")  # fmt: skip
+    _train(
+        "stage=r1_zero",
+        f"stage.init_from={base}",
+        f"run_dir={run}",
+        "stage.train.steps=2",
+        *SMALL,
+        "stage.rl.kl_coef=0",
+        "stage.rl.clip_eps_high=0.28",
+        "stage.rl.loss_agg=token_mean",
+        "stage.rl.dynamic_sampling=true",
+        "stage.rl.overlong_buffer=8",
+        "stage.rl.tis_cap=2.0",
+        "stage.rl.advantage=dr_grpo",
+    )
     rows = read_metrics(run)
     assert len(rows) == 2 and all(r["train/kl"] is None for r in rows)  # no reference model with β=0
     assert all(r["rollout/prompts"] >= 4 for r in rows)
@@ -72,8 +121,17 @@ def test_rl_config_errors_name_the_field():
     with pytest.raises(ConfigError, match="micro_batch_size"):
         validate(compose(["stage=r1_zero", "stage.train.micro_batch_size=48"]), 1)
     with pytest.raises(ConfigError, match="prompts_per_step"):
-        validate(compose(["stage=r1_zero", "stage.rl.prompts_per_step=3", "stage.train.micro_batch_size=4",
-                          "stage.train.global_batch_size=8"]), 2)  # fmt: skip
+        validate(
+            compose(
+                [
+                    "stage=r1_zero",
+                    "stage.rl.prompts_per_step=3",
+                    "stage.train.micro_batch_size=4",
+                    "stage.train.global_batch_size=8",
+                ]
+            ),
+            2,
+        )
     with pytest.raises(ConfigError, match="max_new_tokens"):
         validate(compose(["stage=r1_zero", "rollout.max_new_tokens=64"]), 1)
 
@@ -81,15 +139,24 @@ def test_rl_config_errors_name_the_field():
 def test_a_data_file_without_an_answer_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "1+1", "answer": "2"}\n{"prompt": "2+2"}\n')
-    proc = _train("stage=r1_zero", "data=jsonl", f"data.train_path={bad}", f"data.eval_path={bad}", f"run_dir={tmp_path}/x",
-                  "logger=none", check=False)  # fmt: skip
+    proc = _train(
+        "stage=r1_zero",
+        "data=jsonl",
+        f"data.train_path={bad}",
+        f"data.eval_path={bad}",
+        f"run_dir={tmp_path}/x",
+        "logger=none",
+        check=False,
+    )
     assert proc.returncode == 2
     assert "bad.jsonl line 2" in proc.stderr and "answer" in proc.stderr
 
 
 def _start_killable(cmd, log):
     with open(log, "w") as out:  # not a pipe: an orphan holding it open would block the reader
-        return subprocess.Popen(cmd, cwd=ROOT, env=cli_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            cmd, cwd=ROOT, env=cli_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 def _kill_group(proc):
@@ -103,8 +170,18 @@ def _kill_group(proc):
 def test_kill_9_at_three_points_resumes_to_the_same_metrics(base, tmp_path):
     """The same command after each SIGKILL (mid-step, inside a checkpoint save, between the step dir's
     rename and the `latest` pointer) must end with exactly the metrics of an uninterrupted run."""
-    args = ["stage=r1_zero", f"stage.init_from={base}", "stage.train.steps=6", "stage.train.save_every=1",
-            "stage.rl.kl_coef=0.001", *SMALL[:3], "data.num_eval=4", "eval.k=1", "reward.workers=1", "logger=none"]  # fmt: skip
+    args = [
+        "stage=r1_zero",
+        f"stage.init_from={base}",
+        "stage.train.steps=6",
+        "stage.train.save_every=1",
+        "stage.rl.kl_coef=0.001",
+        *SMALL[:3],
+        "data.num_eval=4",
+        "eval.k=1",
+        "reward.workers=1",
+        "logger=none",
+    ]
     straight = tmp_path / "straight"
     _train(*args, f"run_dir={straight}")
 
@@ -119,8 +196,9 @@ def test_kill_9_at_three_points_resumes_to_the_same_metrics(base, tmp_path):
     # Policy steps count optimizer updates: rollout step k ends at policy step 2k (2 minibatches).
     for point, policy_step in (("shards", 8), ("pointer", 10)):
         log = tmp_path / f"{point}.log"
-        crash = _start_killable([sys.executable, "tests/dist/crash_run.py", point, str(policy_step), *args,
-                                 f"run_dir={run}"], log)  # fmt: skip
+        crash = _start_killable(
+            [sys.executable, "tests/dist/crash_run.py", point, str(policy_step), *args, f"run_dir={run}"], log
+        )
         crash.wait(timeout=600)
         _kill_group(crash)
         assert crash.returncode == -signal.SIGKILL, log.read_text()[-3000:]

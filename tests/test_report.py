@@ -20,11 +20,18 @@ def write_rl_run(run_dir: Path, steps: int = 60) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "metrics.jsonl", "w") as f:
         for s in range(1, steps + 1):
-            row = {"step": s, "reward/mean": 1 - math.exp(-s / 20), "reward/accuracy": 0.8 * (1 - math.exp(-s / 25)),
-                   "reward/format": min(1.0, s / 30), "response_length/mean": 20 + s + 3 * math.sin(s),
-                   "train/kl": None if s == 7 else 1e-3 * s, "train/loss": 0.1 * math.cos(s),
-                   "rollout/logprob_diff_mean": 1e-3, "rollout/logprob_diff_max": 0.02 + 1e-3 * (s % 5),
-                   "note": "text values are ignored"}  # fmt: skip
+            row = {
+                "step": s,
+                "reward/mean": 1 - math.exp(-s / 20),
+                "reward/accuracy": 0.8 * (1 - math.exp(-s / 25)),
+                "reward/format": min(1.0, s / 30),
+                "response_length/mean": 20 + s + 3 * math.sin(s),
+                "train/kl": None if s == 7 else 1e-3 * s,
+                "train/loss": 0.1 * math.cos(s),
+                "rollout/logprob_diff_mean": 1e-3,
+                "rollout/logprob_diff_max": 0.02 + 1e-3 * (s % 5),
+                "note": "text values are ignored",
+            }
             f.write(json.dumps(row) + "\n")
     (run_dir / "eval.json").write_text(json.dumps({"eval/pass@1": 0.62, "eval/cons@4": 0.7}))
     (run_dir / "summary.json").write_text(json.dumps({"steps": steps, "examples": ["<b>1+1</b>"]}))
@@ -67,14 +74,19 @@ def test_missing_metrics_exits_2_naming_the_path(tmp_path, capsys):
 
 def test_bad_line_exits_2_with_its_line_number(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train/loss": 1.0}\n\n{"step": 2, "train/loss": NaN\n')
-    out = subprocess.run([sys.executable, "-m", "tools.report", f"run_dir={tmp_path}"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "tools.report", f"run_dir={tmp_path}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2, out.stderr
     assert f"{tmp_path / 'metrics.jsonl'}: line 3 is not JSON" in out.stderr
     assert not (tmp_path / "report.html").exists()
 
 
-@pytest.mark.parametrize("line", ['[1, 2]', '{"train/loss": 1.0}'])
+@pytest.mark.parametrize("line", ["[1, 2]", '{"train/loss": 1.0}'])
 def test_rows_need_a_step(tmp_path, capsys, line):
     (tmp_path / "metrics.jsonl").write_text(line + "\n")
     assert report.main(["--run-dir", str(tmp_path)]) == 2

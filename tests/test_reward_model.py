@@ -11,8 +11,16 @@ from tests.conftest import train_cli
 
 def test_reward_model_ranks_held_out_pairs(base, tmp_path):
     rm = tmp_path / "rm"
-    train_cli("stage=reward_model", f"stage.init_from={base}", "data=preference_harmless", f"run_dir={rm}",
-              "stage.train.steps=60", "data.num_train=1920", "data.num_eval=100", "logger=none")  # fmt: skip
+    train_cli(
+        "stage=reward_model",
+        f"stage.init_from={base}",
+        "data=preference_harmless",
+        f"run_dir={rm}",
+        "stage.train.steps=60",
+        "data.num_train=1920",
+        "data.num_eval=100",
+        "logger=none",
+    )
     summary = json.loads((rm / "train_summary.json").read_text())
     metrics = [json.loads(x) for x in (rm / "metrics.jsonl").read_text().splitlines()]
     assert summary["eval/pairs"] == 100 and summary["eval/pair_accuracy"] >= 0.9
@@ -35,8 +43,13 @@ def test_pairs_are_two_segments_scored_at_their_eos():
     for i, r in enumerate(rows):
         c, rj = data["ends"][i].tolist()
         assert data["tokens"][i, c] == data["tokens"][i, rj] == tok.eos_token_id
-        assert data["segment_ids"][i, c] == 0 and data["segment_ids"][i, rj] == 1 and data["position_ids"][i, c + 1] == 0
-        assert tok.decode(data["tokens"][i, c + 1 : rj + 1].tolist(), skip_special_tokens=True) == r["prompt"] + r["rejected"]
+        assert (
+            data["segment_ids"][i, c] == 0 and data["segment_ids"][i, rj] == 1 and data["position_ids"][i, c + 1] == 0
+        )
+        assert (
+            tok.decode(data["tokens"][i, c + 1 : rj + 1].tolist(), skip_special_tokens=True)
+            == r["prompt"] + r["rejected"]
+        )
 
 
 def test_preference_pairs_hold_out_names_and_need_a_source(tmp_path):

@@ -5,8 +5,8 @@ import signal
 import time
 
 import pytest
-
 import rewards_for_tests  # noqa: F401  (registers test_sleep, test_raise, test_length, test_exit)
+
 from core.config import ConfigError
 from core.data import DataError
 from rlhf.rewards import REWARDS, RewardPool, validate_gold
@@ -20,29 +20,35 @@ def math_sample(gold):
     return {"prompt": "p", "answer": gold, "task": "math", "metadata": {}}
 
 
-@pytest.mark.parametrize("completion", [
-    "5+7+0=12</think><answer>432</answer>",
-    " reasoning </think>\n\n<answer> 432 </answer>\n",
-    "a\nmulti-line\nthought</think> <answer>x</answer>   ",
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "completion",
+    [
+        "5+7+0=12</think><answer>432</answer>",
+        " reasoning </think>\n\n<answer> 432 </answer>\n",
+        "a\nmulti-line\nthought</think> <answer>x</answer>   ",
+    ],
+)
 def test_format_accepts_think_then_answer(completion):
     assert fmt(completion, ADD) == 1.0
 
 
-@pytest.mark.parametrize("completion", [
-    "5+7+0=12<answer>432</answer>",  # no </think>
-    "5+7+0=12</think>432",  # no answer tags
-    "5+7+0=12</think><answer>432",  # unclosed answer
-    "r</think><answer>432</answer>x",  # junk after the answer
-    "r</think>so<answer>432</answer>",  # text between the blocks
-    "</think><answer>432</answer>",  # empty think
-    "  \n </think><answer>432</answer>",  # whitespace-only think
-    "r</think><answer> </answer>",  # empty answer
-    "<think>r</think><answer>432</answer>",  # a second <think>
-    "r</think><answer>1</answer><answer>2</answer>",  # two answers
-    "r</think></think><answer>432</answer>",  # two </think>
-    "<answer>432</answer>r</think>",  # answer inside think, wrong order
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "completion",
+    [
+        "5+7+0=12<answer>432</answer>",  # no </think>
+        "5+7+0=12</think>432",  # no answer tags
+        "5+7+0=12</think><answer>432",  # unclosed answer
+        "r</think><answer>432</answer>x",  # junk after the answer
+        "r</think>so<answer>432</answer>",  # text between the blocks
+        "</think><answer>432</answer>",  # empty think
+        "  \n </think><answer>432</answer>",  # whitespace-only think
+        "r</think><answer> </answer>",  # empty answer
+        "<think>r</think><answer>432</answer>",  # a second <think>
+        "r</think><answer>1</answer><answer>2</answer>",  # two answers
+        "r</think></think><answer>432</answer>",  # two </think>
+        "<answer>432</answer>r</think>",  # answer inside think, wrong order
+    ],
+)
 def test_format_rejects(completion):
     assert fmt(completion, ADD) == 0.0
 
@@ -60,17 +66,20 @@ def test_addition_accuracy_matches_the_pretraining_scorer():
     assert acc("x</think><answer> 432</answer>", ADD) == 0.0  # exact match, as addition.score
 
 
-@pytest.mark.parametrize("gold, pred, want", [
-    ("\\frac{1}{2}", "0.5", 1.0),
-    ("0.5", "\\frac{1}{2}", 1.0),
-    ("1/2", "$\\frac12$", 1.0),
-    ("2", "3", 0.0),
-    ("2", " 2 ", 1.0),
-    ("x^2+1", "1+x^2", 1.0),
-    ("$\\sqrt{2}$", "\\boxed{\\sqrt 2}", 1.0),
-    ("10", "???", 0.0),  # unparsable prediction
-    ("10", "", 0.0),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "gold, pred, want",
+    [
+        ("\\frac{1}{2}", "0.5", 1.0),
+        ("0.5", "\\frac{1}{2}", 1.0),
+        ("1/2", "$\\frac12$", 1.0),
+        ("2", "3", 0.0),
+        ("2", " 2 ", 1.0),
+        ("x^2+1", "1+x^2", 1.0),
+        ("$\\sqrt{2}$", "\\boxed{\\sqrt 2}", 1.0),
+        ("10", "???", 0.0),  # unparsable prediction
+        ("10", "", 0.0),
+    ],
+)
 def test_math_accuracy_uses_math_verify(gold, pred, want):
     assert acc(f"r</think><answer>{pred}</answer>", math_sample(gold)) == want
 
@@ -101,8 +110,10 @@ def test_reasoning_gym_countdown_is_scored_zero_or_one():
 
 
 def test_validate_gold_names_the_line_and_the_fix():
-    rows = [{**math_sample("\\frac{1}{2}"), "_where": "data.jsonl line 1"},
-            {**math_sample("\\frac{1}{2"), "_where": "data.jsonl line 3"}]  # fmt: skip
+    rows = [
+        {**math_sample("\\frac{1}{2}"), "_where": "data.jsonl line 1"},
+        {**math_sample("\\frac{1}{2"), "_where": "data.jsonl line 3"},
+    ]
     with pytest.raises(DataError, match=r"data.jsonl line 3: math-verify cannot parse .*Fix:"):
         validate_gold(rows)
     with pytest.raises(DataError, match=r"train row 1: .*'answer'"):
@@ -199,8 +210,9 @@ def test_preemption_signals_leave_the_workers_alone(pool):
 
 
 def test_inline_counts_a_slow_call_as_a_timeout():
-    out = RewardPool({"test_sleep": 1.0}, timeout_s=0.05, workers=0).score(["x", "y"], [
-        {"metadata": {"sleep_s": 0.2}}, {"metadata": {}}])  # fmt: skip
+    out = RewardPool({"test_sleep": 1.0}, timeout_s=0.05, workers=0).score(
+        ["x", "y"], [{"metadata": {"sleep_s": 0.2}}, {"metadata": {}}]
+    )
     assert out.per_reward["test_sleep"] == [0, 1] and out.timeouts == {"test_sleep": 1}
 
 
@@ -221,5 +233,7 @@ def test_language_consistency_is_the_share_of_target_language_words_in_the_reaso
     assert 0.5 < mixed < 0.7  # 8 English words of 13 (a Han character is a word)
     assert lc("first add the units, then carry the one</think>", zh) == 0.0
     assert lc("5+7=12;8+4+1=13</think><answer>12</answer>", en) == 1.0  # no words: nothing mixed
-    assert lc("the units first</think><answer>然后进位 然后进位 然后进位</answer>", en) == 1.0  # only the reasoning counts
+    assert (
+        lc("the units first</think><answer>然后进位 然后进位 然后进位</answer>", en) == 1.0
+    )  # only the reasoning counts
     assert lc("", {"metadata": {}}) == 1.0

@@ -74,19 +74,25 @@ def wait_clean(seconds: float = 3.0) -> list[str]:
 # ---------------------------------------------------------------- correct and wrong code
 
 
-@pytest.mark.parametrize("program, want", [
-    (GOOD, 1.0),
-    (f"```python\n{GOOD}```", 1.0),  # fenced
-    ("Here it is:\n```py\n    def digit_sum(n):\n        return sum(map(int, str(n)))\n```\nDone.", 1.0),
-    ("def digit_sum(n):\n    print('debug', n)\n    return sum(map(int, str(n)))", 1.0),  # prints don't garble results
-    ("def digit_sum(n):\n    return n % 9", 0.0),  # wrong
-    ("def digit_sum(n):\n    return sum(map(int, str(n))) if n else 1", 0.0),  # one edge case wrong: all or nothing
-    ("def digit_sum(n):\n    return str(sum(map(int, str(n))))", 0.0),  # "7" is not 7
-    ("def digit_sum(n):\n    return float(sum(map(int, str(n))))", 1.0),  # 7.0 is 7
-    ("def digitsum(n):\n    return 0", 0.0),  # wrong name
-    ("def digit_sum(n) return 0", 0.0),  # syntax error
-    ("", 0.0),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "program, want",
+    [
+        (GOOD, 1.0),
+        (f"```python\n{GOOD}```", 1.0),  # fenced
+        ("Here it is:\n```py\n    def digit_sum(n):\n        return sum(map(int, str(n)))\n```\nDone.", 1.0),
+        (
+            "def digit_sum(n):\n    print('debug', n)\n    return sum(map(int, str(n)))",
+            1.0,
+        ),  # prints don't garble results
+        ("def digit_sum(n):\n    return n % 9", 0.0),  # wrong
+        ("def digit_sum(n):\n    return sum(map(int, str(n))) if n else 1", 0.0),  # one edge case wrong: all or nothing
+        ("def digit_sum(n):\n    return str(sum(map(int, str(n))))", 0.0),  # "7" is not 7
+        ("def digit_sum(n):\n    return float(sum(map(int, str(n))))", 1.0),  # 7.0 is 7
+        ("def digitsum(n):\n    return 0", 0.0),  # wrong name
+        ("def digit_sum(n) return 0", 0.0),  # syntax error
+        ("", 0.0),
+    ],
+)
 def test_correct_code_scores_one_and_anything_else_zero(program, want, short_limits):
     assert acc(answer(program), SAMPLE) == want
     assert acc("no answer tags at all", SAMPLE) == 0.0
@@ -114,23 +120,23 @@ def hostile(secret_path: str, port: int, me: int) -> dict[str, str]:
         # processes and CPU
         "fork_bomb": "import os\nwhile True:\n    try: os.fork()\n    except OSError: pass",
         "fork_bomb_daemons": "import os, time\nfor _ in range(50):\n    try:\n        if os.fork() == 0:\n"
-                             "            os.setsid(); time.sleep(100)\n    except OSError: pass\n" + FUNC,
+        "            os.setsid(); time.sleep(100)\n    except OSError: pass\n" + FUNC,
         "infinite_loop": "def digit_sum(n):\n    while True: pass",
         "busy_threads": "import threading\ndef spin():\n    while True: pass\nfor _ in range(6):\n"
-                        "    try: threading.Thread(target=spin, daemon=True).start()\n"
-                        "    except RuntimeError: pass\nspin()",
+        "    try: threading.Thread(target=spin, daemon=True).start()\n"
+        "    except RuntimeError: pass\nspin()",
         "too_many_threads": "import threading, time\nwhile True:\n"
-                            "    threading.Thread(target=time.sleep, args=(60,)).start()",
+        "    threading.Thread(target=time.sleep, args=(60,)).start()",
         "sleep_past_timeout": "import time\ntime.sleep(60)\n" + FUNC,
         "ignore_sigterm": "import signal as s, time\nfor sig in (s.SIGTERM, s.SIGINT, s.SIGHUP, s.SIGXCPU):\n"
-                          "    s.signal(sig, s.SIG_IGN)\nwhile True: time.sleep(0.01)",
+        "    s.signal(sig, s.SIG_IGN)\nwhile True: time.sleep(0.01)",
         "recursion_bomb": "import sys\nsys.setrecursionlimit(10**9)\n"
-                          "def digit_sum(n):\n    return digit_sum(n + 1) + 1",
+        "def digit_sum(n):\n    return digit_sum(n + 1) + 1",
         # memory, files, descriptors
         "memory_blowup": "x = []\nwhile True:\n    x.append(bytearray(10**7))",
         "one_huge_allocation": "x = bytearray(8 * 2**30)\n" + FUNC,
         "zip_bomb": "import zlib\nz = zlib.compress(bytes(2**24))\n"
-                    "keep = [zlib.decompress(z) for _ in range(200)]\n" + FUNC,
+        "keep = [zlib.decompress(z) for _ in range(200)]\n" + FUNC,
         "huge_file": "f = open('big', 'wb')\nwhile True:\n    f.write(bytes(2**20))",
         "fill_tmpfs": "i = 0\nwhile True:\n    open(f'/dev/shm/f{i}', 'wb').write(bytes(2**19)); i += 1",
         "fd_exhaustion": "import os\nfds = []\nwhile True:\n    fds.append(os.open('/dev/null', os.O_RDONLY))",
@@ -138,9 +144,9 @@ def hostile(secret_path: str, port: int, me: int) -> dict[str, str]:
         "read_shadow": "import sys\ndef digit_sum(n):\n    sys.stderr.write(open('/etc/shadow').read())\n    return 0",
         "read_planted_secret": f"import sys\nsys.stderr.write(open({secret_path!r}).read())\n" + FUNC,
         "walk_the_filesystem": "import os, sys\nfor d, _, fs in os.walk('/'):\n"
-                               "    if d.startswith(('/usr', '/lib', '/proc')): continue\n    for f in fs:\n"
-                               "        try: sys.stderr.write(open(os.path.join(d, f)).read(100))\n"
-                               "        except Exception: pass\n" + FUNC,
+        "    if d.startswith(('/usr', '/lib', '/proc')): continue\n    for f in fs:\n"
+        "        try: sys.stderr.write(open(os.path.join(d, f)).read(100))\n"
+        "        except Exception: pass\n" + FUNC,
         "read_host_proc": f"import sys\nsys.stderr.write(open('/proc/{me}/environ').read())\n" + FUNC,
         "read_env": "import os, sys\nsys.stderr.write(repr(dict(os.environ)))\n" + FUNC,
         "write_outside": "def digit_sum(n):\n" + writes + "    return 0",
@@ -148,32 +154,32 @@ def hostile(secret_path: str, port: int, me: int) -> dict[str, str]:
         "socket_localhost": f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=1)\n" + FUNC,
         "socket_internet": "import socket\nsocket.create_connection(('1.1.1.1', 53), timeout=1)\n" + FUNC,
         "kill_parent": f"import os, signal\nfor pid in (os.getppid(), {me}, 1):\n"
-                       "    try: os.kill(pid, signal.SIGKILL)\n    except OSError: pass\n" + FUNC,
+        "    try: os.kill(pid, signal.SIGKILL)\n    except OSError: pass\n" + FUNC,
         "killpg_and_kill_all": "import os, signal\ntry: os.killpg(os.getpgid(0), signal.SIGKILL)\n"
-                               "except OSError: pass\nos.kill(-1, signal.SIGKILL)",
+        "except OSError: pass\nos.kill(-1, signal.SIGKILL)",
         "ctypes_segfault": "import ctypes\nctypes.string_at(0)\n" + FUNC,
         "ctypes_privileges": f"import ctypes, sys\nlibc = ctypes.CDLL(None)\nr = {nasty_syscalls}\n"
-                             "sys.stderr.write(repr(r))\nopen('/work/pwned', 'w')",
+        "sys.stderr.write(repr(r))\nopen('/work/pwned', 'w')",
         "os_system": "import os\nos.system('echo pwned > /work/pwned; sudo touch /work/pwned; sleep 31.7')\n" + FUNC,
         "subprocess_daemon": "import subprocess\nsubprocess.Popen(['sh', '-c', 'sleep 31.7 & sleep 31.7'], "
-                             "start_new_session=True)\ndef digit_sum(n):\n    return sum(map(int, str(n))) + 1",
+        "start_new_session=True)\ndef digit_sum(n):\n    return sum(map(int, str(n))) + 1",
         "nested_userns_remount": "import os\n"
-                                 "os.system(\"unshare -rm sh -c 'mount -o remount,rw / && touch /work/pwned'\")\n"
-                                 "open('/work/pwned', 'w')",
+        "os.system(\"unshare -rm sh -c 'mount -o remount,rw / && touch /work/pwned'\")\n"
+        "open('/work/pwned', 'w')",
         # cheating the judge
         "sys_exit_at_import": "import sys\nsys.exit(0)",
         "os_exit_in_call": "import os\ndef digit_sum(n):\n    os._exit(0)",
         "huge_stdout": "def digit_sum(n):\n    while True: print('x' * 65536)",
         "garble_results_fd": "import os\nfor fd in range(64):\n    try: os.write(fd, b'{\"results\": []}' * 2**16)\n"
-                             "    except OSError: pass\n" + FUNC,
+        "    except OSError: pass\n" + FUNC,
         "fake_all_passed": "import json, os\nprint('all tests passed')\n"
-                           "os.write(1, b'{\"results\": [{\"value\": 1}]}')\n"
-                           "json.dump = lambda *a, **k: None\n" + FUNC,
+        'os.write(1, b\'{"results": [{"value": 1}]}\')\n'
+        "json.dump = lambda *a, **k: None\n" + FUNC,
         "patch_driver_output": "import json\nreal = json.dump\n"
-                               "json.dump = lambda obj, f: real({'results': [{'value': 7}] * 8}, f)\n" + FUNC,
+        "json.dump = lambda obj, f: real({'results': [{'value': 7}] * 8}, f)\n" + FUNC,
         "eq_always_true": "class Any:\n    def __eq__(self, other): return True\ndef digit_sum(n):\n    return Any()",
         "int_subclass_lies": "class Liar(int):\n    def __eq__(self, other): return True\n    __hash__ = int.__hash__\n"
-                             "def digit_sum(n):\n    return Liar(-1)",
+        "def digit_sum(n):\n    return Liar(-1)",
     }
 
 
@@ -265,8 +271,12 @@ def test_non_root_user_namespace_mode():
     python = shutil.which("python3", path="/usr/bin:/usr/local/bin")  # one every user can run
     if python is None:
         skip_outside_ci("no system python3 for the simulated user")
-    proc = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", python, "-c", script],
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    proc = subprocess.run(
+        ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", python, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     mode, out = json.loads(proc.stdout)
     assert mode == "userns"
@@ -330,18 +340,25 @@ def test_code_prompts_train_and_eval_are_disjoint_and_valid():
         load_prompts(DataConfig(name="code", source="generated", task="code", num_eval=10**4), "eval")
 
 
-@pytest.mark.parametrize("meta, match", [
-    ({"tests": [{"args": [1], "expected": 1}]}, "entry_point"),
-    ({"entry_point": "class", "tests": [{"args": [1], "expected": 1}]}, "entry_point"),
-    ({"entry_point": "f", "tests": []}, "metadata.tests"),
-    ({"entry_point": "f", "tests": "assert f(1) == 1"}, "metadata.tests"),
-    ({"entry_point": "f", "tests": [{"args": [1], "expected": 1}, {"args": [2]}]}, r"tests\[1\]"),
-    ({"entry_point": "f", "tests": [{"args": 1, "expected": 1}]}, r"tests\[0\]"),
-    ({"entry_point": "f", "tests": [{"args": [1], "expected": float("nan")}]}, "JSON cannot carry"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "meta, match",
+    [
+        ({"tests": [{"args": [1], "expected": 1}]}, "entry_point"),
+        ({"entry_point": "class", "tests": [{"args": [1], "expected": 1}]}, "entry_point"),
+        ({"entry_point": "f", "tests": []}, "metadata.tests"),
+        ({"entry_point": "f", "tests": "assert f(1) == 1"}, "metadata.tests"),
+        ({"entry_point": "f", "tests": [{"args": [1], "expected": 1}, {"args": [2]}]}, r"tests\[1\]"),
+        ({"entry_point": "f", "tests": [{"args": 1, "expected": 1}]}, r"tests\[0\]"),
+        ({"entry_point": "f", "tests": [{"args": [1], "expected": float("nan")}]}, "JSON cannot carry"),
+    ],
+)
 def test_malformed_hidden_tests_are_a_load_time_error_naming_the_row(tmp_path, meta, match):
-    good = {"prompt": "write f", "answer": "def f(x):\n    return x", "task": "code",
-            "metadata": {"entry_point": "f", "tests": [{"args": [1], "expected": 1}]}}  # fmt: skip
+    good = {
+        "prompt": "write f",
+        "answer": "def f(x):\n    return x",
+        "task": "code",
+        "metadata": {"entry_point": "f", "tests": [{"args": [1], "expected": 1}]},
+    }
     path = tmp_path / "code.jsonl"
     path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "metadata": meta}) + "\n")
     cfg = DataConfig(name="j", source="jsonl", train_path=str(path), num_eval=0)
@@ -359,8 +376,16 @@ def test_code_rewards_through_the_pool_and_the_run_goes_on():
     workers survive; and a worker killed mid-run (pool timeout below the sandbox's) leaves nothing behind."""
     bad = hostile("/nonexistent", 9, os.getpid())
     completions = [answer(GOOD), answer("def digit_sum(n):\n    return -1")] + [
-        answer(bad[k]) for k in ("fork_bomb", "kill_parent", "killpg_and_kill_all", "sys_exit_at_import",
-                                 "ctypes_segfault", "memory_blowup")]  # fmt: skip
+        answer(bad[k])
+        for k in (
+            "fork_bomb",
+            "kill_parent",
+            "killpg_and_kill_all",
+            "sys_exit_at_import",
+            "ctypes_segfault",
+            "memory_blowup",
+        )
+    ]
     with RewardPool({"accuracy": 1.0, "format": 0.5}, timeout_s=sandbox.Limits().wall_s + 5, workers=2) as pool:
         r = pool.score(completions, [SAMPLE] * len(completions))
         assert r.per_reward["accuracy"] == [1.0] + [0.0] * (len(completions) - 1)

@@ -18,8 +18,16 @@ def test_sft_teaches_the_base_the_traces_it_is_shown(base, tmp_path):
     data = tmp_path / "rs"
     data.mkdir()
     (data / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    _train("stage=sft", f"stage.init_from={base}", f"stage.data_from={data}", f"run_dir={tuned}", "stage.epochs=2",
-           "stage.train.micro_batch_size=32", "data.num_eval=32", "logger=none")  # fmt: skip
+    _train(
+        "stage=sft",
+        f"stage.init_from={base}",
+        f"stage.data_from={data}",
+        f"run_dir={tuned}",
+        "stage.epochs=2",
+        "stage.train.micro_batch_size=32",
+        "data.num_eval=32",
+        "logger=none",
+    )
     metrics = [json.loads(x) for x in (tuned / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 19  # ceil(2 epochs × 600 rows (one sample a row at this length) / 64)
     assert metrics[-1]["train/loss"] < 0.85 * metrics[0]["train/loss"]
@@ -57,8 +65,17 @@ def test_missing_inputs_are_named(tmp_path):
 def memorised(base, tmp_path_factory):
     """A model that has memorised 32 prompts' traces, so that sampling it yields correct answers."""
     run = tmp_path_factory.mktemp("memorised")
-    _train("stage=sft", f"stage.init_from={base}", f"run_dir={run}", "data.num_train=32", "stage.epochs=300",
-           "stage.train.optim.lr=3e-3", "stage.train.micro_batch_size=32", "data.num_eval=4", "logger=none")  # fmt: skip
+    _train(
+        "stage=sft",
+        f"stage.init_from={base}",
+        f"run_dir={run}",
+        "data.num_train=32",
+        "stage.epochs=300",
+        "stage.train.optim.lr=3e-3",
+        "stage.train.micro_batch_size=32",
+        "data.num_eval=4",
+        "logger=none",
+    )
     return run
 
 
@@ -67,9 +84,19 @@ def test_rejection_sampling_keeps_verified_clean_samples_and_feeds_sft(base, mem
 
     rs = tmp_path / "rs"
     chat = tmp_path / "chat.jsonl"
-    chat.write_text("".join(json.dumps({"prompt": f"User: hi {i} Assistant:", "response": " hello"}) + "\n" for i in range(40)))
-    args = ["stage=rejection_sampling", f"stage.init_from={memorised}", f"run_dir={rs}", "data.num_train=32",
-            "rollout.n=8", f"stage.sampling.non_reasoning_path={chat}", "logger=none", "reward.workers=1"]  # fmt: skip
+    chat.write_text(
+        "".join(json.dumps({"prompt": f"User: hi {i} Assistant:", "response": " hello"}) + "\n" for i in range(40))
+    )
+    args = [
+        "stage=rejection_sampling",
+        f"stage.init_from={memorised}",
+        f"run_dir={rs}",
+        "data.num_train=32",
+        "rollout.n=8",
+        f"stage.sampling.non_reasoning_path={chat}",
+        "logger=none",
+        "reward.workers=1",
+    ]
     _train(*args)
     manifest = json.loads((rs / "dataset.json").read_text())
     counts = manifest["counts"]
@@ -79,7 +106,9 @@ def test_rejection_sampling_keeps_verified_clean_samples_and_feeds_sft(base, mem
     assert table.schema.metadata[b"r1stack_version"].decode() == manifest["version"]
     rows = table.to_pylist()
     reasoning = [r for r in rows if r["source"] == "rejection_sampling"]
-    assert len(reasoning) == counts["kept"] and len({r["prompt_index"] for r in reasoning}) == len(reasoning)  # 1 a prompt
+    assert len(reasoning) == counts["kept"] and len({r["prompt_index"] for r in reasoning}) == len(
+        reasoning
+    )  # 1 a prompt
     assert all(addition.score(r["response"], r["answer"]) == 1.0 for r in reasoning)
     assert manifest["non_reasoning"] == round(counts["kept"] / 3) == len(rows) - len(reasoning)  # share 0.25
     assert manifest["source"]["checkpoint"].endswith("step_00000150")
@@ -87,24 +116,48 @@ def test_rejection_sampling_keeps_verified_clean_samples_and_feeds_sft(base, mem
     assert "already done" in again.stdout + again.stderr and json.loads((rs / "dataset.json").read_text()) == manifest
 
     tuned = tmp_path / "stage3_sft"
-    _train("stage=sft", f"stage.init_from={base}", f"stage.data_from={rs}", f"run_dir={tuned}", "stage.epochs=1",
-           "data.num_eval=4", "logger=none")  # fmt: skip
+    _train(
+        "stage=sft",
+        f"stage.init_from={base}",
+        f"stage.data_from={rs}",
+        f"run_dir={tuned}",
+        "stage.epochs=1",
+        "data.num_eval=4",
+        "logger=none",
+    )
     assert (tuned / "checkpoints" / "latest").exists()
 
 
 def test_the_sampled_model_writes_cots_for_non_trivial_non_reasoning_rows(memorised, tmp_path):
     import pyarrow.parquet as pq
 
-    short = [{"prompt": f"User: hi {n} Assistant: <think>", "response": f"{n}</think><answer>hi {n}</answer>"}
-             for n in ("ada", "bob", "cy", "dan")]  # 31 characters or fewer: trivial
-    long = [{"prompt": f"User: what is {a} plus {b} please Assistant: <think>", "response": f"</think><answer>{a + b}</answer>"}
-            for a, b in ((12, 30), (7, 5), (40, 41), (3, 99))]  # fmt: skip
+    short = [
+        {"prompt": f"User: hi {n} Assistant: <think>", "response": f"{n}</think><answer>hi {n}</answer>"}
+        for n in ("ada", "bob", "cy", "dan")
+    ]  # 31 characters or fewer: trivial
+    long = [
+        {
+            "prompt": f"User: what is {a} plus {b} please Assistant: <think>",
+            "response": f"</think><answer>{a + b}</answer>",
+        }
+        for a, b in ((12, 30), (7, 5), (40, 41), (3, 99))
+    ]
     chat = tmp_path / "chat.jsonl"
     chat.write_text("".join(json.dumps(r) + "\n" for r in short + long))
     rs = tmp_path / "rs"
-    _train("stage=rejection_sampling", f"stage.init_from={memorised}", f"run_dir={rs}", "data.num_train=16", "rollout.n=2",
-           f"stage.sampling.non_reasoning_path={chat}", "stage.sampling.non_reasoning_share=0.5",
-           "stage.sampling.non_reasoning_cot=true", "stage.train.seq_length=128", "logger=none", "reward.workers=1")  # fmt: skip
+    _train(
+        "stage=rejection_sampling",
+        f"stage.init_from={memorised}",
+        f"run_dir={rs}",
+        "data.num_train=16",
+        "rollout.n=2",
+        f"stage.sampling.non_reasoning_path={chat}",
+        "stage.sampling.non_reasoning_share=0.5",
+        "stage.sampling.non_reasoning_cot=true",
+        "stage.train.seq_length=128",
+        "logger=none",
+        "reward.workers=1",
+    )
     manifest = json.loads((rs / "dataset.json").read_text())
     rows = [r for r in pq.read_table(rs / "sft.parquet").to_pylist() if r["source"].startswith("non_reasoning")]
     given = {r["prompt"]: r["response"] for r in short + long}
@@ -124,9 +177,22 @@ def test_the_sampled_model_writes_cots_for_non_trivial_non_reasoning_rows(memori
 def test_cot_rows_must_have_room_for_a_cot():
     from rlhf.non_reasoning import write_cots
 
-    cfg = compose(["stage=rejection_sampling", "stage.sampling.non_reasoning_cot=true", "stage.sampling.non_reasoning_path=chat.jsonl"])
-    plain = {"prompt": "User: write a poem about the sea Assistant:", "response": "waves", "source": "non_reasoning", "prompt_index": 3}
-    with pytest.raises(DataError, match="non-reasoning row 3 of chat.jsonl .*no place for a CoT.*non_reasoning_cot=false"):
+    cfg = compose(
+        [
+            "stage=rejection_sampling",
+            "stage.sampling.non_reasoning_cot=true",
+            "stage.sampling.non_reasoning_path=chat.jsonl",
+        ]
+    )
+    plain = {
+        "prompt": "User: write a poem about the sea Assistant:",
+        "response": "waves",
+        "source": "non_reasoning",
+        "prompt_index": 3,
+    }
+    with pytest.raises(
+        DataError, match="non-reasoning row 3 of chat.jsonl .*no place for a CoT.*non_reasoning_cot=false"
+    ):
         write_cots(None, None, [plain], cfg)
 
 
@@ -139,6 +205,8 @@ def test_rejection_filters():
     assert screen("add units</think><answer>5</answer>", ok, s, "en", seen) == "keep"
     assert screen("add units</think><answer>5</answer>", ok, s, "en", seen) == "duplicate"
     assert screen("x</think><answer>6</answer>", {**ok, "accuracy": 0.0}, s, "en", set()) == "incorrect"
-    assert screen("x</think><answer>5</answer>", {**ok, "language_consistency": 0.6}, s, "en", set()) == "mixed_language"
+    assert (
+        screen("x</think><answer>5</answer>", {**ok, "language_consistency": 0.6}, s, "en", set()) == "mixed_language"
+    )
     assert screen("a" * 2001 + "</think><answer>5</answer>", ok, s, "en", set()) == "long_paragraph"
     assert screen("```py\nx\n```</think><answer>5</answer>", ok, s, "en", set()) == "code_block"

@@ -7,8 +7,10 @@ from core.shards import FIELDS, ShardReader, write_shards
 
 def packed(n=37, seq=16):
     g = torch.Generator().manual_seed(0)
-    samples = [{"input_ids": torch.randint(3, 90, (int(k),), generator=g).tolist(),
-                "loss_mask": [1] * int(k)} for k in torch.randint(2, seq, (n,), generator=g)]  # fmt: skip
+    samples = [
+        {"input_ids": torch.randint(3, 90, (int(k),), generator=g).tolist(), "loss_mask": [1] * int(k)}
+        for k in torch.randint(2, seq, (n,), generator=g)
+    ]
     return pack(samples, seq, pad_id=0)
 
 

@@ -13,8 +13,17 @@ import pytest
 
 from tests.conftest import ROOT, cli_env, read_metrics, skip_outside_ci
 
-TINY = ["stage.train.steps=5", "stage.rl.prompts_per_step=4", "rollout.n=4", "stage.train.micro_batch_size=4",
-        "data.num_eval=4", "eval.k=1", "reward.workers=1", "logger=none", "stage.train.save_every=100"]  # fmt: skip
+TINY = [
+    "stage.train.steps=5",
+    "stage.rl.prompts_per_step=4",
+    "rollout.n=4",
+    "stage.train.micro_batch_size=4",
+    "data.num_eval=4",
+    "eval.k=1",
+    "reward.workers=1",
+    "logger=none",
+    "stage.train.save_every=100",
+]
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +39,14 @@ def slurm(tmp_path_factory):
 
 
 def sbatch(env, script, *args, sbatch_opts=("--ntasks-per-node=2",)) -> str:
-    out = subprocess.run(["sbatch", "--parsable", *sbatch_opts, script, *map(str, args)], cwd=ROOT, env=env,
-                         capture_output=True, text=True, check=True)  # fmt: skip
+    out = subprocess.run(
+        ["sbatch", "--parsable", *sbatch_opts, script, *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return out.stdout.strip().split(";")[0]
 
 
@@ -70,7 +85,9 @@ def test_sbatch_runs_a_two_task_stage_to_completion(straight):
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
     assert "srun -n 2 rlhf.train stage=reasoning_rl" in log
     assert [r["step"] for r in read_metrics(run, drop_wall_clock=True)] == [1, 2, 3, 4, 5]
-    assert all(r["reward/language_consistency"] == 1.0 for r in read_metrics(run, drop_wall_clock=True))  # digit-only reasoning: no mixing
+    assert all(
+        r["reward/language_consistency"] == 1.0 for r in read_metrics(run, drop_wall_clock=True)
+    )  # digit-only reasoning: no mixing
     assert (run / "checkpoints" / "latest").exists() and (run / "eval.json").exists()
 
 
@@ -94,8 +111,14 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_metrics(slurm, base, 
 def test_a_failing_job_reports_its_exit_code(slurm, tmp_path):
     """`sbatch --wait` returns the job's exit status: a layout that does not fit the task count stops at
     once, before srun, with the fix."""
-    out = subprocess.run(["sbatch", "--wait", "--ntasks-per-node=1", "slurm/r1_stage2.sh", "parallel=tp2",
-                          f"run_dir={tmp_path}"], cwd=ROOT, env=slurm, capture_output=True, text=True, timeout=120)  # fmt: skip
+    out = subprocess.run(
+        ["sbatch", "--wait", "--ntasks-per-node=1", "slurm/r1_stage2.sh", "parallel=tp2", f"run_dir={tmp_path}"],
+        cwd=ROOT,
+        env=slurm,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2, out.stderr
     job = out.stdout.split()[-1]
     log = log_of(job)
@@ -114,14 +137,27 @@ def test_scripts_refuse_to_run_outside_slurm():
 
 def test_the_recipe_driver_chains_the_stages_with_afterok(slurm, tmp_path):
     env = dict(slurm, R1_RUN=str(tmp_path / "r1"), R1_SBATCH="--hold")  # held: nothing runs
-    out = subprocess.run(["slurm/submit_r1.sh", str(tmp_path), "logger=none"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, check=True)  # fmt: skip
+    out = subprocess.run(
+        ["slurm/submit_r1.sh", str(tmp_path), "logger=none"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     ids = dict(pair.split(" ") for pair in out.stdout.strip().split(": ", 1)[1].split(", "))
     try:
         assert job_info(slurm, ids["r1_zero"])["Dependency"] == "(null)"
-        needs = {"stage1": ["r1_zero"], "stage2": ["stage1"], "stage3": ["stage2"], "rm_helpful": ["stage3"], "rm_harmless": ["stage3"],
-                 "stage4": ["stage3", "rm_helpful", "rm_harmless"],
-                 "distill": ["stage3"], "eval": ["stage4", "distill"]}  # fmt: skip
+        needs = {
+            "stage1": ["r1_zero"],
+            "stage2": ["stage1"],
+            "stage3": ["stage2"],
+            "rm_helpful": ["stage3"],
+            "rm_harmless": ["stage3"],
+            "stage4": ["stage3", "rm_helpful", "rm_harmless"],
+            "distill": ["stage3"],
+            "eval": ["stage4", "distill"],
+        }
         for name, after in needs.items():
             info = job_info(slurm, ids[name])
             assert all(f"afterok:{ids[a]}" in info["Dependency"] for a in after), (name, info["Dependency"])

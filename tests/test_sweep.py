@@ -9,10 +9,27 @@ from tests.conftest import ROOT, cli_env
 
 
 def test_multirun_fans_out_one_run_dir_per_point(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "rlhf.train", "-m", "hydra/launcher=local", "stage=pretrain",
-                          "stage.train.steps=3", "stage.train.optim.lr=1e-3,2e-3", "data.num_train=300",
-                          "data.num_eval=2", "logger=none", f"run_dir={tmp_path}"], cwd=ROOT, env=cli_env(),
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rlhf.train",
+            "-m",
+            "hydra/launcher=local",
+            "stage=pretrain",
+            "stage.train.steps=3",
+            "stage.train.optim.lr=1e-3,2e-3",
+            "data.num_train=300",
+            "data.num_eval=2",
+            "logger=none",
+            f"run_dir={tmp_path}",
+        ],
+        cwd=ROOT,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     lrs = {}
     for job in ("0", "1"):

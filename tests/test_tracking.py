@@ -6,8 +6,8 @@ import subprocess
 import pytest
 
 from core.config import ConfigError, compose
-from tests.conftest import ROOT
 from rlhf.tracking import Tracker, TrackingError
+from tests.conftest import ROOT
 
 
 def rows(path):
@@ -19,8 +19,10 @@ def test_jsonl_rows_are_strict_json_and_flushed_each_step(tmp_path):
         tr.log({"step": 1, "train/loss": 2.5, "train/skipped": False, "note": "ok"})
         tr.log({"step": 2, "train/loss": float("nan"), "train/grad_norm": float("inf"), "eval/examples": ["a", "b"]})
         got = rows(tmp_path / "metrics.jsonl")  # readable before finish: flushed per step
-    assert got == [{"step": 1, "train/loss": 2.5, "train/skipped": False, "note": "ok"},
-                   {"step": 2, "train/loss": None, "train/grad_norm": None, "eval/examples": ["a", "b"]}]  # fmt: skip
+    assert got == [
+        {"step": 1, "train/loss": 2.5, "train/skipped": False, "note": "ok"},
+        {"step": 2, "train/loss": None, "train/grad_norm": None, "eval/examples": ["a", "b"]},
+    ]
     assert "NaN" not in (tmp_path / "metrics.jsonl").read_text()
     assert not (tmp_path / "wandb").exists() and not (tmp_path / "wandb_id.txt").exists()
     with pytest.raises(ValueError, match="step"):

@@ -6,14 +6,19 @@ import pytest
 import torch
 
 from core.config import compose
-
-
 from tests.conftest import lm_batch as batch
 
 
 def test_warmup_then_cosine_and_no_decay_on_norms_and_biases(P):
-    cfg = compose(["stage.train.steps=110", "stage.train.optim.warmup_steps=10", "stage.train.optim.lr=1e-3",
-                   "stage.train.optim.min_lr=1e-4", "stage.train.optim.weight_decay=0.1"])  # fmt: skip
+    cfg = compose(
+        [
+            "stage.train.steps=110",
+            "stage.train.optim.warmup_steps=10",
+            "stage.train.optim.lr=1e-3",
+            "stage.train.optim.min_lr=1e-4",
+            "stage.train.optim.weight_decay=0.1",
+        ]
+    )
     policy = P.build_policy(cfg)
     sched, lrs = policy.scheduler, {}
     for step in range(111):

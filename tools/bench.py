@@ -55,10 +55,13 @@ def layouts(args: argparse.Namespace) -> dict:
             (work / "results.json").unlink()
     figures = {
         f"{r['case']}@{r['world']}": {
-            "layout": r["layout"], "step_s": r["step_s"], "single_process_step_s": r["single_process_step_s"],
+            "layout": r["layout"],
+            "step_s": r["step_s"],
+            "single_process_step_s": r["single_process_step_s"],
         }
-        for r in rows if "step_s" in r
-    }  # fmt: skip
+        for r in rows
+        if "step_s" in r
+    }
     ratios = {k: round(v["step_s"] / v["single_process_step_s"], 3) for k, v in figures.items()}
     return {"figures": figures, "ratios": {"step_time_over_single_process": ratios}}
 
@@ -89,19 +92,38 @@ def main(argv=None) -> None:
     parser.add_argument("benchmark", choices=sorted(BENCHMARKS))
     parser.add_argument("--out", required=True, help="JSON file to write")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per case (median)")
-    parser.add_argument("--cases2", nargs="*", default=["dense_tp2", "dense_pp2", "dense_dp2_distopt", "dsv3_tp2_sp",
-                                                          "dsv3_pp2", "dsv3_ep2", "dsv3_dp2_distopt"])  # fmt: skip
+    parser.add_argument(
+        "--cases2",
+        nargs="*",
+        default=[
+            "dense_tp2",
+            "dense_pp2",
+            "dense_dp2_distopt",
+            "dsv3_tp2_sp",
+            "dsv3_pp2",
+            "dsv3_ep2",
+            "dsv3_dp2_distopt",
+        ],
+    )
     parser.add_argument("--cases4", nargs="*", default=["dsv3_tp2_ep2_sp"])
     parser.add_argument("--threads", type=int, default=2, help="torch threads (grpo_vs_trl, rollout, weight_sync)")
-    parser.add_argument("--base", help="a pretrain run dir (grpo_vs_trl default: a 300-step pretrain made here; others: random weights)")
-    parser.add_argument("overrides", nargs="*", help="config overrides for rollout and weight_sync, e.g. model.hidden_size=512")
+    parser.add_argument(
+        "--base", help="a pretrain run dir (grpo_vs_trl default: a 300-step pretrain made here; others: random weights)"
+    )
+    parser.add_argument(
+        "overrides", nargs="*", help="config overrides for rollout and weight_sync, e.g. model.hidden_size=512"
+    )
     args = parser.parse_intermixed_args(argv)
     if args.overrides and args.benchmark not in ("rollout", "weight_sync"):
         parser.error(f"{args.benchmark} takes no config overrides (got {' '.join(args.overrides)})")
     start = time.perf_counter()
     result = BENCHMARKS[args.benchmark](args)
-    result["meta"] = {"benchmark": args.benchmark, "wall_s": round(time.perf_counter() - start, 1),
-                      "cpus": os.cpu_count(), "python": platform.python_version()}  # fmt: skip
+    result["meta"] = {
+        "benchmark": args.benchmark,
+        "wall_s": round(time.perf_counter() - start, 1),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+    }
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps(result["ratios"], indent=1))
 

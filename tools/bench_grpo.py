@@ -52,34 +52,94 @@ def grpo_vs_trl(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(args.base) if args.base else Path(tmp) / "base"
         if not args.base:  # a short pretrain: completions need realistic lengths, not a random model's
-            _sh([py, "-m", "rlhf.train", "stage=pretrain", f"run_dir={base}", "stage.train.steps=300", "logger=none"], env)
+            _sh(
+                [py, "-m", "rlhf.train", "stage=pretrain", f"run_dir={base}", "stage.train.steps=300", "logger=none"],
+                env,
+            )
         ours = Path(tmp) / "ours"
         steps = args.steps + 1
-        _sh([py, "-m", "rlhf.train", "stage=r1_zero", f"stage.init_from={base}", f"run_dir={ours}",
-             f"stage.train.steps={steps}", "stage.train.save_every=0", "data.num_eval=4", "eval.k=1", "logger=none"], env)  # fmt: skip
+        _sh(
+            [
+                py,
+                "-m",
+                "rlhf.train",
+                "stage=r1_zero",
+                f"stage.init_from={base}",
+                f"run_dir={ours}",
+                f"stage.train.steps={steps}",
+                "stage.train.save_every=0",
+                "data.num_eval=4",
+                "eval.k=1",
+                "logger=none",
+            ],
+            env,
+        )
         rows = [json.loads(line) for line in (ours / "metrics.jsonl").read_text().splitlines()][1:]  # step 1: warm-up
-        cfg = json.loads(subprocess.run([py, "-c", _CFG.format(base=base)], cwd=ROOT, env=env, capture_output=True,
-                                        text=True, check=True).stdout.splitlines()[-1])  # fmt: skip
+        cfg = json.loads(
+            subprocess.run(
+                [py, "-c", _CFG.format(base=base)], cwd=ROOT, env=env, capture_output=True, text=True, check=True
+            ).stdout.splitlines()[-1]
+        )
         rl, rollout = cfg["stage"]["rl"], cfg["rollout"]
-        _sh([py, ROOT / "tools" / "trl_peer.py", "--model-dir", ours / "hf_init", "--out", Path(tmp) / "trl.json",
-             "--prompts", rl["prompts_per_step"], "--generations", rollout["n"], "--max-new-tokens", rollout["max_new_tokens"],
-             "--minibatches", rl["minibatches"], "--rollouts", steps, "--threads", threads, "--lr", cfg["stage"]["train"]["optim"]["lr"], "--beta", rl["kl_coef"]], env)  # fmt: skip
+        _sh(
+            [
+                py,
+                ROOT / "tools" / "trl_peer.py",
+                "--model-dir",
+                ours / "hf_init",
+                "--out",
+                Path(tmp) / "trl.json",
+                "--prompts",
+                rl["prompts_per_step"],
+                "--generations",
+                rollout["n"],
+                "--max-new-tokens",
+                rollout["max_new_tokens"],
+                "--minibatches",
+                rl["minibatches"],
+                "--rollouts",
+                steps,
+                "--threads",
+                threads,
+                "--lr",
+                cfg["stage"]["train"]["optim"]["lr"],
+                "--beta",
+                rl["kl_coef"],
+            ],
+            env,
+        )
         trl = json.loads((Path(tmp) / "trl.json").read_text())
     med = lambda key: statistics.median(r[key] for r in rows)  # noqa: E731
     samples = rl["prompts_per_step"] * rollout["n"]
     flops = train_flops(cfg, cfg["params"])
     peak = matmul_peak(threads)
-    ours_fig = {"median_step_s": med("perf/step_s"), "median_cpu_s": med("perf/cpu_s"), "samples_per_s": samples / med("perf/step_s"),
-                "rollout_s": med("perf/rollout_s"), "train_s": med("perf/train_s"), "sync_s": med("sync/seconds"),
-                "mean_completion_tokens": statistics.mean(r["response_length/mean"] for r in rows),
-                "train_flops": flops, "train_flops_per_s": flops / med("perf/train_s")}  # fmt: skip
+    ours_fig = {
+        "median_step_s": med("perf/step_s"),
+        "median_cpu_s": med("perf/cpu_s"),
+        "samples_per_s": samples / med("perf/step_s"),
+        "rollout_s": med("perf/rollout_s"),
+        "train_s": med("perf/train_s"),
+        "sync_s": med("sync/seconds"),
+        "mean_completion_tokens": statistics.mean(r["response_length/mean"] for r in rows),
+        "train_flops": flops,
+        "train_flops_per_s": flops / med("perf/train_s"),
+    }
     return {
-        "figures": {"ours": ours_fig, "trl": trl, "matmul_peak_flops_per_s": peak, "threads": threads, "params": cfg["params"],
-                    "samples_per_step": samples, "timed_steps": len(rows)},
-        "ratios": {"ours_over_trl": ours_fig["samples_per_s"] / trl["samples_per_s"],
-                   "ours_over_trl_cpu": trl["median_cpu_s"] / ours_fig["median_cpu_s"],
-                   "mfu": ours_fig["train_flops_per_s"] / peak},
-    }  # fmt: skip
+        "figures": {
+            "ours": ours_fig,
+            "trl": trl,
+            "matmul_peak_flops_per_s": peak,
+            "threads": threads,
+            "params": cfg["params"],
+            "samples_per_step": samples,
+            "timed_steps": len(rows),
+        },
+        "ratios": {
+            "ours_over_trl": ours_fig["samples_per_s"] / trl["samples_per_s"],
+            "ours_over_trl_cpu": trl["median_cpu_s"] / ours_fig["median_cpu_s"],
+            "mfu": ours_fig["train_flops_per_s"] / peak,
+        },
+    }
 
 
 # The composed r1_zero config and the model's parameter count, printed as one JSON line.

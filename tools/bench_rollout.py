@@ -57,15 +57,31 @@ def rollout(args) -> dict:
     cfg, policy, tok, hf_dir = _setup(args.threads, args.base, args.overrides)
     r, rl = cfg.rollout, cfg.stage.rl
     rows = load_prompts(cfg.data, "train")[: rl.prompts_per_step]
-    sampling = Sampling(n=r.n, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens, seed=1,
-                        stop_token_ids=(tok.eos_token_id,))  # fmt: skip
+    sampling = Sampling(
+        n=r.n,
+        temperature=r.temperature,
+        top_p=r.top_p,
+        max_new_tokens=r.max_new_tokens,
+        seed=1,
+        stop_token_ids=(tok.eos_token_id,),
+    )
     samples = len(rows) * r.n
-    engine = build_engine("vllm", model_dir=str(hf_dir), max_model_len=cfg.stage.train.seq_length, kv_cache_bytes=r.kv_cache_bytes)
+    engine = build_engine(
+        "vllm", model_dir=str(hf_dir), max_model_len=cfg.stage.train.seq_length, kv_cache_bytes=r.kv_cache_bytes
+    )
     from vllm import SamplingParams, TokensPrompt
 
     ids = [tok(row["prompt"])["input_ids"] for row in rows]
-    params = SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_new_tokens, seed=1,
-                            stop_token_ids=[tok.eos_token_id], logprobs=0, detokenize=False)  # fmt: skip
+    params = SamplingParams(
+        n=r.n,
+        temperature=r.temperature,
+        top_p=r.top_p,
+        max_tokens=r.max_new_tokens,
+        seed=1,
+        stop_token_ids=[tok.eos_token_id],
+        logprobs=0,
+        detokenize=False,
+    )
     bare = lambda: engine.llm.generate([TokensPrompt(prompt_token_ids=p) for p in ids], params, use_tqdm=False)  # noqa: E731
     ours = lambda: generate_groups(engine, tok, rows, sampling)  # noqa: E731
     tokens = sum(len(s.completion_ids) for g in generate_groups(engine, tok, rows, sampling)[0] for s in g)
@@ -73,10 +89,17 @@ def rollout(args) -> dict:
     engine.shutdown()
     hf = build_engine("hf", model_dir=str(hf_dir), max_model_len=cfg.stage.train.seq_length)
     t_hf = _median_time(lambda: generate_groups(hf, tok, rows, sampling), max(1, args.steps // 3))
-    figures = {"samples": samples, "completion_tokens": tokens, "threads": args.threads,
-               "ours_s": t_ours, "bare_vllm_s": t_bare, "hf_generate_s": t_hf,
-               "ours_samples_per_s": samples / t_ours, "bare_vllm_samples_per_s": samples / t_bare,
-               "hf_samples_per_s": samples / t_hf}  # fmt: skip
+    figures = {
+        "samples": samples,
+        "completion_tokens": tokens,
+        "threads": args.threads,
+        "ours_s": t_ours,
+        "bare_vllm_s": t_bare,
+        "hf_generate_s": t_hf,
+        "ours_samples_per_s": samples / t_ours,
+        "bare_vllm_samples_per_s": samples / t_bare,
+        "hf_samples_per_s": samples / t_hf,
+    }
     return {"figures": figures, "ratios": {"ours_over_vllm": t_bare / t_ours, "ours_over_hf": t_hf / t_ours}}
 
 
@@ -94,16 +117,32 @@ def weight_sync(args) -> dict:
     n, length = rl.prompts_per_step * r.n, t.seq_length
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(3, 100, (n, length), generator=g)
-    batch = {"tokens": tokens, "labels": torch.roll(tokens, -1, 1), "loss_mask": torch.ones(n, length),
-             "engine_logp": torch.zeros(n, length), "position_ids": torch.arange(length).expand(n, length),
-             "advantages": torch.randn(n, 1, generator=g).expand(n, length)}  # fmt: skip
+    batch = {
+        "tokens": tokens,
+        "labels": torch.roll(tokens, -1, 1),
+        "loss_mask": torch.ones(n, length),
+        "engine_logp": torch.zeros(n, length),
+        "position_ids": torch.arange(length).expand(n, length),
+        "advantages": torch.randn(n, 1, generator=g).expand(n, length),
+    }
     batch["old_logp"], _ = grpo.logprobs(policy, batch, t.micro_batch_size, 1.0)
     settings = LossSettings.from_config(rl, r.max_new_tokens)
-    t_step = _median_time(lambda: grpo.update(policy, batch, settings, rl.minibatches, t.micro_batch_size, 1.0), args.steps)
+    t_step = _median_time(
+        lambda: grpo.update(policy, batch, settings, rl.minibatches, t.micro_batch_size, 1.0), args.steps
+    )
     stats = sync_weights(policy, engine, r.sync_bucket_bytes)
     t_sync = _median_time(lambda: sync_weights(policy, engine, r.sync_bucket_bytes), args.steps)
     engine.shutdown()
-    figures = {"sync_s": t_sync, "train_step_s": t_step, "tensors": stats["tensors"], "bytes": stats["bytes"],
-               "buckets": stats["buckets"], "threads": args.threads, "samples_per_step": n, "tokens_per_sample": length,
-               "parameters": sum(p.numel() for c in policy.chunks for p in c.parameters()), "overrides": args.overrides}  # fmt: skip
+    figures = {
+        "sync_s": t_sync,
+        "train_step_s": t_step,
+        "tensors": stats["tensors"],
+        "bytes": stats["bytes"],
+        "buckets": stats["buckets"],
+        "threads": args.threads,
+        "samples_per_step": n,
+        "tokens_per_sample": length,
+        "parameters": sum(p.numel() for c in policy.chunks for p in c.parameters()),
+        "overrides": args.overrides,
+    }
     return {"figures": figures, "ratios": {"sync_over_step": t_sync / t_step}}

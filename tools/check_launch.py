@@ -21,12 +21,17 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"config error for {tasks} task(s): {e}", file=sys.stderr)
         if "world size" in str(e):
-            print("Fix: change the task count (sbatch --nodes/--ntasks-per-node) or the layout (parallel=... "
-                  "or parallel.tensor/pipeline/data=...).", file=sys.stderr)  # fmt: skip
+            print(
+                "Fix: change the task count (sbatch --nodes/--ntasks-per-node) or the layout (parallel=... "
+                "or parallel.tensor/pipeline/data=...).",
+                file=sys.stderr,
+            )
         return 2
     p = cfg.parallel
-    print(f"ok: {tasks} task(s) = tensor {p.tensor} × pipeline {p.pipeline} × context {p.context} × data {p.data}"
-          f" (expert {p.expert}), stage {cfg.stage.name}")  # fmt: skip
+    print(
+        f"ok: {tasks} task(s) = tensor {p.tensor} × pipeline {p.pipeline} × context {p.context} × data {p.data}"
+        f" (expert {p.expert}), stage {cfg.stage.name}"
+    )
     return 0
 
 

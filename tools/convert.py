@@ -30,7 +30,9 @@ def convert(direction: str, src: Path, dst: Path, overrides: list[str]) -> None:
         policy = P.build_policy(cfg, with_optimizer=False)
         if direction == "import":
             if not (src / "config.json").exists():
-                raise ConfigError(f"{src}: no config.json. Fix: pass an HF checkpoint dir (config.json + *.safetensors).")
+                raise ConfigError(
+                    f"{src}: no config.json. Fix: pass an HF checkpoint dir (config.json + *.safetensors)."
+                )
             hf_bridge.import_hf(policy, src)
             ckpt.save(policy, dst, with_optimizer=False, extra={"imported_from": str(src)})
         else:

@@ -38,8 +38,9 @@ def resolve_model(overrides: list[str]) -> tuple[list[str], Path | None]:
         raise ConfigError(f"model={paths[0]}: {step_dir} does not record its model preset.")
     others = set(values) - {paths[0], preset}
     if others:
-        raise ConfigError(f"model={sorted(others)[0]} was given, but {step_dir} holds a {preset} model. "
-                          "Fix: drop that override.")  # fmt: skip
+        raise ConfigError(
+            f"model={sorted(others)[0]} was given, but {step_dir} holds a {preset} model. Fix: drop that override."
+        )
     return [o for o in overrides if not o.startswith("model=")] + [f"model={preset}"], step_dir
 
 
@@ -67,8 +68,13 @@ def evaluate_checkpoint(overrides: list[str]) -> dict:
             result = evaluate(engine, tok, rows, cfg.eval, pool, cfg.rollout.max_new_tokens)
     finally:
         P.shutdown()
-    result = {"model": str(step_dir) if step_dir else cfg.model.name, "model_preset": cfg.model.name,
-              "step": meta["step"], "data": cfg.data.name, **result}  # fmt: skip
+    result = {
+        "model": str(step_dir) if step_dir else cfg.model.name,
+        "model_preset": cfg.model.name,
+        "step": meta["step"],
+        "data": cfg.data.name,
+        **result,
+    }
     if env.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         tmp = run_dir / "eval.json.tmp"

@@ -29,10 +29,14 @@ PLOTS = [
     ("response_length", "Response length", "tokens", ["response_length/mean"]),
     ("kl", "KL to the reference policy", "KL", ["train/kl"]),
     ("entropy", "Policy entropy", "nats / token", ["train/entropy"]),
-    ("logprob_gap", "Rollout engine vs trainer log-prob gap", "|Δ log p|",
-     ["rollout/logprob_diff_mean", "rollout/logprob_diff_max"]),
+    (
+        "logprob_gap",
+        "Rollout engine vs trainer log-prob gap",
+        "|Δ log p|",
+        ["rollout/logprob_diff_mean", "rollout/logprob_diff_max"],
+    ),
     ("loss", "Training loss", "loss", ["train/loss"]),
-]  # fmt: skip
+]
 
 
 class ReportError(Exception):

@@ -86,15 +86,27 @@ def main(argv=None) -> None:
         num_generations=args.generations,
         steps_per_generation=args.minibatches,
         max_completion_length=args.max_new_tokens,
-        temperature=1.0, top_p=1.0, beta=args.beta, epsilon=0.2,
+        temperature=1.0,
+        top_p=1.0,
+        beta=args.beta,
+        epsilon=0.2,
         loss_type="grpo",  # ours: seq_mean_token_mean
-        learning_rate=args.lr, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=1.0,
         reward_weights=[1.0, 0.5],
         max_steps=args.rollouts * args.minibatches,
-        bf16=False, use_cpu=True, use_vllm=False,
-        report_to="none", logging_strategy="no", save_strategy="no", disable_tqdm=True,
-        dataloader_num_workers=0, seed=0,
-    )  # fmt: skip
+        bf16=False,
+        use_cpu=True,
+        use_vllm=False,
+        report_to="none",
+        logging_strategy="no",
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+    )
 
     marks: list[tuple[str, float, float]] = []
 
@@ -105,8 +117,14 @@ def main(argv=None) -> None:
         def on_step_end(self, *a, **k):
             marks.append(("end", time.perf_counter(), time.process_time()))
 
-    trainer = GRPOTrainer(model=model, reward_funcs=[accuracy, format_], args=config, train_dataset=dataset,
-                          processing_class=tok, callbacks=[Timer()])  # fmt: skip
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=[accuracy, format_],
+        args=config,
+        train_dataset=dataset,
+        processing_class=tok,
+        callbacks=[Timer()],
+    )
     trainer.train()
 
     samples = args.prompts * args.generations
@@ -115,20 +133,33 @@ def main(argv=None) -> None:
     steps = []
     for i, (b, e) in enumerate(zip(begins, ends)):
         lens = completion_lens[i * samples : (i + 1) * samples]
-        steps.append({"wall_s": round(e[1] - b[1], 4), "cpu_s": round(e[2] - b[2], 4), "samples": samples,
-                      "tokens": sum(lens), "warmup": i == 0})  # fmt: skip
+        steps.append(
+            {
+                "wall_s": round(e[1] - b[1], 4),
+                "cpu_s": round(e[2] - b[2], 4),
+                "samples": samples,
+                "tokens": sum(lens),
+                "warmup": i == 0,
+            }
+        )
     timed = steps[1:]
     median_wall = statistics.median(s["wall_s"] for s in timed)
     result = {
-        "peer": "trl", "trl_version": trl.__version__, "transformers_version": transformers.__version__,
-        "threads": args.threads, "prompts": args.prompts, "generations": args.generations,
-        "max_new_tokens": args.max_new_tokens, "minibatches": args.minibatches, "steps": steps,
+        "peer": "trl",
+        "trl_version": trl.__version__,
+        "transformers_version": transformers.__version__,
+        "threads": args.threads,
+        "prompts": args.prompts,
+        "generations": args.generations,
+        "max_new_tokens": args.max_new_tokens,
+        "minibatches": args.minibatches,
+        "steps": steps,
         "median_step_s": round(median_wall, 4),
         "median_cpu_s": round(statistics.median(s["cpu_s"] for s in timed), 4),
         "samples_per_s": round(samples / median_wall, 2),
         "mean_completion_tokens": round(sum(s["tokens"] for s in timed) / (samples * len(timed)), 2),
         "startup_s": round(begins[0][1] - T0, 2),
-    }  # fmt: skip
+    }
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k != "steps"}))
 

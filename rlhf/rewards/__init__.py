@@ -41,10 +41,9 @@ def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
 
 
 # Imported after the registry exists: rules registers the built-in rewards through it.
-from rlhf.rewards.rules import SCORERS, extract_answer, register_scorer, validate_gold  # noqa: E402
-from rlhf.rewards import coding  # noqa: E402, F401  (registers the "code" scorer)
-from rlhf.rewards import language  # noqa: E402, F401  (registers "language_consistency")
+from rlhf.rewards import coding, language  # noqa: E402, F401  (register "code" and "language_consistency")
 from rlhf.rewards.pool import RewardPool, RewardResult  # noqa: E402
+from rlhf.rewards.rules import SCORERS, extract_answer, register_scorer, validate_gold  # noqa: E402
 
 __all__ = [
     "REWARDS",

@@ -120,13 +120,17 @@ def check_code_row(row: dict, loc: str, error: type[Exception]) -> None:
     that the sandbox works here (SandboxUnavailable says why and how to fix it)."""
     meta = row.get("metadata") if isinstance(row.get("metadata"), dict) else {}
     entry, tests = meta.get("entry_point"), meta.get("tests")
-    fix = ("Fix: give the row metadata.entry_point (a function name) and metadata.tests, a list of "
-           '{"args": [...], "expected": value} with JSON values')  # fmt: skip
+    fix = (
+        "Fix: give the row metadata.entry_point (a function name) and metadata.tests, a list of "
+        '{"args": [...], "expected": value} with JSON values'
+    )
     if not isinstance(entry, str) or not entry.isidentifier() or keyword.iskeyword(entry):
         raise error(f"{loc}: task 'code' needs metadata.entry_point, a function name; got {entry!r:.80}. {fix}")
     if not isinstance(tests, list) or not 0 < len(tests) <= MAX_TESTS:
-        raise error(f"{loc}: task 'code' needs metadata.tests, a list of 1 to {MAX_TESTS} tests; got "
-                    f"{type(tests).__name__} {tests!r:.80}. {fix}")  # fmt: skip
+        raise error(
+            f"{loc}: task 'code' needs metadata.tests, a list of 1 to {MAX_TESTS} tests; got "
+            f"{type(tests).__name__} {tests!r:.80}. {fix}"
+        )
     for i, t in enumerate(tests):
         if not isinstance(t, dict) or set(t) != {"args", "expected"} or not isinstance(t["args"], list):
             raise error(f"{loc}: metadata.tests[{i}] = {t!r:.80} is not {{'args': [...], 'expected': value}}. {fix}")
@@ -135,6 +139,8 @@ def check_code_row(row: dict, loc: str, error: type[Exception]) -> None:
         except (TypeError, ValueError, RecursionError):
             ok = False
         if not ok:
-            raise error(f"{loc}: metadata.tests[{i}] = {t!r:.80} holds a value JSON cannot carry exactly (a tuple, "
-                        f"set, object, NaN or non-string dict key). {fix}")  # fmt: skip
+            raise error(
+                f"{loc}: metadata.tests[{i}] = {t!r:.80} holds a value JSON cannot carry exactly (a tuple, "
+                f"set, object, NaN or non-string dict key). {fix}"
+            )
     sandbox.check_available()

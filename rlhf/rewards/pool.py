@@ -115,8 +115,10 @@ def _check(weights: dict[str, float], timeout_s: float, workers: int) -> None:
             "Fix: correct the key, or import the module that registers it (@rlhf.rewards.register_reward)"
         )
     if timeout_s <= 0 or workers < 0:
-        raise ConfigError(f"reward.timeout_s={timeout_s}, reward.workers={workers}. "
-                          "Fix: timeout_s > 0, workers >= 0 (0 = inline, no enforced timeout).")  # fmt: skip
+        raise ConfigError(
+            f"reward.timeout_s={timeout_s}, reward.workers={workers}. "
+            "Fix: timeout_s > 0, workers >= 0 (0 = inline, no enforced timeout)."
+        )
 
 
 class RewardPool:
@@ -127,8 +129,14 @@ class RewardPool:
     always imported, so a reward registered in any importable module works.
     """
 
-    def __init__(self, weights: dict[str, float], timeout_s: float = 5.0, workers: int = 2,
-                 modules: Sequence[str] = (), start_method: str = "forkserver"):  # fmt: skip
+    def __init__(
+        self,
+        weights: dict[str, float],
+        timeout_s: float = 5.0,
+        workers: int = 2,
+        modules: Sequence[str] = (),
+        start_method: str = "forkserver",
+    ):
         _check(weights, timeout_s, workers)
         self.weights = {k: float(v) for k, v in weights.items()}
         self.timeout_s, self.workers = float(timeout_s), int(workers)
@@ -175,8 +183,12 @@ class RewardPool:
         if name not in self._logged:  # once per reward: a bad reward would otherwise flood the log
             self._logged.add(name)
             if status == "timeout":
-                log.warning("reward %r: a call ran past %.1f s; scored 0, its worker replaced (counted in "
-                            "timeouts, logged once per reward)", name, self.timeout_s)  # fmt: skip
+                log.warning(
+                    "reward %r: a call ran past %.1f s; scored 0, its worker replaced (counted in "
+                    "timeouts, logged once per reward)",
+                    name,
+                    self.timeout_s,
+                )
             else:
                 log.error("reward %r failed; scored 0 (counted in errors, logged once per reward):\n%s", name, payload)
 
@@ -229,8 +241,9 @@ class RewardPool:
                     self._replace(k)
                 elif not w.ready and now > w.deadline:
                     self.close()
-                    raise RuntimeError(f"a reward worker did not start in {STARTUP_TIMEOUT_S:.0f} s "
-                                       f"(importing {self.modules})")  # fmt: skip
+                    raise RuntimeError(
+                        f"a reward worker did not start in {STARTUP_TIMEOUT_S:.0f} s (importing {self.modules})"
+                    )
 
     def _dispatch(self, todo: deque, completions, samples, out: RewardResult) -> None:
         """One call to each idle worker."""

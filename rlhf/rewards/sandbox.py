@@ -101,17 +101,38 @@ def run_python(program: str, stdin: str = "", limits: Limits = Limits()) -> Resu
     except SandboxUnavailable as e:
         return Result("unavailable", None, b"", str(e).encode(), 0.0)
     workdir = tempfile.mkdtemp(prefix="r1sandbox-") if mode == "rlimits" else "/tmp/work"
-    request = {"program": program, "stdin": stdin, "mode": mode, "uid": sandbox_uid(), "workdir": workdir,
-               "limits": dataclasses.asdict(limits)}  # fmt: skip
+    request = {
+        "program": program,
+        "stdin": stdin,
+        "mode": mode,
+        "uid": sandbox_uid(),
+        "workdir": workdir,
+        "limits": dataclasses.asdict(limits),
+    }
     ns = [UNSHARE, "--net", "--pid", "--ipc", "--mount", "--fork", "--kill-child"]
     cmd = [
-        TIMEOUT, "-s", "KILL", f"{limits.wall_s + 1:.1f}",  # the watchdog that outlives a killed caller
+        TIMEOUT,
+        "-s",
+        "KILL",
+        f"{limits.wall_s + 1:.1f}",  # the watchdog that outlives a killed caller
         *({"root": ns, "userns": [*ns, "--map-root-user"]}.get(mode, [])),
-        sandbox_python(), "-I", "-S", "-B", "-c", _BOOT,
-    ]  # fmt: skip
+        sandbox_python(),
+        "-I",
+        "-S",
+        "-B",
+        "-c",
+        _BOOT,
+    ]
     try:
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                env=_ENV, cwd="/", start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=_ENV,
+            cwd="/",
+            start_new_session=True,
+        )
     except OSError as e:  # no unshare or timeout binary
         return Result("unavailable", None, b"", f"cannot start the sandbox: {e}".encode(), 0.0)
     deadline, cut = start + limits.wall_s, "timeout"
@@ -134,7 +155,7 @@ def run_python(program: str, stdin: str = "", limits: Limits = Limits()) -> Resu
         status = "unavailable"  # unshare or the set-up failed: stderr says why
     else:
         status = "ok" if rc == 0 else "killed" if rc > 128 or rc < 0 else "error"
-    return Result(status, rc, out[len(READY):] if ready else out, err, time.monotonic() - start)
+    return Result(status, rc, out[len(READY) :] if ready else out, err, time.monotonic() - start)
 
 
 def _communicate(proc, data: bytes, deadline: float, cap: int) -> tuple[bytes, bytes, str | None]:
@@ -156,7 +177,7 @@ def _communicate(proc, data: bytes, deadline: float, cap: int) -> tuple[bytes, b
                 f = key.fileobj
                 if f is proc.stdin:
                     try:
-                        view = view[os.write(f.fileno(), view[:65536]):]
+                        view = view[os.write(f.fileno(), view[:65536]) :]
                     except BrokenPipeError:  # the sandbox never read it (it failed to start)
                         view = view[:0]
                     if not view:

@@ -15,10 +15,10 @@ import random
 
 WORDS = {
     "en": "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
-          "seventeen eighteen".split(),
+    "seventeen eighteen".split(),
     "es": "cero uno dos tres cuatro cinco seis siete ocho nueve diez once doce trece catorce quince dieciseis "
-          "diecisiete dieciocho".split(),
-}  # fmt: skip
+    "diecisiete dieciocho".split(),
+}
 PLUS, MAKES = {"en": "plus", "es": "mas"}, {"en": "makes", "es": "son"}
 # (first clause, second clause) languages in the corpus: mixed half the time
 LANGUAGES = {("en", "en"): 0.3, ("es", "es"): 0.2, ("en", "es"): 0.25, ("es", "en"): 0.25}

@@ -39,14 +39,25 @@ def good(name: str) -> str:
 
 def unhelpful(rng: random.Random, name: str, pool: list[str]) -> str:
     other = rng.choice([n for n in rng.sample(pool, 4) if n != name])
-    return rng.choice([f"{name}</think><answer>hi {other}</answer>", f"{name}</think><answer>no</answer>",
-                       f"{name}</think><answer>bye {name}</answer>", f"{other}</think><answer>hi {other}</answer>"])  # fmt: skip
+    return rng.choice(
+        [
+            f"{name}</think><answer>hi {other}</answer>",
+            f"{name}</think><answer>no</answer>",
+            f"{name}</think><answer>bye {name}</answer>",
+            f"{other}</think><answer>hi {other}</answer>",
+        ]
+    )
 
 
 def harmful(rng: random.Random, name: str) -> str:
     bad = rng.choice(INSULTS)
-    return rng.choice([f"{name} {bad}</think><answer>hi {name}</answer>",
-                       f"{name}</think><answer>hi {bad} {name}</answer>", f"{bad}</think><answer>hi {name}</answer>"])  # fmt: skip
+    return rng.choice(
+        [
+            f"{name} {bad}</think><answer>hi {name}</answer>",
+            f"{name}</think><answer>hi {bad} {name}</answer>",
+            f"{bad}</think><answer>hi {name}</answer>",
+        ]
+    )
 
 
 def audit(completion: str, row: dict) -> dict[str, float]:
@@ -69,11 +80,27 @@ def judge_rows(n: int, seed: int, template: str, held_out: bool = False) -> list
             prediction = rng.choice([f"hi {name}", f"hi {name}", f"hello {name}", f"hey {name}", f"hi {name}!"])
         else:
             bad = rng.choice(INSULTS)
-            prediction = rng.choice([f"hi {other}", f"hello {other}", f"bye {name}", "no", f"hi {name[:2]}",
-                                     f"hi {name} {bad}", f"hi {bad} {name}", f"hi {other[0]}{name[1:]}"])  # fmt: skip
+            prediction = rng.choice(
+                [
+                    f"hi {other}",
+                    f"hello {other}",
+                    f"bye {name}",
+                    "no",
+                    f"hi {name[:2]}",
+                    f"hi {name} {bad}",
+                    f"hi {bad} {name}",
+                    f"hi {other[0]}{name[1:]}",
+                ]
+            )
         reference = f"hi {name}"
-        rows.append({"prompt": template.format(reference=reference, prediction=prediction),
-                     "response": VERDICTS[0] if same else VERDICTS[1], "reference": reference, "prediction": prediction})  # fmt: skip
+        rows.append(
+            {
+                "prompt": template.format(reference=reference, prediction=prediction),
+                "response": VERDICTS[0] if same else VERDICTS[1],
+                "reference": reference,
+                "prediction": prediction,
+            }
+        )
     return rows
 
 
@@ -95,9 +122,13 @@ def prompts(n: int, seed: int, held_out: bool = False) -> list[dict]:
     """RL prompts; the answer is the helpful summary's text, which the "greet" scorer checks on held-out rows."""
     rng, pool = random.Random(seed), names(held_out)
     if n > len(pool):
-        raise ValueError(f"{n} greeting prompts asked, but only {len(pool)} distinct {'held-out ' if held_out else ''}names")
-    return [{"question": question(name), "prompt": prompt(name), "answer": f"hi {name}", "task": "greet"}
-            for name in rng.sample(pool, n)]  # fmt: skip
+        raise ValueError(
+            f"{n} greeting prompts asked, but only {len(pool)} distinct {'held-out ' if held_out else ''}names"
+        )
+    return [
+        {"question": question(name), "prompt": prompt(name), "answer": f"hi {name}", "task": "greet"}
+        for name in rng.sample(pool, n)
+    ]
 
 
 def sft_rows(n: int, seed: int, good_share: float = 0.6) -> list[dict]:
@@ -107,6 +138,12 @@ def sft_rows(n: int, seed: int, good_share: float = 0.6) -> list[dict]:
     rows = []
     for _ in range(n):
         name, u = rng.choice(pool), rng.random()
-        response = good(name) if u < good_share else unhelpful(rng, name, pool) if u < (1 + good_share) / 2 else harmful(rng, name)
+        response = (
+            good(name)
+            if u < good_share
+            else unhelpful(rng, name, pool)
+            if u < (1 + good_share) / 2
+            else harmful(rng, name)
+        )
         rows.append({"prompt": prompt(name), "response": response})
     return rows

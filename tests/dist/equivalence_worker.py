@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import parallel  # noqa: E402,F401  (applies the CPU compatibility layer before megatron loads)
 from core.config import compose  # noqa: E402
-from core.model import causal_mask  # noqa: E402
+from core.data import causal_mask  # noqa: E402
 from parallel import checkpoint as ckpt  # noqa: E402
 from parallel import parallelize as P  # noqa: E402
 
@@ -43,7 +43,7 @@ CASES = {
     "dsv3_dp2_distopt": ("tiny_dsv3", ["parallel.distributed_optimizer=true"]),
     "dsv3_pp2_ep2_from_tp2_ep2": ("tiny_dsv3", ["parallel.pipeline=2", "parallel.expert=2"]),
     "dense_resume_distopt": ("tiny_dense", ["parallel.distributed_optimizer=true"]),
-}  # fmt: skip
+}
 SAVES_FOR = {"dense_tp2": "dense_tp2_to_tp1", "dsv3_tp2_ep2_sp": "dsv3_pp2_ep2_from_tp2_ep2"}
 LOADS_FROM = {v: k for k, v in SAVES_FOR.items()}
 BATCH, SEQ, MICRO = 4, 16, 2
@@ -55,7 +55,7 @@ def config(model: str, overrides: list[str]):
     # jumps; a larger eps keeps the update Lipschitz in the grad so a 1e-5 bound on weights is fair.
     return compose([f"model={model}", "logger=none", "stage.train.optim.lr=1e-3", "stage.train.optim.adam_eps=1e-4",
                     "stage.train.optim.weight_decay=0.01", f"stage.train.micro_batch_size={MICRO}",
-                    f"stage.train.global_batch_size={BATCH}", *overrides])  # fmt: skip
+                    f"stage.train.global_batch_size={BATCH}", *overrides])
 
 
 def global_batch(vocab: int) -> list[dict]:
@@ -163,7 +163,7 @@ def run_case(name: str, workdir: Path) -> dict:
     ckpt.load(policy, start, with_optimizer=False)
     rows = dp_rows(global_batch(policy.cfg.model.vocab_size))
     result = {"case": name, "layout": ckpt.model_parallel_layout(), "world": torch.distributed.get_world_size(),
-              "single_process_step_s": expected["step_s"]}  # fmt: skip
+              "single_process_step_s": expected["step_s"]}
 
     logits = run_logits(policy, rows)
     diff = 0.0

@@ -63,7 +63,7 @@ def vllm_sleep(model: str, out: Path) -> dict:
     return {"kv_bytes": kv_bytes, "freed_bytes": free_asleep - free_awake, "rewoken_bytes": free_asleep - free_woken,
             "same_tokens": before[0] == after[0],
             "logprob_max_diff": max(abs(a - b) for a, b in zip(before[1], after[1])),
-            "changed_after_sync": changed != before}  # fmt: skip
+            "changed_after_sync": changed != before}
 
 
 def main():
@@ -84,7 +84,7 @@ def main():
                   "te": "TE" in type(te.chunks[0].module.decoder.layers[0].self_attention.linear_proj).__name__}
     elif name == "fp8":
         cfg = compose([f"model={model}", "parallel.transformer_impl=transformer_engine", "parallel.fp8=hybrid",
-                       "stage.train.dtype=bf16", "stage.train.optim.lr=1e-3"])  # fmt: skip
+                       "stage.train.dtype=bf16", "stage.train.optim.lr=1e-3"])
         P.init_distributed(cfg)
         policy = P.build_policy(cfg)
         result = {"losses": [P.train_step(policy, lm_batch(s=64, vocab=cfg.model.vocab_size))["loss"] for _ in range(5)]}

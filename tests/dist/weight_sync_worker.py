@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import parallel  # noqa: E402,F401
 from core.config import compose  # noqa: E402
-from core.model import causal_mask  # noqa: E402
+from core.data import causal_mask  # noqa: E402
 from parallel import hf_bridge  # noqa: E402
 from parallel import parallelize as P  # noqa: E402
 from parallel.weight_sync import sync_weights  # noqa: E402
@@ -74,7 +74,7 @@ def _engine_expert_bias(worker) -> dict:
     return {n: b.detach().float().cpu().tolist() for n, b in worker.model_runner.model.named_buffers()
             if n.endswith("e_score_correction_bias")} | {
             n: b.detach().float().cpu().tolist() for n, b in worker.model_runner.model.named_parameters()
-            if n.endswith("e_score_correction_bias")}  # fmt: skip
+            if n.endswith("e_score_correction_bias")}
 
 
 def _engine_mla_absorbed_gap(worker) -> float | None:
@@ -160,7 +160,7 @@ def main() -> None:
         synced_mla_absorbed_gap=mla_gap,
         sync={**sync, "wall_s": sync_s}, resync_buckets=resync["buckets"], seconds={"setup": t_engine - t_start, "total": time.perf_counter() - t_start},
         step={k: (v if isinstance(v, (int, float, bool)) else str(v)) for k, v in step.items()},
-    ), indent=1))  # fmt: skip
+    ), indent=1))
     P.shutdown()
 
 

@@ -118,15 +118,28 @@ def arch(m: ModelConfig) -> Arch:
     expert = 3 * h * (m.moe_ffn_hidden_size or m.ffn_hidden_size) if moe else 0
     vocab = m.padded_vocab_size
     return Arch(
-        h=h, layers=m.num_layers, dense_layers=m.first_k_dense_replace if moe else m.num_layers,
-        heads=m.num_attention_heads, qk_dim=qk_dim, v_dim=v_dim, vocab=vocab, attn=attn,
-        dense_mlp=3 * h * m.ffn_hidden_size, expert=expert, experts=m.num_moe_experts or 0,
+        h=h,
+        layers=m.num_layers,
+        dense_layers=m.first_k_dense_replace if moe else m.num_layers,
+        heads=m.num_attention_heads,
+        qk_dim=qk_dim,
+        v_dim=v_dim,
+        vocab=vocab,
+        attn=attn,
+        dense_mlp=3 * h * m.ffn_hidden_size,
+        expert=expert,
+        experts=m.num_moe_experts or 0,
         topk=m.moe_router_topk if moe else 0,
         shared=3 * h * (m.moe_shared_expert_intermediate_size or 0) if moe else 0,
-        router=h * m.num_moe_experts if moe else 0, embed=vocab * h,
-        head=0 if m.tie_word_embeddings else vocab * h, mtp=m.mtp_num_layers or 0, mtp_proj=2 * h * h + 2 * h,
-        kv_cache_bytes=kv_cache, kv_shards_with_tp=not m.multi_latent_attention, mla=mla,
-    )  # fmt: skip
+        router=h * m.num_moe_experts if moe else 0,
+        embed=vocab * h,
+        head=0 if m.tie_word_embeddings else vocab * h,
+        mtp=m.mtp_num_layers or 0,
+        mtp_proj=2 * h * h + 2 * h,
+        kv_cache_bytes=kv_cache,
+        kv_shards_with_tp=not m.multi_latent_attention,
+        mla=mla,
+    )
 
 
 @dataclass(frozen=True)

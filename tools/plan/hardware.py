@@ -66,6 +66,10 @@ RESERVED_GIB = 3.0
 
 
 def calibration() -> dict:
-    return dict(matmul_eff=MATMUL_EFF, decode_overhead_s_per_layer=DECODE_OVERHEAD_S, bw_eff=BW_EFF,
-                dualpipe_comm_sm_share=DUALPIPE_COMM_SMS,
-                reserved_gib=RESERVED_GIB)  # fmt: skip
+    return dict(
+        matmul_eff=MATMUL_EFF,
+        decode_overhead_s_per_layer=DECODE_OVERHEAD_S,
+        bw_eff=BW_EFF,
+        dualpipe_comm_sm_share=DUALPIPE_COMM_SMS,
+        reserved_gib=RESERVED_GIB,
+    )

@@ -82,15 +82,33 @@ def workload(cfg: Config) -> Workload:
     response = pl.response_tokens if pl.response_tokens is not None else r.max_new_tokens
     s = prompt + response
     passes = 1 + (cfg.stage.rl.kl_coef > 0)
-    return Workload("grpo", cfg.stage.rl.prompts_per_step * r.n, prompt, response, r.max_new_tokens,
-                    cfg.stage.rl.minibatches, micro, passes, (s + 1) / 2, packed)  # fmt: skip
+    return Workload(
+        "grpo",
+        cfg.stage.rl.prompts_per_step * r.n,
+        prompt,
+        response,
+        r.max_new_tokens,
+        cfg.stage.rl.minibatches,
+        micro,
+        passes,
+        (s + 1) / 2,
+        packed,
+    )
 
 
 def layout(cfg: Config, world: int) -> Layout:
     p = cfg.parallel
     etp = p.expert_tensor or p.tensor
     return Layout(
-        world=world, tp=p.tensor, pp=p.pipeline, cp=p.context, ep=p.expert, etp=etp, dp=p.data,
-        edp=world // (p.pipeline * p.expert * etp), gpn=cfg.cluster.gpus_per_node or 8,
-        stages=tuple(stages(cfg)), dualpipe=cfg.plan.schedule == "dualpipe",
-    )  # fmt: skip
+        world=world,
+        tp=p.tensor,
+        pp=p.pipeline,
+        cp=p.context,
+        ep=p.expert,
+        etp=etp,
+        dp=p.data,
+        edp=world // (p.pipeline * p.expert * etp),
+        gpn=cfg.cluster.gpus_per_node or 8,
+        stages=tuple(stages(cfg)),
+        dualpipe=cfg.plan.schedule == "dualpipe",
+    )

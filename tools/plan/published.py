@@ -51,9 +51,17 @@ class Published:
         cfg = compose(self.overrides())
         result = plan(cfg)
         got = self.modeled(cfg, result)
-        return dict(name=self.name, preset=self.preset, metric=self.metric, published=self.value,
-                    modeled=round(got, 4), error=round(got / self.value - 1, 4), source=self.source,
-                    fitted=self.fitted, note=self.note)  # fmt: skip
+        return dict(
+            name=self.name,
+            preset=self.preset,
+            metric=self.metric,
+            published=self.value,
+            modeled=round(got, 4),
+            error=round(got / self.value - 1, 4),
+            source=self.source,
+            fitted=self.fitted,
+            note=self.note,
+        )
 
 
 DSV3_REPORT = "https://arxiv.org/abs/2412.19437"
@@ -61,30 +69,66 @@ VERL = "https://github.com/volcengine/verl/blob/main/docs/perf/dpsk.md"
 NEMO_RL = "https://github.com/NVIDIA-NeMo/RL/blob/r0.4.0/docs/about/performance-summary.md"
 
 RUNS = [
-    Published("DeepSeek-V3 pre-training, 2,048 H800 (PP16 DualPipe, EP64, ZeRO-1, FP8)", "dsv3_pretrain_2048_h800",
-              "H800 GPU-hours per trillion tokens", 180_000, DSV3_REPORT,
-              lambda cfg, r: r["throughput"]["gpu_hours_per_trillion_tokens"],
-              fitted="matmul_eff (jointly with verl MFU)"),
-    Published("verl GRPO, 96 H20 (TP8 PP12 EP8, CPU optimizer)", "dsv3_grpo_verl_96_h20",
-              "actor-update MFU (verl's FLOP count)", 0.19, VERL, verl_mfu, fitted="matmul_eff (jointly with DSV3)"),
-    Published("verl GRPO, 96 H20: rollout (vLLM TP32, mean response 1,960, cap 9,632)", "dsv3_grpo_verl_96_h20",
-              "rollout time per step, s", 1050, VERL, lambda cfg, r: r["time_s"]["generation"]),
-    Published("verl GRPO, 96 H20: peak GPU memory (vLLM at 0.6 of HBM, training offloaded around it)",
-              "dsv3_grpo_verl_96_h20", "peak GPU memory, GiB", 66, VERL, lambda cfg, r: r["memory_gib"]["peak"],
-              note="verl's 'GPU memory (GB)', read as torch's GiB"),
-    Published("NeMo-RL v0.4 GRPO, 256 H100, on-policy colocated (TP1 EP16 PP16, vLLM TP32)",
-              "dsv3_grpo_nemorl_256_h100",
-              "step time, s", 154, NEMO_RL, lambda cfg, r: r["time_s"]["step"], fitted="decode_overhead_s_per_layer"),
-    Published("NeMo-RL v0.4 GRPO, 512 H100, 1-step off-policy (256 train + 256 generation)",
-              "dsv3_grpo_nemorl_512_h100",
-              "step time, s", 77.9, NEMO_RL, lambda cfg, r: r["time_s"]["step"]),
+    Published(
+        "DeepSeek-V3 pre-training, 2,048 H800 (PP16 DualPipe, EP64, ZeRO-1, FP8)",
+        "dsv3_pretrain_2048_h800",
+        "H800 GPU-hours per trillion tokens",
+        180_000,
+        DSV3_REPORT,
+        lambda cfg, r: r["throughput"]["gpu_hours_per_trillion_tokens"],
+        fitted="matmul_eff (jointly with verl MFU)",
+    ),
+    Published(
+        "verl GRPO, 96 H20 (TP8 PP12 EP8, CPU optimizer)",
+        "dsv3_grpo_verl_96_h20",
+        "actor-update MFU (verl's FLOP count)",
+        0.19,
+        VERL,
+        verl_mfu,
+        fitted="matmul_eff (jointly with DSV3)",
+    ),
+    Published(
+        "verl GRPO, 96 H20: rollout (vLLM TP32, mean response 1,960, cap 9,632)",
+        "dsv3_grpo_verl_96_h20",
+        "rollout time per step, s",
+        1050,
+        VERL,
+        lambda cfg, r: r["time_s"]["generation"],
+    ),
+    Published(
+        "verl GRPO, 96 H20: peak GPU memory (vLLM at 0.6 of HBM, training offloaded around it)",
+        "dsv3_grpo_verl_96_h20",
+        "peak GPU memory, GiB",
+        66,
+        VERL,
+        lambda cfg, r: r["memory_gib"]["peak"],
+        note="verl's 'GPU memory (GB)', read as torch's GiB",
+    ),
+    Published(
+        "NeMo-RL v0.4 GRPO, 256 H100, on-policy colocated (TP1 EP16 PP16, vLLM TP32)",
+        "dsv3_grpo_nemorl_256_h100",
+        "step time, s",
+        154,
+        NEMO_RL,
+        lambda cfg, r: r["time_s"]["step"],
+        fitted="decode_overhead_s_per_layer",
+    ),
+    Published(
+        "NeMo-RL v0.4 GRPO, 512 H100, 1-step off-policy (256 train + 256 generation)",
+        "dsv3_grpo_nemorl_512_h100",
+        "step time, s",
+        77.9,
+        NEMO_RL,
+        lambda cfg, r: r["time_s"]["step"],
+    ),
 ]
 
 
 def compare() -> dict:
     rows = [run.run() for run in RUNS]
-    return dict(target=TARGET, calibration=hw.calibration(), rows=rows,
-                max_abs_error=max(abs(r["error"]) for r in rows))  # fmt: skip
+    return dict(
+        target=TARGET, calibration=hw.calibration(), rows=rows, max_abs_error=max(abs(r["error"]) for r in rows)
+    )
 
 
 @contextlib.contextmanager

@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 
 from core.config import Config
-from tools.plan.arch import Arch, Stage
 from tools.plan import hardware as hw
+from tools.plan.arch import Arch, Stage
 from tools.plan.hardware import GPU
 from tools.plan.layout import Layout, Workload
 from tools.plan.memory import GRAD_BYTES, OPTIM_BYTES, WEIGHT_BYTES, stage_params
@@ -72,12 +72,20 @@ def stage_time(cfg: Config, a: Arch, s: Stage, L: Layout, gpu: GPU, tokens: floa
     if L.pp > 1:
         p2p = comm_passes * tokens / L.tp * a.h * 2 / _link(gpu, L, L.world // L.pp + 1)
     exposed = max(0.0, ep + p2p - compute) if L.dualpipe else ep + p2p
-    return dict(matmul=matmul, attention=attention, tp_comm=tp, ep_comm=ep, pp_p2p=p2p, comm_hidden=ep + p2p - exposed,
-                total=compute + tp + exposed)  # fmt: skip
+    return dict(
+        matmul=matmul,
+        attention=attention,
+        tp_comm=tp,
+        ep_comm=ep,
+        pp_p2p=p2p,
+        comm_hidden=ep + p2p - exposed,
+        total=compute + tp + exposed,
+    )
 
 
-def pipeline_time(cfg: Config, a: Arch, L: Layout, gpu: GPU, micro_batches: int, tokens: float, ctx: float,
-                  backward: bool) -> dict:  # fmt: skip
+def pipeline_time(
+    cfg: Config, a: Arch, L: Layout, gpu: GPU, micro_batches: int, tokens: float, ctx: float, backward: bool
+) -> dict:
     """One pass of `micro_batches` micro-batches through the pipeline: the slowest stage sets the pace; the
     fill and drain (the bubble) cost one micro-batch per other stage (1F1B), or (PP/2 - 1) forward chunks
     under DualPipe."""
@@ -125,8 +133,14 @@ def train_step(cfg: Config, a: Arch, L: Layout, gpu: GPU, w: Workload) -> dict:
     m, tokens = w.micro_batches(L.dp, cfg.stage.train.micro_batch_size)
     pipe = pipeline_time(cfg, a, L, gpu, m, tokens, _ctx(w, tokens), backward=True)
     opt = optimizer_time(cfg, a, L, gpu)
-    return dict(pipeline=pipe, dp_sync=opt["dp_sync"], dp_sync_exposed=opt["dp_sync_exposed"],
-                optimizer=opt["optimizer"], micro_batches=m, total=pipe["total"] + opt["total"])  # fmt: skip
+    return dict(
+        pipeline=pipe,
+        dp_sync=opt["dp_sync"],
+        dp_sync_exposed=opt["dp_sync_exposed"],
+        optimizer=opt["optimizer"],
+        micro_batches=m,
+        total=pipe["total"] + opt["total"],
+    )
 
 
 def _ctx(w: Workload, tokens: float) -> float:
@@ -159,9 +173,16 @@ def generation_time(cfg: Config, a: Arch, gpu: GPU, w: Workload, gen_gpus: int, 
     host = hw.DECODE_OVERHEAD_S * a.layers
     step = max(mem, flops) + allreduce + host
     prefill = batch * w.prompt * 2 * a.active_params() / r / (gpu.bf16_flops * hw.MATMUL_EFF)
-    return dict(decode_steps=steps, active_sequences=active, step_s=step, memory_s=mem * steps,
-                allreduce_s=allreduce * steps, overhead_s=host * steps, prefill_s=prefill,
-                total=steps * step + prefill)  # fmt: skip
+    return dict(
+        decode_steps=steps,
+        active_sequences=active,
+        step_s=step,
+        memory_s=mem * steps,
+        allreduce_s=allreduce * steps,
+        overhead_s=host * steps,
+        prefill_s=prefill,
+        total=steps * step + prefill,
+    )
 
 
 def refit_time(cfg: Config, a: Arch, L: Layout, gpu: GPU) -> float:
@@ -173,8 +194,17 @@ def refit_time(cfg: Config, a: Arch, L: Layout, gpu: GPU) -> float:
     return gather + load
 
 
-def rl_step(cfg: Config, a: Arch, L: Layout, gpu: GPU, w: Workload, gen_gpus: int, concurrent: int,
-            train_state_bytes: float, weights_bytes: float) -> dict:  # fmt: skip
+def rl_step(
+    cfg: Config,
+    a: Arch,
+    L: Layout,
+    gpu: GPU,
+    w: Workload,
+    gen_gpus: int,
+    concurrent: int,
+    train_state_bytes: float,
+    weights_bytes: float,
+) -> dict:
     """One GRPO step: generation, log-prob passes, mini-batch updates, refit, and for colocation the trip of
     optimizer state (and with plan.param_offload the weights) to the CPU and back around generation."""
     pl = cfg.plan
@@ -194,5 +224,6 @@ def rl_step(cfg: Config, a: Arch, L: Layout, gpu: GPU, w: Workload, gen_gpus: in
     refit = refit_time(cfg, a, L, gpu)
     train_side = logprobs + updates + offload + refit
     total = max(gen["total"], train_side) if pl.off_policy else gen["total"] + train_side
-    return dict(generation=gen, logprobs=logprobs, train=train, updates=updates, offload=offload, refit=refit,
-                total=total)  # fmt: skip
+    return dict(
+        generation=gen, logprobs=logprobs, train=train, updates=updates, offload=offload, refit=refit, total=total
+    )

@@ -1,0 +1,108 @@
+"""The one registry every extension point uses: tasks, rewards, advantage estimators, policy losses, KL
+estimators, loss aggregations, engines and stages.
+
+    ADVANTAGES = Registry("advantage estimator", "stage.rl.advantage", modules=("rlhf.advantages",))
+
+    @ADVANTAGES.register("grpo")
+    def grpo(rewards): ...
+
+    ADVANTAGES.get(cfg.stage.rl.advantage)  # ConfigError naming stage.rl.advantage and the valid names
+
+`modules` are imported on the first lookup, so a registry is complete whoever asks first (the config
+validation, a reward worker) without its users importing the implementations. `resolve`, when given, maps
+a name no entry has to an entry (a family of names, e.g. reasoning-gym's datasets) or None.
+
+Light on purpose (no torch): reward worker processes import it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from typing import Any, Callable, Generic, Iterable, TypeVar
+
+from core.errors import ConfigError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    def __init__(
+        self,
+        kind: str,
+        key: str,
+        modules: Iterable[str] = (),
+        resolve: Callable[[str], T | None] | None = None,
+        extra_names: Iterable[str] = (),
+        hint: str = "",
+    ):
+        self.kind, self.key, self.hint = kind, key, hint
+        self._modules, self._resolve = tuple(modules), resolve
+        self._extra = tuple(extra_names)  # accepted names that are no entry (e.g. "none" for stage.rl.kl)
+        self._items: dict[str, T] = {}
+        self._loaded = False
+
+    def register(self, name: str, obj: T | None = None):
+        """`@registry.register("name")` on a function or class, or `registry.register("name", obj)`."""
+
+        def add(item: T) -> T:
+            old = self._items.get(name)
+            # The same object seen again is its module imported under a second name (a test module as
+            # `tests.x` and `x`, a script as `__main__` and `__mp_main__`): keep the latest.
+            if old is not None and _qualname(old) != _qualname(item):
+                raise ValueError(
+                    f"{self.kind} {name!r} is already registered by {_qualname(old)}; pick another name for "
+                    f"{_qualname(item)}"
+                )
+            self._items[name] = item
+            return item
+
+        return add if obj is None else add(obj)
+
+    def _load(self) -> None:
+        if not self._loaded:
+            self._loaded = True  # before importing: the modules register into this registry
+            for module in self._modules:
+                importlib.import_module(module)
+
+    def names(self) -> list[str]:
+        self._load()
+        return sorted([*self._items, *self._extra])
+
+    def find(self, name: str) -> T | None:
+        """The entry for `name`, or None."""
+        self._load()
+        if name in self._items:
+            return self._items[name]
+        return self._resolve(name) if self._resolve is not None and isinstance(name, str) else None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._extra or self.find(name) is not None
+
+    def get(self, name: str, key: str | None = None) -> T:
+        """The entry for `name`; ConfigError naming the config key (`key`, else the registry's) and the
+        valid names otherwise."""
+        item = self.find(name)
+        if item is None:
+            raise ConfigError(self.unknown(name, key))
+        return item
+
+    def check(self, name: str, key: str | None = None) -> None:
+        if name not in self:
+            raise ConfigError(self.unknown(name, key))
+
+    def unknown(self, name: Any, key: str | None = None) -> str:
+        names = self.names()
+        close = difflib.get_close_matches(str(name), names, n=3) if isinstance(name, str) else []
+        near = f" (close: {close})" if close else ""
+        hint = f" {self.hint}" if self.hint else ""
+        return f"{key or self.key}={name!r}: no such {self.kind}{near}. Fix: use one of {names}.{hint}"
+
+    def items(self) -> list[tuple[str, T]]:
+        self._load()
+        return sorted(self._items.items())
+
+
+def _qualname(obj: Any) -> str:
+    target = obj if callable(obj) and hasattr(obj, "__qualname__") else type(obj)
+    return f"{target.__module__}.{target.__qualname__}"
