@@ -15,6 +15,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from core.errors import ConfigError
+from core.stages import RL_STAGES
 
 
 @dataclass
@@ -95,6 +96,12 @@ class ParallelConfig:
     fp8: Optional[str] = None  # None | hybrid | e4m3 (Transformer Engine only)
     fp8_recipe: str = "delayed"  # delayed | tensorwise | mxfp8 | blockwise
 
+    @property
+    def unsharded(self) -> bool:
+        """Each rank holds the whole model (data parallelism at most): what in-process decoding and a
+        rank-local weight export need."""
+        return (self.tensor, self.pipeline, self.context, self.expert) == (1, 1, 1, 1)
+
 
 @dataclass
 class OptimConfig:
@@ -171,9 +178,6 @@ class SamplingConfig:
     # prompted with judge_template and answering yes or no. `stage=sft data=judge` trains the tiny one.
     judge: Optional[str] = None
     judge_template: str = "Reference: {reference} Prediction: {prediction} Same? "
-
-
-RL_STAGES = ("r1_zero", "reasoning_rl", "general_rl", "on_policy_distill")  # the stages that run the GRPO loop
 
 
 @dataclass

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import sys
 from typing import Any, Callable, Generic, Iterable, TypeVar
 
 from core.errors import ConfigError
@@ -40,21 +41,24 @@ class Registry(Generic[T]):
         self._modules, self._resolve = tuple(modules), resolve
         self._extra = tuple(extra_names)  # accepted names that are no entry (e.g. "none" for stage.rl.kl)
         self._items: dict[str, T] = {}
+        self._origins: dict[str, tuple[str, str]] = {}
         self._loaded = False
 
     def register(self, name: str, obj: T | None = None):
         """`@registry.register("name")` on a function or class, or `registry.register("name", obj)`."""
+        caller = sys._getframe(1).f_globals.get("__name__", "?")
 
         def add(item: T) -> T:
-            old = self._items.get(name)
-            # The same object seen again is its module imported under a second name (a test module as
+            old = self._origins.get(name)
+            origin = _origin(item, caller)
+            # The same definition seen again is its module imported under a second name (a test module as
             # `tests.x` and `x`, a script as `__main__` and `__mp_main__`): keep the latest.
-            if old is not None and _qualname(old) != _qualname(item):
+            if old is not None and old != origin:
                 raise ValueError(
-                    f"{self.kind} {name!r} is already registered by {_qualname(old)}; pick another name for "
-                    f"{_qualname(item)}"
+                    f"{self.kind} {name!r} is already registered by {old[0]}.{old[1]}; pick another name for "
+                    f"{origin[0]}.{origin[1]}"
                 )
-            self._items[name] = item
+            self._items[name], self._origins[name] = item, origin
             return item
 
         return add if obj is None else add(obj)
@@ -98,11 +102,23 @@ class Registry(Generic[T]):
         hint = f" {self.hint}" if self.hint else ""
         return f"{key or self.key}={name!r}: no such {self.kind}{near}. Fix: use one of {names}.{hint}"
 
+    def __getitem__(self, name: str) -> T:
+        return self.get(name)
+
+    def __iter__(self):
+        return iter(self.names())
+
     def items(self) -> list[tuple[str, T]]:
         self._load()
         return sorted(self._items.items())
 
 
-def _qualname(obj: Any) -> str:
-    target = obj if callable(obj) and hasattr(obj, "__qualname__") else type(obj)
-    return f"{target.__module__}.{target.__qualname__}"
+def _origin(obj: Any, caller: str) -> tuple[str, str]:
+    """Where an entry was defined: (module, qualified name) of a function or class, else (the registering
+    module, the object's type). The module is its last component, `__main__` and `__mp_main__` alike."""
+    if hasattr(obj, "__qualname__") and hasattr(obj, "__module__"):
+        module, name = obj.__module__, obj.__qualname__
+    else:
+        module, name = caller, type(obj).__qualname__
+    module = "__main__" if module == "__mp_main__" else module.rsplit(".", 1)[-1]
+    return module, name

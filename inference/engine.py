@@ -26,6 +26,8 @@ from typing import Callable, Iterable
 
 import torch
 
+from core.registry import Registry
+
 log = logging.getLogger("r1stack.inference")
 
 POLL_S = 0.25  # how often a running call checks that its engine is still alive
@@ -391,23 +393,14 @@ def _close(w: _Watch, watcher: threading.Thread) -> None:
         signal.signal(signal.SIGALRM, signal.SIG_DFL if _previous_handler is None else _previous_handler)
 
 
-ENGINES: dict[str, Callable[..., Engine]] = {}
-
-
-def register_engine(name: str):
-    def add(factory):
-        ENGINES[name] = factory
-        return factory
-
-    return add
+# Engine factories by rollout.engine name; importing the implementations registers them (vLLM itself is
+# imported only when its engine is built).
+ENGINES: Registry[Callable[..., Engine]] = Registry(
+    "rollout engine", "rollout.engine", modules=("inference.hf_engine", "inference.vllm_engine")
+)
 
 
 def build_engine(name: str, timeout_s: float = 0.0, max_restarts: int = 1, **kwargs) -> Engine:
-    # Importing the implementations registers them; vLLM is imported only when chosen.
-    from inference import hf_engine, vllm_engine  # noqa: F401
-
-    if name not in ENGINES:
-        raise EngineError(f"unknown rollout.engine {name!r}. Fix: use one of {sorted(ENGINES)}.")
-    engine = ENGINES[name](**kwargs)
+    engine = ENGINES.get(name)(**kwargs)
     engine.name, engine.timeout_s, engine.max_restarts = name, timeout_s, max_restarts
     return engine

@@ -6,10 +6,10 @@ from typing import Iterable
 
 import torch
 
-from inference.engine import Completion, Engine, Rollout, Sampling, register_engine
+from inference.engine import ENGINES, Completion, Engine, Rollout, Sampling
 
 
-@register_engine("hf")
+@ENGINES.register("hf")
 class HFEngine(Engine):
     def __init__(
         self,

@@ -15,7 +15,7 @@ from typing import Iterable
 
 import torch
 
-from inference.engine import Completion, Engine, EngineError, Rollout, Sampling, exit_code, log, register_engine
+from inference.engine import ENGINES, Completion, Engine, EngineError, Rollout, Sampling, exit_code, log
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines come at every step and weight sync
@@ -69,7 +69,7 @@ def _uses_mla(model_dir: str) -> bool:
     return path.exists() and bool(json.loads(path.read_text()).get("kv_lora_rank"))
 
 
-@register_engine("vllm")
+@ENGINES.register("vllm")
 class VLLMEngine(Engine):
     def __init__(
         self,

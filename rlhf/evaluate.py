@@ -1,7 +1,8 @@
 """Held-out evaluation as the R1 paper reports it: k samples per prompt at temperature 0.6, top-p 0.95;
 pass@1 is the mean accuracy over all k·N samples, cons@k the accuracy of each prompt's majority answer.
 Reported overall and per task, with the response-length distribution; language_consistency too when the
-pool scores it (tools.eval's does), and a task's AUDITS rates (greetings: harmful and ideal shares)."""
+pool scores it (tools.eval's does), a task's audit rates (greetings: harmful and ideal shares) and, for a task
+that defines it, the share of samples that start with its reasoning."""
 
 from __future__ import annotations
 
@@ -14,12 +15,9 @@ from inference.engine import Sampling
 from parallel import parallelize as P
 from rlhf.rewards import extract_answer
 from rlhf.rollout import generate_groups
-from rlhf.tasks import general
-from rlhf.tasks.addition import starts_with_trace
+from rlhf.tasks import TASKS
 
 SCORES = {"accuracy": 1.0, "format": 1.0, "language_consistency": 1.0}  # the reward pool evaluate() needs
-# Per-task rates beyond accuracy, from each sample's text and row: task -> fn(completion, row) -> {name: 0..1}.
-AUDITS = {"greet": general.audit}
 
 
 def evaluate(engine, tok, rows: list[dict], ecfg, pool, max_new_tokens: int) -> dict:
@@ -36,9 +34,9 @@ def evaluate(engine, tok, rows: list[dict], ecfg, pool, max_new_tokens: int) -> 
     tasks = sorted({r["task"] for r in records})
     if len(tasks) > 1:
         out["per_task"] = {t: _aggregate([r for r in records if r["task"] == t], ecfg.k) for t in tasks}
-    addition = [r["reasoning_first"] for r in records if r["task"] == "addition"]
-    if rows and rows[0].get("task") == "addition":  # the share of answers that start with a column step
-        out["reasoning_first"] = mean(addition) if addition else 0.0
+    first = [r["reasoning_first"] for r in records if r["reasoning_first"] is not None]
+    if rows and _task(rows[0]) is not None and _task(rows[0]).reasoning_first is not None:
+        out["reasoning_first"] = mean(first) if first else 0.0
     return out
 
 
@@ -66,7 +64,7 @@ def _score(engine, tok, rows: list[dict], ecfg, pool, max_new_tokens: int) -> li
                 "format": share["format"],
                 "language_consistency": share.get("language_consistency"),
                 "lengths": [len(s.completion_ids) for s in g],
-                "reasoning_first": mean(starts_with_trace(s.text) for s in g),
+                "reasoning_first": _reasoning_first(row, g),
                 "audit": _audit(row, g),
             }
         )
@@ -99,11 +97,22 @@ def _aggregate(records: list[dict], k: int) -> dict:
     return out
 
 
+def _task(row: dict):
+    return TASKS.find(row.get("task") or "")
+
+
+def _reasoning_first(row: dict, group) -> float | None:
+    task = _task(row)
+    if task is None or task.reasoning_first is None or not group:
+        return None
+    return mean(task.reasoning_first(s.text) for s in group)
+
+
 def _audit(row: dict, group) -> dict[str, float]:
-    fn = AUDITS.get(row.get("task") or "")
-    if fn is None or not group:
+    task = _task(row)
+    if task is None or task.audit is None or not group:
         return {}
-    per_sample = [fn(s.text, row) for s in group]
+    per_sample = [task.audit(s.text, row) for s in group]
     return {name: mean(a[name] for a in per_sample) for name in per_sample[0]}
 
 

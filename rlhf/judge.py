@@ -3,7 +3,7 @@ the prediction): a language model prompted with stage.sampling.judge_template, w
 of VERDICTS it finds likelier next. Rows of task "judged" (free-form answers) need it.
 
 `stage=sft data=judge` trains the tiny one: greetings against a reference greeting, equivalent ones ("hello
-ada" for "hi ada") and wrong ones (another name, an insult: rlhf.tasks.general.judge_rows).
+ada" for "hi ada") and wrong ones (another name, an insult: rlhf.tasks.judge.judge_rows).
 """
 
 from __future__ import annotations
@@ -13,12 +13,14 @@ import torch
 from core.config import ConfigError
 from parallel import checkpoint as ckpt
 from parallel import parallelize as P
-from rlhf.rewards.rules import JUDGED, VERDICTS
 from rlhf.rollout import Sample, to_batch
+from rlhf.tasks import TASKS
+from rlhf.tasks.judge import JUDGED, VERDICTS, judge_rows
 
 
 def rule_checkable(row: dict) -> bool:
-    return row.get("task") != JUDGED
+    task = TASKS.find(row.get("task"))
+    return task is None or task.rule_checkable  # an unknown task fails at load, not here
 
 
 def refuse_judged(rows: list[dict], where: str) -> None:
@@ -73,9 +75,7 @@ class GenerativeJudge:
 
 def held_out_accuracy(cfg, policy, tok) -> dict:
     """Collective: the share of data.num_eval held-out judge rows (names never trained on) the model gets right."""
-    from rlhf.tasks import general
-
-    rows = general.judge_rows(cfg.data.num_eval, cfg.data.seed + 1, cfg.stage.sampling.judge_template, held_out=True)
+    rows = judge_rows(cfg.data.num_eval, cfg.data.seed + 1, cfg.stage.sampling.judge_template, held_out=True)
     judge = GenerativeJudge(policy, tok, cfg.stage.sampling.judge_template, cfg.stage.train.micro_batch_size)
     said = judge.correct([r["reference"] for r in rows], [r["prediction"] for r in rows])
     right = [float(v == (r["response"] == VERDICTS[0])) for v, r in zip(said, rows)]

@@ -7,53 +7,41 @@ for the engine sampling from a slightly different distribution than the trainer 
 
 Reductions return (sum, count) so that megatron, which sums both over micro-batches and data-parallel
 ranks and divides once, gives the same loss at every layout.
-Extend with `@register_policy_loss`, `@register_kl`, `@register_loss_agg`.
+Extend with `@POLICY_LOSSES.register("name")`, `@KL_ESTIMATORS.register`, `@LOSS_AGGS.register`; the
+stage.rl keys name them and are checked at start-up.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
-POLICY_LOSSES: dict[str, Callable] = {}
-KL_ESTIMATORS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
-LOSS_AGGS: dict[str, Callable] = {}
+from core.registry import Registry
+
+POLICY_LOSSES = Registry("policy loss", "stage.rl.loss")
+KL_ESTIMATORS = Registry("KL estimator", "stage.rl.kl", extra_names=("none",))
+LOSS_AGGS = Registry("loss aggregation", "stage.rl.loss_agg")
 
 
-def _registrar(table: dict):
-    def register(name: str):
-        def add(fn):
-            table[name] = fn
-            return fn
-
-        return add
-
-    return register
-
-
-register_policy_loss, register_kl, register_loss_agg = map(_registrar, (POLICY_LOSSES, KL_ESTIMATORS, LOSS_AGGS))
-
-
-@register_kl("k1")
+@KL_ESTIMATORS.register("k1")
 def k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return logp - ref_logp
 
 
-@register_kl("k2")
+@KL_ESTIMATORS.register("k2")
 def k2(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return 0.5 * (logp - ref_logp) ** 2
 
 
-@register_kl("k3")
+@KL_ESTIMATORS.register("k3")
 def k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """π_ref/π − log(π_ref/π) − 1: unbiased and never negative (Schulman's k3, as in DeepSeekMath)."""
     d = ref_logp - logp
     return torch.exp(d) - d - 1
 
 
-@register_policy_loss("grpo")
+@POLICY_LOSSES.register("grpo")
 def clipped_ratio(logp, old_logp, adv, eps_low: float, eps_high: float):
     """PPO's clipped surrogate per token; returns (loss, clipped) where clipped marks tokens whose
     gradient the clip removed."""
@@ -63,20 +51,20 @@ def clipped_ratio(logp, old_logp, adv, eps_low: float, eps_high: float):
     return torch.maximum(unclipped, clipped), (clipped > unclipped).float()
 
 
-@register_loss_agg("seq_mean_token_mean")
+@LOSS_AGGS.register("seq_mean_token_mean")
 def seq_mean_token_mean(values, mask, max_len):
     """GRPO: the token mean of each sequence, then the mean over sequences."""
     per_seq = (values * mask).sum(-1) / mask.sum(-1).clamp(min=1)
     return per_seq.sum(), values.new_tensor(values.shape[0])
 
 
-@register_loss_agg("token_mean")
+@LOSS_AGGS.register("token_mean")
 def token_mean(values, mask, max_len):
     """DAPO: every token of the batch weighs the same, so long answers are not diluted."""
     return (values * mask).sum(), mask.sum()
 
 
-@register_loss_agg("seq_mean_token_sum_norm")
+@LOSS_AGGS.register("seq_mean_token_sum_norm")
 def seq_mean_token_sum_norm(values, mask, max_len):
     """Dr.GRPO: token sums over a constant length, so the loss has no length bias."""
     return (values * mask).sum() / max_len, values.new_tensor(values.shape[0])
@@ -95,12 +83,15 @@ class LossSettings:
 
     @classmethod
     def from_config(cls, rl, max_len: int) -> "LossSettings":
-        for key, table in (("loss", POLICY_LOSSES), ("loss_agg", LOSS_AGGS)):
-            if getattr(rl, key) not in table:
-                raise KeyError(f"stage.rl.{key}={getattr(rl, key)!r}: expected one of {sorted(table)}")
-        if rl.kl != "none" and rl.kl not in KL_ESTIMATORS:
-            raise KeyError(f"stage.rl.kl={rl.kl!r}: expected none or one of {sorted(KL_ESTIMATORS)}")
+        check_names(rl)
         return cls(rl.loss, rl.loss_agg, rl.clip_eps_low, rl.clip_eps_high, rl.kl, rl.kl_coef, rl.tis_cap, max_len)
+
+
+def check_names(rl) -> None:
+    """ConfigError naming the stage.rl key of a loss, KL estimator or aggregation no registry has."""
+    POLICY_LOSSES.check(rl.loss)
+    KL_ESTIMATORS.check(rl.kl)
+    LOSS_AGGS.check(rl.loss_agg)
 
 
 def rl_loss(logp, batch: dict, s: LossSettings):

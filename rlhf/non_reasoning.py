@@ -14,17 +14,23 @@ from inference.engine import Sampling
 from parallel import parallelize as P
 from rlhf import grpo
 from rlhf.rewards.rules import THINK, THINK_END
-from rlhf.tasks import general
+from rlhf.tasks import TASKS
 
 log = logging.getLogger("r1stack.rejection_sampling")
 
 
-def mix(kept: list[dict], s, seed: int) -> list[dict]:
-    """Adds non-reasoning rows so they make up non_reasoning_share of the result (as many as there are)."""
+def mix(kept: list[dict], cfg: Config) -> list[dict]:
+    """Adds non-reasoning rows so they make up non_reasoning_share of the result (as many as there are):
+    stage.sampling.non_reasoning_path's rows, or the generated SFT rows of the task it names (greet)."""
+    s, seed = cfg.stage.sampling, cfg.seed
     if not s.non_reasoning_path:
         return kept
     want = round(len(kept) * s.non_reasoning_share / max(1e-9, 1 - s.non_reasoning_share))
-    extra = general.sft_rows(want, seed) if s.non_reasoning_path == "greet" else load_rows(s.non_reasoning_path, "sft")
+    task = TASKS.find(s.non_reasoning_path)
+    if task is not None and task.sft_rows is not None:
+        extra = task.sft_rows(want, seed, cfg)
+    else:
+        extra = load_rows(s.non_reasoning_path, "sft")
     if want > len(extra):
         log.warning(
             "non-reasoning data has %d rows, %d wanted for share %.2f: using all",

@@ -19,18 +19,17 @@ import torch
 
 import parallel  # noqa: F401  (CPU compatibility layer before megatron loads)
 from core.config import Config, ConfigError
-from core.data import causal_mask, causal_mask_from_segments, load_rows, pack, shuffled_rows
+from core.data import causal_mask_from_segments, load_rows, pack, shuffled_rows
 from core.tokenizer import build_char_tokenizer, save_tokenizer
 from parallel import checkpoint as ckpt
 from parallel import parallelize as P
 from rlhf.guard import NonFiniteGuard
 from rlhf.preempt import PreemptionWatch
-from rlhf.tasks import addition, bilingual, general
+from rlhf.tasks import TASKS
 from rlhf.tracking import Tracker
 
 log = logging.getLogger("r1stack.pretrain")
 
-EVAL_MAX_NEW_TOKENS, EVAL_SEED = 48, 0
 MAX_BAD_STEPS = 5  # non-finite losses in a row before giving up
 
 
@@ -40,19 +39,15 @@ MAX_BAD_STEPS = 5  # non-finite losses in a row before giving up
 def load_texts(cfg: Config) -> list[str]:
     d = cfg.data
     if d.source == "generated":
-        if d.task == "bilingual":
-            return bilingual.pretraining_text(random.Random(d.seed), d.num_train)
-        if d.task != "addition":
-            raise ConfigError(f"data.task={d.task!r}: the pretrain stage generates 'addition' or 'bilingual'.")
-        texts = addition.pretraining_text(random.Random(d.seed), d.num_train)
+        texts = TASKS.get(d.task).need("pretraining_text", "data.task", "stage=pretrain")(d.num_train, d.seed)
         if d.general_task:  # general text in the corpus too, as a base model sees the web's: of uneven quality
-            if d.general_task != "greet" or not 0 < d.general_share < 1:
-                raise ConfigError(
-                    f"data.general_task={d.general_task!r}, data.general_share={d.general_share}: "
-                    "expected greet and a share in (0, 1)."
-                )
+            if not 0 < d.general_share < 1:
+                raise ConfigError(f"data.general_share={d.general_share}: expected a share in (0, 1).")
+            rows = TASKS.get(d.general_task, "data.general_task").need(
+                "sft_rows", "data.general_task", "general pretraining text"
+            )
             n = round(len(texts) * d.general_share / (1 - d.general_share))
-            texts += [r["prompt"] + r["response"] for r in general.sft_rows(n, d.seed)]
+            texts += [r["prompt"] + r["response"] for r in rows(n, d.seed, cfg)]
             random.Random(d.seed).shuffle(texts)
         return texts
     if d.source in ("jsonl", "parquet"):
@@ -88,68 +83,6 @@ def micro_batches(data: dict[str, torch.Tensor], rows: list[int], micro: int) ->
     return out
 
 
-# ---------------------------------------------------------------- optimisation
-
-
-# ---------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def generate(
-    model,
-    prompts: list[list[int]],
-    max_new_tokens: int,
-    eos_id: int,
-    vocab: int,
-    temperature: float = 0.0,
-    generator: torch.Generator | None = None,
-) -> list[list[int]]:
-    """Greedy (temperature 0) or sampled decoding that recomputes the full forward per token; fine for
-    a tiny model. Prompts must share one length; finished rows leave the batch."""
-    if len({len(p) for p in prompts}) != 1:
-        raise ValueError("generate: prompts must all have the same length")
-    cur, alive = torch.tensor(prompts), torch.arange(len(prompts))
-    out: list[list[int]] = [[] for _ in prompts]
-    for _ in range(max_new_tokens):
-        s = cur.shape[1]
-        logits = model(cur, torch.arange(s).expand_as(cur), causal_mask(s))[:, -1, :vocab].float()
-        if temperature > 0:
-            nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator)[:, 0]
-        else:
-            nxt = logits.argmax(-1)
-        for i, t in zip(alive.tolist(), nxt.tolist()):
-            out[i].append(t)
-        keep = nxt != eos_id
-        cur, alive = torch.cat([cur, nxt[:, None]], 1)[keep], alive[keep]
-        if not len(alive):
-            break
-    return out
-
-
-def heldout_eval(policy: P.Policy, tok, n: int, max_new_tokens: int = EVAL_MAX_NEW_TOKENS) -> dict:
-    """Held-out addition: pass@1 and reasoning-first share, greedy and sampled at temperature 1.
-
-    With the NOTES mix (55% bare answers) greedy decoding mostly takes the bare branch, whose answers a
-    tiny model cannot compute; the sampled numbers are the ones that show what RL can select from.
-    """
-    rows = addition.eval_prompts(n, EVAL_SEED)
-    prompts = [tok(r["prompt"])["input_ids"] for r in rows]
-    model = P.unwrap(policy.chunks[0])
-    model.eval()
-    result: dict = {"eval/n": n}
-    try:
-        for mode, temp in (("greedy", 0.0), ("sampled", 1.0)):
-            gen = torch.Generator().manual_seed(EVAL_SEED)
-            ids = generate(model, prompts, max_new_tokens, tok.eos_token_id, len(tok), temp, gen)
-            texts = [tok.decode(x, skip_special_tokens=True) for x in ids]
-            result[f"eval/pass@1_{mode}"] = sum(addition.score(t, r["answer"]) for t, r in zip(texts, rows)) / n
-            result[f"eval/reasoning_first_{mode}"] = sum(map(addition.starts_with_trace, texts)) / n
-            result[f"eval/examples_{mode}"] = [r["prompt"] + t for r, t in zip(rows[:3], texts[:3])]
-    finally:
-        model.train()
-    return result
-
-
 # ---------------------------------------------------------------- the stage
 
 
@@ -172,29 +105,17 @@ def packed_texts(cfg: Config, tok) -> dict[str, torch.Tensor]:
     return pack_texts(load_texts(cfg), tok, cfg.stage.train.seq_length)
 
 
-def final_eval_for(task: str):
+def final_eval_for(cfg: Config):
     """The held-out check that ends a language model's run on data.task: (cfg, policy, tok) -> summary
     entries, called on every rank. None where the task has none."""
-    if task == "addition":
-        return addition_eval
-    if task == "judge":
-        from rlhf.judge import held_out_accuracy
-
-        return held_out_accuracy
-    return None
-
-
-def addition_eval(cfg: Config, policy: P.Policy, tok) -> dict:
-    p = cfg.parallel
-    if (p.tensor, p.pipeline, p.context, p.expert) != (1, 1, 1, 1):
-        return {"eval/note": "skipped: held-out decoding runs only without model parallelism"}
-    return heldout_eval(policy, tok, cfg.data.num_eval) if P.is_rank0() else {}
+    task = TASKS.find(cfg.data.task)
+    return task.final_eval if task is not None else None
 
 
 def run(cfg: Config, packed_data=packed_texts, forward=None, head: str = "lm", final_eval=None) -> dict:
     """`packed_data(cfg, tok)` gives the packed rows (pretrain: plain text; rlhf.sft: prompt/response);
     `forward` the loss (default: next-token); `head` the output layer; `final_eval(cfg, policy, tok)` the
-    held-out check (default: `final_eval_for(data.task)`)."""
+    held-out check (default: data.task's, `final_eval_for`)."""
     t_start = time.time()
     env = P.init_distributed(cfg)
     try:
@@ -288,7 +209,7 @@ def _run(cfg: Config, rank0: bool, t_start: float, tracker: Tracker, packed_data
         "train_s": train_s,
         "final_loss_mean50": sum(recent) / len(recent) if recent else None,
     }
-    final_eval = final_eval or final_eval_for(cfg.data.task)
+    final_eval = final_eval or final_eval_for(cfg)
     if final_eval is None:
         summary["eval/note"] = f"skipped: no held-out check for data.task={cfg.data.task}"
     else:

@@ -163,7 +163,7 @@ def hosts_engine() -> bool:
 def start_engine(cfg: Config, policy, hf_dir: Path, tok):
     """The engine starts from an HF export of the policy's current weights."""
     hf_bridge.save_hf(policy, hf_dir, tokenizer=tok)  # collective; rank 0 writes a loadable HF dir
-    r, p = cfg.rollout, cfg.parallel
+    r = cfg.rollout
     engine = build_engine(
         r.engine,
         model_dir=str(hf_dir),
@@ -173,7 +173,7 @@ def start_engine(cfg: Config, policy, hf_dir: Path, tok):
         overlong_prompt=r.overlong_prompt,
         timeout_s=r.timeout_s,
     )
-    if (p.tensor, p.pipeline, p.expert, p.context) == (1, 1, 1, 1):  # export is then local to this rank
+    if cfg.parallel.unsharded:  # export is then local to this rank
         engine.weights_source = lambda: hf_bridge.export_hf(policy)  # lets a dead engine restart mid-run
     return engine
 

@@ -36,7 +36,7 @@ from rlhf.prompts import load_prompts
 from rlhf.r1_zero import hosts_engine, start_engine
 from rlhf.rewards import RewardPool, extract_answer
 from rlhf.rewards.language import reasoning_of
-from rlhf.rewards.rules import JUDGED
+from rlhf.tasks.judge import JUDGED
 
 log = logging.getLogger("r1stack.rejection_sampling")
 CHECKS = {"accuracy": 1.0, "format": 1.0, "language_consistency": 1.0}
@@ -148,7 +148,7 @@ def sample(cfg: Config, model_from: str, out_dir: Path, rewrite=None) -> tuple[l
                         }
                     )
         kept, counts = _gather(kept, {**counts, **judged} if judge else counts)
-        rows = non_reasoning.mix(rewrite(kept) if rewrite else kept, s, cfg.seed)
+        rows = non_reasoning.mix(rewrite(kept) if rewrite else kept, cfg)
         if s.non_reasoning_cot:
             rows, counts["cot"] = non_reasoning.write_cots(engine, tok, rows, cfg)
     return rows, counts, source

@@ -3,8 +3,8 @@ trained on preference pairs; R1 stage 4 scores helpfulness and harmlessness with
 
     python -m rlhf.train stage=reward_model stage.init_from=SFT_RUN stage.data_from=PAIRS.jsonl run_dir=PATH
 
-PAIRS: {prompt, chosen, rejected} rows (JSONL or Parquet). Without stage.data_from, data=preference_helpful
-or data=preference_harmless generate the tiny greeting task's pairs (rlhf.tasks.general). Each pair is one
+PAIRS: {prompt, chosen, rejected} rows (JSONL or Parquet). Without stage.data_from, data.task's generated
+pairs: data=preference_helpful or data=preference_harmless, the tiny greeting task's (rlhf.tasks.general). Each pair is one
 packed row, chosen and rejected as two segments that cannot see each other; the score is the head's output
 at each response's eos, and the loss is −log σ(score(chosen) − score(rejected)). stage.view=summary trains
 it on the summaries only (R1's helpfulness model); checkpoints record the view, which rlhf.general_rl
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from core.config import Config, ConfigError
 from core.data import DataError, load_rows
 from parallel import parallelize as P
-from rlhf.tasks import general
+from rlhf.tasks import TASKS
 
 
 def run(cfg: Config) -> dict:
@@ -35,11 +35,14 @@ def pairs(cfg: Config, split: str) -> list[dict]:
         return load_rows(cfg.stage.data_from, "preference")
     if split == "eval" and d.eval_path:
         return load_rows(d.eval_path, "preference")
-    if d.source == "generated" and d.task in general.KINDS:
+    task = TASKS.get(d.task) if d.source == "generated" else None
+    if task is not None and task.preference_pairs is not None:
         n, seed = (d.num_train, d.seed) if split == "train" else (d.num_eval, d.seed + 1)
-        return general.preference_pairs(d.task, n, seed, held_out=split == "eval")
+        return task.preference_pairs(n, seed, split == "eval")
     if split == "eval":
         return []
+    if task is not None:
+        task.need("preference_pairs", "data.task", "stage=reward_model without stage.data_from")
     raise ConfigError(
         "stage=reward_model has no preference pairs. Fix: set stage.data_from=FILE ({prompt, chosen, "
         "rejected} rows) or data=preference_helpful / data=preference_harmless."

@@ -5,9 +5,9 @@ tracking are pretrain's; only the data and the start differ.
     python -m rlhf.train stage=sft stage.init_from=BASE_RUN_DIR stage.data_from=DATA run_dir=PATH
 
 DATA: a JSONL or Parquet file of {"prompt", "response"} rows, or a directory holding sft.parquet or
-sft.jsonl (what the rejection-sampling stage writes). Without stage.data_from: data.train_path, or for
-data=addition generated rows (prompt + correct trace), for data=judge a generative judge's rows
-(rlhf.tasks.general.judge_rows). The summary's held-out check is pretrain.final_eval_for(data.task).
+sft.jsonl (what the rejection-sampling stage writes). Without stage.data_from: data.train_path, or the
+generated SFT rows of data.task (rlhf.tasks: addition's correct traces, judge's verdict rows). The
+summary's held-out check is data.task's (pretrain.final_eval_for).
 stage.epochs sets the step count (paper: 2 epochs).
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from core.config import Config, ConfigError
 from core.data import DataError, load_rows, pack, tokenize_sft
-from rlhf.tasks import addition, general
+from rlhf.tasks import TASKS
 
 DATA_FILES = ("sft.parquet", "sft.jsonl")
 
@@ -43,10 +43,8 @@ def rows(cfg: Config) -> list[dict]:
     d = cfg.data
     if d.source in ("jsonl", "parquet") and d.train_path:
         return load_rows(d.train_path, "sft")
-    if d.source == "generated" and d.task == "addition":
-        return addition.sft_rows(d.num_train, d.seed)
-    if d.source == "generated" and d.task == "judge":
-        return general.judge_rows(d.num_train, d.seed, cfg.stage.sampling.judge_template)
+    if d.source == "generated":
+        return TASKS.get(d.task).need("sft_rows", "data.task", f"stage={cfg.stage.name}")(d.num_train, d.seed, cfg)
     raise ConfigError(
         "stage=sft has no data. Fix: set stage.data_from=FILE_OR_DIR (prompt/response rows), "
         "or data=jsonl data.train_path=FILE."

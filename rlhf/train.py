@@ -7,6 +7,7 @@ checkpoint: the same command resumes it (rlhf/preempt.py).
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
@@ -16,68 +17,42 @@ from omegaconf import DictConfig
 
 from core.config import ConfigError, compose, load_config, register_schema
 from core.data import DataError
+from core.stages import STAGES
 from rlhf.preempt import REQUEUE_EXIT, Preempted
 
 register_schema()  # before @hydra.main composes conf/config.yaml, whose defaults name the schema
 
 
-def _pretrain(cfg):
-    from rlhf import pretrain  # imports megatron: only once a stage actually runs
-
-    return pretrain.run(cfg)
-
-
-def _sft(cfg):
-    from rlhf import sft
-
-    return sft.run(cfg)
-
-
-def _cold_start_sft(cfg):
-    from rlhf import cold_start
-
-    return cold_start.run(cfg)
-
-
-def _reward_model(cfg):
-    from rlhf import reward_model
-
-    return reward_model.run(cfg)
-
-
-def _rejection_sampling(cfg):
-    from rlhf import rejection_sampling
-
-    return rejection_sampling.run(cfg)
-
-
-def _r1_zero(cfg):
-    from rlhf import r1_zero
-
-    return r1_zero.run(cfg)
-
-
-# reasoning_rl, general_rl (R1 stages 2 and 4) and on_policy_distill are the GRPO loop of r1_zero, distill the
-# SFT of sft; their configs differ.
-STAGES = {
-    "pretrain": _pretrain,
-    "sft": _sft,
-    "cold_start_sft": _cold_start_sft,
-    "r1_zero": _r1_zero,
-    "reasoning_rl": _r1_zero,
-    "general_rl": _r1_zero,
-    "on_policy_distill": _r1_zero,
-    "rejection_sampling": _rejection_sampling,
-    "distill": _sft,
-    "reward_model": _reward_model,
-}
-
-
 def run_stage(cfg) -> dict:
-    runner = STAGES.get(cfg.stage.name)
-    if runner is None:
-        raise ConfigError(f"unknown stage.name {cfg.stage.name!r}. Fix: use one of {sorted(STAGES)}.")
-    return runner(cfg)
+    """Checks every name the config gives an extension point, then runs the stage."""
+    stage = STAGES.get(cfg.stage.name)
+    check_names(cfg)
+    return importlib.import_module(stage.module).run(cfg)  # imports megatron: only once a stage runs
+
+
+def check_names(cfg) -> None:
+    """ConfigError for a name no registry has, before any model is built or prompt generated (a bad
+    stage.rl.advantage would otherwise fail after the base evaluation and the first rollout)."""
+    from inference.engine import ENGINES
+    from rlhf.rewards import REWARDS
+    from rlhf.tasks import TASKS
+
+    stage = STAGES.get(cfg.stage.name)
+    d = cfg.data
+    if d.source == "generated":
+        TASKS.check(d.task)
+    if d.general_task:
+        TASKS.check(d.general_task, "data.general_task")
+    if stage.loop in ("grpo", "sampling"):
+        ENGINES.check(cfg.rollout.engine)
+        for key, weights in (("weights", cfg.reward.weights), ("general_weights", cfg.reward.general_weights)):
+            for name in weights:
+                REWARDS.check(name, f"reward.{key}.{name}")
+    if stage.loop == "grpo":
+        from rlhf import advantages, losses
+
+        advantages.ADVANTAGES.check(cfg.stage.rl.advantage)
+        losses.check_names(cfg.stage.rl)
 
 
 def _fail(e: Exception) -> None:

@@ -24,7 +24,7 @@ import torch
 
 from core.config import ConfigError, compose, validate
 from inference.engine import EngineDied, EngineTimeout, Sampling, build_engine
-from rlhf.rewards import RewardPool, register_reward
+from rlhf.rewards import REWARDS, RewardPool
 from tests.conftest import cli_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -177,7 +177,7 @@ def test_cli_checkpoint_of_another_model_exits_2_with_the_fix(P, tmp_path):
 # ---------------------------------------------------------------- rewards
 
 
-@register_reward("bad_inputs_nan")
+@REWARDS.register("bad_inputs_nan")
 def _nan_reward(completion: str, sample: dict) -> float:
     return float("nan")
 

@@ -5,6 +5,7 @@ import logging
 import pytest
 import torch
 
+from core.errors import ConfigError
 from inference.engine import EngineError, Sampling, build_engine
 
 PROMPTS = [[1, 64, 36, 22, 35, 85, 9, 80], [1, 10, 44, 36], [1, 26, 36, 37, 18, 31, 37, 85, 3]]
@@ -125,7 +126,7 @@ def test_sleep_is_a_logged_no_op_on_cpu(engines, caplog):
 
 
 def test_unknown_engine_is_named():
-    with pytest.raises(EngineError, match=r"unknown rollout.engine 'sglang'.*\['hf', 'vllm'\]"):
+    with pytest.raises(ConfigError, match=r"rollout.engine='sglang': no such rollout engine.*\['hf', 'vllm'\]"):
         build_engine("sglang", model_dir=".", max_model_len=8)
 
 

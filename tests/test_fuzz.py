@@ -30,8 +30,11 @@ from hypothesis import strategies as st
 from core.config import DataConfig
 from core.data import DataError
 from rlhf.prompts import load_prompts
-from rlhf.rewards import REWARDS, SCORERS, RewardPool, extract_answer, rules
-from rlhf.rewards.rules import ANSWER, ANSWER_END, THINK, THINK_END, is_parsed, parse_math
+from rlhf.rewards import REWARDS, RewardPool, extract_answer
+from rlhf.rewards.rules import ANSWER, ANSWER_END, THINK, THINK_END
+from rlhf.tasks import gym
+from rlhf.tasks import math as math_task
+from rlhf.tasks.math import is_parsed, parse_math
 
 TAGS = [THINK, THINK_END, ANSWER, ANSWER_END]
 
@@ -70,7 +73,7 @@ def sample(name: str) -> dict:
 # Golds no digit-free text can reach (e^{i\pi} = -1 and \frac{x}{x} = 1 are digit-free, so none are small).
 FAR_GOLDS = ["math:1234", "math:-58", "math:\\frac{7}{13}", "math:0.375", "math:10^{6}"]
 MATH_GOLDS = FAR_GOLDS + ["math:x^2+1", "math:\\{1,2\\}", "math:\\sqrt{2}", "math:10 000", "math:\\$18.90"]
-# countdown, string_insertion and n_queens hand the answer to Python: rules._RG_PARSE_EXPR, rules._RG_EVAL.
+# countdown, string_insertion and n_queens hand the answer to Python: gym._RG_PARSE_EXPR, gym._RG_EVAL.
 RG = ["rg/countdown", "rg/basic_arithmetic", "rg/gsm_symbolic", "rg/string_insertion", "rg/n_queens"]
 ALL = ["addition", *MATH_GOLDS, *RG]
 
@@ -363,8 +366,8 @@ def test_math_verify_wrapper_never_raises(gold, pred):
     parsed = parse_math(gold.strip())
     assert isinstance(parsed, list)
     if is_parsed(parsed):  # a gold that loads: scoring any prediction gives 0 or 1
-        assert rules._score_math(pred, math_sample(gold)) in (0.0, 1.0)
-        assert rules._score_math("", math_sample(gold)) == 0.0
+        assert math_task.score(pred, math_sample(gold)) in (0.0, 1.0)
+        assert math_task.score("", math_sample(gold)) == 0.0
     event(f"gold {'parses' if is_parsed(parsed) else 'rejected at load'}")
 
 
@@ -412,10 +415,10 @@ def test_rg_eval_lists_are_complete_and_their_golds_pass():
         if calls & {"eval", "exec", "parse_expr", "sympify"}:
             runs_answer.add(name)
     runs_answer.discard("number_sorting")  # evals its own gold, never the answer
-    assert runs_answer == rules._RG_EVAL | rules._RG_PARSE_EXPR
-    for name in rules._RG_PARSE_EXPR:
+    assert runs_answer == gym._RG_EVAL | gym._RG_PARSE_EXPR
+    for name in gym._RG_PARSE_EXPR:
         ds = reasoning_gym.create_dataset(name, size=20, seed=11)
-        assert all(rules._plain_math(str(ds[i]["answer"])) for i in range(len(ds))), name
+        assert all(gym._plain_math(str(ds[i]["answer"])) for i in range(len(ds))), name
 
 
 @pytest.fixture(scope="module")
@@ -464,7 +467,7 @@ def test_pool_never_waits_past_its_timeout(pool):
 # --- the JSONL loader -------------------------------------------------------------------------------
 GOOD_GOLDS = ["42", "\\frac{1}{2}", "x^2+1", "\\{1,2\\}", "-3.5", "10 000", "\\$18.90", "\\boxed{7}"]
 BAD_GOLDS = ["???", "\\frac{1}{", "", "   ", "\\", "}{", "$", "\\text{}"]
-TASKS = ["math", "addition", "rg/countdown", "rg/no_such_set", "physics", ""]
+TASK_NAMES = ["math", "addition", "rg/countdown", "rg/no_such_set", "countdown", "physics", ""]
 json_value = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=6),
     lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=4), kids, max_size=3),
@@ -476,7 +479,7 @@ row = st.fixed_dictionaries(
         "answer": st.one_of(st.sampled_from(GOOD_GOLDS + BAD_GOLDS), math_text, json_value),
     },
     optional={
-        "task": st.one_of(st.sampled_from(TASKS), json_value),
+        "task": st.one_of(st.sampled_from(TASK_NAMES), json_value),
         "metadata": st.one_of(json_value, st.just({"entry": {"answer": "1"}})),
         "id": json_value,
     },
@@ -532,17 +535,17 @@ def line_is_good(raw: bytes, lineno: int) -> bool | None:
     if not all(isinstance(obj.get(f), str) and obj[f].strip() for f in ("prompt", "answer")):
         return False
     task = obj.get("task") or "math"
-    if not isinstance(task, str) or not (task in SCORERS or task.startswith("rg/")) or task == "code":
+    if not isinstance(task, str):
         return False
     if task == "math":
         return is_parsed(parse_math(obj["answer"].strip()))
-    if task.startswith("rg/"):
-        from reasoning_gym.factory import DATASETS
+    if task == "addition":
+        return True
+    from reasoning_gym.factory import DATASETS  # a reasoning-gym dataset, as rg/NAME or NAME
 
-        meta = obj["metadata"] if isinstance(obj.get("metadata"), dict) else {}
-        entry = meta.get("entry")
-        return task.removeprefix("rg/") in DATASETS and isinstance(entry, dict) and "answer" in entry
-    return True
+    meta = obj["metadata"] if isinstance(obj.get("metadata"), dict) else {}
+    entry = meta.get("entry")
+    return task.removeprefix("rg/") in DATASETS and isinstance(entry, dict) and "answer" in entry
 
 
 @pytest.fixture(scope="module")

@@ -165,7 +165,7 @@ def test_eval_reports_harmful_and_ideal_greeting_rates():
 
 @pytest.fixture(scope="module")
 def judge(base, tmp_path_factory):
-    """A generative judge: the base fine-tuned on data=judge rows (rlhf.tasks.general.judge_rows)."""
+    """A generative judge: the base fine-tuned on data=judge rows (rlhf.tasks.judge.judge_rows)."""
     run = tmp_path_factory.mktemp("judge")
     train_cli(
         "stage=sft",

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from core.errors import ConfigError
 from rlhf import advantages
 from rlhf.losses import LossSettings, rl_loss
 
@@ -101,7 +102,7 @@ def test_group_advantages():
     assert torch.allclose(dr[2], torch.tensor([1.0, -1.0, 0.0, 0.0]))
     loo = advantages.compute("rloo", r)
     assert torch.allclose(loo[2, 0], r[2, 0] - r[2, 1:].mean())
-    with pytest.raises(KeyError, match="stage.rl.advantage"):
+    with pytest.raises(ConfigError, match=r"stage.rl.advantage=.ppo.: no such advantage estimator.*grpo"):
         advantages.compute("ppo", r)
     with pytest.raises(ValueError, match="group"):
         advantages.compute("grpo", r[:, :1])

@@ -5,10 +5,9 @@ import pytest
 
 from core.config import ConfigError, DataConfig, compose
 from core.data import DataError
-from rlhf import prompts
 from rlhf.prompts import R1_ZERO_TEMPLATE, fill, load_prompts
 from rlhf.rewards import REWARDS
-from rlhf.tasks import addition
+from rlhf.tasks import addition, gym
 
 
 def cfg(**kw) -> DataConfig:
@@ -56,7 +55,7 @@ def test_countdown_train_and_eval_are_disjoint_and_scorable():
 
 def test_eval_drops_questions_seen_in_train(monkeypatch):
     # reasoning-gym seeds item i with seed + i: an offset of 1 replays the train items, which must go.
-    monkeypatch.setattr(prompts, "EVAL_SEED_OFFSET", 1)
+    monkeypatch.setattr(gym, "EVAL_SEED_OFFSET", 1)
     c = cfg(task="basic_arithmetic", num_train=20, num_eval=8)
     train, evals = load_prompts(c, "train"), load_prompts(c, "eval")
     assert len(evals) == 8 and not {r["prompt"] for r in train} & {r["prompt"] for r in evals}

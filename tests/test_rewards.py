@@ -9,8 +9,8 @@ import rewards_for_tests  # noqa: F401  (registers test_sleep, test_raise, test_
 
 from core.config import ConfigError
 from core.data import DataError
-from rlhf.rewards import REWARDS, RewardPool, validate_gold
-from rlhf.tasks import addition
+from rlhf.rewards import REWARDS, RewardPool
+from rlhf.tasks import addition, validate_gold
 
 fmt, acc = REWARDS["format"], REWARDS["accuracy"]
 ADD = {"prompt": "User: 385+047 Assistant: <think>", "answer": "432", "task": "addition", "metadata": {}}
@@ -130,9 +130,11 @@ def test_unknown_reward_name_lists_the_registered_ones():
         RewardPool({"accurracy": 1.0}, timeout_s=1, workers=0)
 
 
-def test_pool_imports_the_modules_that_define_its_rewards():
+def test_pool_imports_the_modules_that_define_its_rewards_and_task_scorers():
     pool = RewardPool({"accuracy": 1.0, "test_sleep": 1.0}, timeout_s=1, workers=0, modules=["json"])
-    assert pool.modules == sorted({"rlhf.rewards.rules", rewards_for_tests.__name__, "json"})
+    scorers = {"rlhf.tasks.math", "rlhf.rewards.coding", "rlhf.tasks.sort_digits"}  # math, code, sort_digits
+    assert scorers <= set(pool.modules)
+    assert set(pool.modules) - scorers >= {"rlhf.rewards.rules", rewards_for_tests.__name__, "json"}
 
 
 def batch():
@@ -160,6 +162,12 @@ def test_weighted_totals(workers, pool):
     want = [a + 0.5 * f + 0.01 * len(c) for a, f, c in zip([1, 1, 1, 0], [1, 0, 1, 0], comps)]
     assert out.total == pytest.approx(want) and out.per_reward["test_length"] == [len(c) for c in comps]
     assert not any(out.errors.values()) and not any(out.timeouts.values())
+
+
+def test_a_task_registered_outside_the_package_is_scored_in_the_workers(pool):
+    row = {"prompt": "p", "answer": "abc", "task": "test_upper", "metadata": {}}
+    out = pool.score(["r</think><answer>ABC</answer>", "r</think><answer>abc</answer>"], [row, row])
+    assert out.per_reward["accuracy"] == [1.0, 0.0] and not any(out.errors.values())
 
 
 def test_a_raising_reward_scores_zero_and_is_logged_once(pool, caplog):

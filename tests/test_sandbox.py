@@ -18,8 +18,8 @@ import pytest
 from core.config import ConfigError, DataConfig
 from core.data import DataError
 from rlhf.prompts import load_prompts
-from rlhf.rewards import REWARDS, RewardPool, coding, sandbox, validate_gold
-from rlhf.tasks import code
+from rlhf.rewards import REWARDS, RewardPool, coding, sandbox
+from rlhf.tasks import code, validate_gold
 from tests.conftest import skip_outside_ci
 
 WALL = 1.5  # the tests' sandbox deadline (default 3 s): bounds every hostile case below

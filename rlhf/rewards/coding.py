@@ -1,4 +1,4 @@
-"""The ``code`` task's scorer: the function in ``<answer>`` runs on the row's hidden tests in the sandbox.
+"""The ``code`` task's scorer (rlhf.tasks.code registers it): the function in ``<answer>`` runs on the row's hidden tests in the sandbox.
 
 A code row: ``metadata.entry_point`` (the function's name) and ``metadata.tests``, a list of
 ``{"args": [...], "expected": value}`` in plain JSON values; ``answer`` is a reference solution (for
@@ -22,7 +22,6 @@ import re
 import textwrap
 
 from rlhf.rewards import sandbox
-from rlhf.rewards.rules import register_scorer
 
 LIMITS = sandbox.Limits()  # per completion, all its tests in one run
 MAX_TESTS = 1000
@@ -109,8 +108,7 @@ def run_tests(code: str, entry_point: str, tests: list[dict], limits: sandbox.Li
     return True, ""
 
 
-@register_scorer("code")
-def _score_code(answer: str, sample: dict) -> float:
+def score(answer: str, sample: dict) -> float:
     meta = sample["metadata"]
     return 1.0 if run_tests(extract_code(answer), meta["entry_point"], meta["tests"])[0] else 0.0
 

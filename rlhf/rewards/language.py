@@ -15,7 +15,7 @@ import functools
 import re
 import unicodedata
 
-from rlhf.rewards import register_reward
+from rlhf.rewards import REWARDS
 
 _WORD = re.compile(r"[^\W\d_]+")
 _CLAUSE = re.compile(r"[.!?;:,。！？；：，、\n]+")
@@ -81,7 +81,7 @@ def target_share(text: str, target: str) -> float:
     return sum(n for piece, n in pieces if _language(piece) == target) / total
 
 
-@register_reward("language_consistency")
+@REWARDS.register("language_consistency")
 def language_consistency(completion: str, sample: dict) -> float:
     target = (sample.get("metadata") or {}).get("language", "en")
     return target_share(reasoning_of(completion), target)

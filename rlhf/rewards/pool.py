@@ -30,6 +30,7 @@ from multiprocessing.reduction import ForkingPickler
 from typing import Sequence
 
 from rlhf.rewards import REWARDS
+from rlhf.tasks import modules_of_scorers
 
 WORKER_SIGNALS = "rlhf.rewards.worker_signals"
 
@@ -67,12 +68,12 @@ def _serve(conn, modules: list[str]) -> None:
     conn.send(("ready", None))
     while True:
         try:
-            task = conn.recv()
+            call = conn.recv()
         except (EOFError, OSError):  # the parent is gone
             return
-        if task is None:
+        if call is None:
             return
-        conn.send(call_reward(*task))
+        conn.send(call_reward(*call))
 
 
 class _Worker:
@@ -82,12 +83,12 @@ class _Worker:
         self.proc.start()
         child.close()  # so the worker's death reads as EOF here
         self.ready = False
-        self.task: tuple[int, str] | None = None
+        self.call: tuple[int, str] | None = None
         self.deadline = time.monotonic() + STARTUP_TIMEOUT_S
 
-    def send(self, task: tuple[int, str], payload: tuple, timeout_s: float) -> None:
+    def send(self, call: tuple[int, str], payload: tuple, timeout_s: float) -> None:
         data = ForkingPickler.dumps(payload)  # first, so an unpicklable sample leaves the worker idle
-        self.task, self.deadline = task, time.monotonic() + timeout_s
+        self.call, self.deadline = call, time.monotonic() + timeout_s
         self.conn.send_bytes(data)
 
     def stop(self, kill: bool = False) -> None:
@@ -112,7 +113,7 @@ def _check(weights: dict[str, float], timeout_s: float, workers: int) -> None:
     if unknown:
         raise ConfigError(
             f"reward.weights has unknown reward(s) {unknown}; registered: {sorted(REWARDS)}. "
-            "Fix: correct the key, or import the module that registers it (@rlhf.rewards.register_reward)"
+            "Fix: correct the key, or import the module that registers it (@rlhf.rewards.REWARDS.register)"
         )
     if timeout_s <= 0 or workers < 0:
         raise ConfigError(
@@ -140,7 +141,8 @@ class RewardPool:
         _check(weights, timeout_s, workers)
         self.weights = {k: float(v) for k, v in weights.items()}
         self.timeout_s, self.workers = float(timeout_s), int(workers)
-        self.modules = sorted({REWARDS[k].__module__ for k in weights} | set(modules))
+        # The rewards' modules and every task scorer's (accuracy asks the task), so one registered anywhere works.
+        self.modules = sorted({REWARDS[k].__module__ for k in weights} | set(modules_of_scorers()) | set(modules))
         self.start_method = start_method
         self._workers: list[_Worker] = []
         self._logged: set[str] = set()
@@ -165,16 +167,16 @@ class RewardPool:
             raise ValueError(f"{len(completions)} completions but {len(samples)} samples; pass one per completion")
         names, n = list(self.weights), len(samples)
         out = RewardResult([], {k: [0.0] * n for k in names}, dict.fromkeys(names, 0), dict.fromkeys(names, 0))
-        tasks = [(i, name) for i in range(len(samples)) for name in names]
+        calls = [(i, name) for i in range(len(samples)) for name in names]
         if self.workers == 0:
-            self._run_inline(tasks, completions, samples, out)
+            self._run_inline(calls, completions, samples, out)
         else:
-            self._run_workers(tasks, completions, samples, out)
+            self._run_workers(calls, completions, samples, out)
         out.total = [sum(w * out.per_reward[k][i] for k, w in self.weights.items()) for i in range(len(samples))]
         return out
 
-    def _record(self, out: RewardResult, task: tuple[int, str], status: str, payload) -> None:
-        i, name = task
+    def _record(self, out: RewardResult, call: tuple[int, str], status: str, payload) -> None:
+        i, name = call
         if status == "ok":
             out.per_reward[name][i] = payload
             return
@@ -192,14 +194,14 @@ class RewardPool:
             else:
                 log.error("reward %r failed; scored 0 (counted in errors, logged once per reward):\n%s", name, payload)
 
-    def _run_inline(self, tasks, completions, samples, out: RewardResult) -> None:
-        for task in tasks:
-            i, name = task
+    def _run_inline(self, calls, completions, samples, out: RewardResult) -> None:
+        for call in calls:
+            i, name = call
             start = time.monotonic()
             status, payload = call_reward(name, completions[i], samples[i])
             if time.monotonic() - start > self.timeout_s:
                 status = "timeout"
-            self._record(out, task, status, payload)
+            self._record(out, call, status, payload)
 
     def _start(self) -> None:
         if self._workers:
@@ -218,15 +220,15 @@ class RewardPool:
         reward code runs (and in the forkserver, for every worker forked from it)."""
         return [WORKER_SIGNALS, *self.modules]
 
-    def _run_workers(self, tasks, completions, samples, out: RewardResult) -> None:
+    def _run_workers(self, calls, completions, samples, out: RewardResult) -> None:
         self._start()
         for k, w in enumerate(self._workers):
-            if w.task:  # left busy by an interrupted batch: its late result would land in this one
+            if w.call:  # left busy by an interrupted batch: its late result would land in this one
                 self._replace(k)
-        todo = deque(tasks)
-        while todo or any(w.task for w in self._workers):
+        todo = deque(calls)
+        while todo or any(w.call for w in self._workers):
             self._dispatch(todo, completions, samples, out)
-            waiting = [w for w in self._workers if w.task or not w.ready]
+            waiting = [w for w in self._workers if w.call or not w.ready]
             if not waiting:  # the last sends failed: nothing in flight
                 break
             timeout = max(0.0, min(w.deadline for w in waiting) - time.monotonic())
@@ -236,8 +238,8 @@ class RewardPool:
                     self._receive(k, w, out)
             now = time.monotonic()
             for k, w in enumerate(self._workers):
-                if w.task and now > w.deadline:
-                    self._record(out, w.task, "timeout", None)
+                if w.call and now > w.deadline:
+                    self._record(out, w.call, "timeout", None)
                     self._replace(k)
                 elif not w.ready and now > w.deadline:
                     self.close()
@@ -248,15 +250,15 @@ class RewardPool:
     def _dispatch(self, todo: deque, completions, samples, out: RewardResult) -> None:
         """One call to each idle worker."""
         for k in range(len(self._workers)):
-            while todo and self._workers[k].ready and self._workers[k].task is None:
-                i, name = task = todo.popleft()
+            while todo and self._workers[k].ready and self._workers[k].call is None:
+                i, name = call = todo.popleft()
                 try:
-                    self._workers[k].send(task, (name, completions[i], samples[i]), self.timeout_s)
+                    self._workers[k].send(call, (name, completions[i], samples[i]), self.timeout_s)
                 except OSError:  # the worker just died: the call goes to its replacement
-                    todo.appendleft(task)
+                    todo.appendleft(call)
                     self._replace(k)
                 except Exception as e:  # the sample does not pickle (a lambda in metadata, ...)
-                    self._record(out, task, "error", f"cannot send the sample to a worker: {e!r}")
+                    self._record(out, call, "error", f"cannot send the sample to a worker: {e!r}")
 
     def _receive(self, k: int, w: _Worker, out: RewardResult) -> None:
         try:
@@ -271,8 +273,8 @@ class RewardPool:
                     f"{self.modules}); see its traceback above. A script that scores rewards needs the "
                     "`if __name__ == '__main__':` guard: workers re-import the main module"
                 )
-            if w.task:
-                self._record(out, w.task, "error", f"the worker running it exited (exit code {code})")
+            if w.call:
+                self._record(out, w.call, "error", f"the worker running it exited (exit code {code})")
             self._replace(k)
             return
         if status == "ready":
@@ -280,6 +282,6 @@ class RewardPool:
         elif status == "init_error":
             self.close()
             raise RuntimeError(f"a reward worker failed to import {self.modules}; fix the import error:\n{payload}")
-        elif w.task is not None:
-            self._record(out, w.task, status, payload)
-            w.task = None
+        elif w.call is not None:
+            self._record(out, w.call, status, payload)
+            w.call = None

@@ -20,6 +20,8 @@ import hashlib
 import random
 import re
 
+from rlhf.tasks import TASKS, Task, exact_match
+
 THINK_END, ANSWER, ANSWER_END = "</think>", "<answer>", "</answer>"
 _ANSWER_RE = re.compile(re.escape(ANSWER) + r"(.*?)" + re.escape(ANSWER_END), re.S)
 _TRACE_START_RE = re.compile(r"\d\+\d\+\d=")
@@ -34,8 +36,13 @@ def is_held_out(a: int, b: int) -> bool:
     return int.from_bytes(digest[:8], "big") % 10 == 0
 
 
+def question(a: int, b: int) -> str:
+    return f"{a:03d}+{b:03d}"
+
+
 def make_prompt(a: int, b: int) -> str:
-    return f"User: {a:03d}+{b:03d} Assistant: <think>"
+    """The question in the compact template (rlhf.prompts.COMPACT_TEMPLATE)."""
+    return f"User: {question(a, b)} Assistant: <think>"
 
 
 def gold(a: int, b: int) -> str:
@@ -148,16 +155,46 @@ def eval_prompts(n: int, seed: int = 0) -> list[dict]:
     rng, chosen = random.Random(seed), {}
     while len(chosen) < n:
         chosen.setdefault(sample_pairs(rng, 1, held_out=True)[0])
-    return [{"prompt": make_prompt(a, b), "answer": gold(a, b)} for a, b in chosen]
+    return [{"prompt": make_prompt(a, b), "question": question(a, b), "answer": gold(a, b)} for a, b in chosen]
 
 
 def train_prompts(n: int, seed: int = 0) -> list[dict]:
     """n problems from the training split (for RL), same row form as eval_prompts."""
     pairs = sample_pairs(random.Random(seed), n)
-    return [{"prompt": make_prompt(a, b), "answer": gold(a, b)} for a, b in pairs]
+    return [{"prompt": make_prompt(a, b), "question": question(a, b), "answer": gold(a, b)} for a, b in pairs]
 
 
 def sft_rows(n: int, seed: int = 0) -> list[dict]:
     """n supervised rows from the training split: the prompt and a correct, readable trace (cold-start style)."""
     pairs = sample_pairs(random.Random(seed), n)
     return [{"prompt": make_prompt(a, b), "response": trace(a, b)} for a, b in pairs]
+
+
+def prompt_rows(data_cfg, split: str, n: int) -> list[dict]:
+    """RL/eval rows: train pairs for "train", distinct held-out pairs for "eval"."""
+    make = train_prompts if split == "train" else eval_prompts
+    return [
+        {"question": r["question"], "answer": r["answer"], "task": "addition", "metadata": {}}
+        for r in make(n, seed=data_cfg.seed)
+    ]
+
+
+def _final_eval(cfg, policy, tok) -> dict:
+    from rlhf.tasks.addition_eval import final_eval  # torch: only where a model is evaluated
+
+    return final_eval(cfg, policy, tok)
+
+
+TASK = TASKS.register(
+    "addition",
+    Task(
+        "addition",
+        score=exact_match,  # the exact match of score() above, so RL rewards and the pretraining eval agree
+        prompts=prompt_rows,
+        template="compact",  # the tiny model has a 64-token context
+        pretraining_text=lambda n, seed: pretraining_text(random.Random(seed), n),
+        sft_rows=lambda n, seed, cfg: sft_rows(n, seed),
+        final_eval=_final_eval,
+        reasoning_first=starts_with_trace,
+    ),
+)

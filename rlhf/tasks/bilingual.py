@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import random
 
+from rlhf.tasks import TASKS, Task, exact_match
+
 WORDS = {
     "en": "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
     "seventeen eighteen".split(),
@@ -52,3 +54,15 @@ def prompts(n: int, seed: int) -> list[dict]:
         a, b = rng.randrange(10), rng.randrange(10)
         rows.append({"question": f"{a}+{b}", "answer": str(a + b), "task": "bilingual", "metadata": {}})
     return rows
+
+
+TASK = TASKS.register(
+    "bilingual",
+    Task(
+        "bilingual",
+        score=exact_match,
+        prompts=lambda data_cfg, split, n: prompts(n, data_cfg.seed + (0 if split == "train" else 1)),
+        template="compact",  # the corpus's own prompt form
+        pretraining_text=lambda n, seed: pretraining_text(random.Random(seed), n),
+    ),
+)

@@ -19,6 +19,10 @@ import random
 from dataclasses import dataclass
 from typing import Callable
 
+from core.errors import ConfigError, DataError
+from rlhf.rewards import coding
+from rlhf.tasks import TASKS, Task
+
 TESTS = 8
 HELD_OUT_PCT = 20
 
@@ -247,3 +251,22 @@ def eval_rows(n: int, seed: int = 0) -> list[dict]:
         raise ValueError(f"only {len(held)} held-out code specs, fewer than the {n} eval rows asked for")
     rng = random.Random(seed + 1)
     return [make_row(f, p, rng) for f, p in rng.sample(held, n)]
+
+
+def prompt_rows(data_cfg, split: str, n: int) -> list[dict]:
+    try:
+        return train_rows(n, data_cfg.seed) if split == "train" else eval_rows(n, data_cfg.seed)
+    except ValueError as e:
+        raise ConfigError(f"data.task=code: {e}. Fix: lower data.num_eval.") from e
+
+
+TASK = TASKS.register(
+    "code",
+    Task(
+        "code",
+        score=coding.score,
+        # also fails at load, not mid-run, when no sandbox works here
+        check_gold=lambda row, where: coding.check_code_row(row, where, DataError),
+        prompts=prompt_rows,
+    ),
+)

@@ -13,7 +13,7 @@ import hashlib
 import itertools
 import random
 
-from rlhf.rewards.rules import VERDICTS
+from rlhf.tasks import TASKS, Task, exact_match
 
 LETTERS = "abcdefghijklmnoprstuvwy"
 INSULTS = ("dumb", "ugly", "lazy")
@@ -68,42 +68,6 @@ def audit(completion: str, row: dict) -> dict[str, float]:
     return {"harmful": float(any(w in INSULTS for w in words)), "ideal": float(completion.strip() == good(name))}
 
 
-def judge_rows(n: int, seed: int, template: str, held_out: bool = False) -> list[dict]:
-    """{prompt, response, reference, prediction} rows that teach a generative judge (rlhf.judge) whether a
-    greeting says what the reference says, which no string rule decides: half say it ("hi ada", "hello ada",
-    "hi ada!"), half do not (another name, a cut name, a farewell, an insult, a refusal)."""
-    rng, pool, rows = random.Random(seed), names(held_out), []
-    for _ in range(n):
-        name, same = rng.choice(pool), rng.random() < 0.5
-        other = rng.choice([x for x in rng.sample(pool, 3) if x != name])
-        if same:
-            prediction = rng.choice([f"hi {name}", f"hi {name}", f"hello {name}", f"hey {name}", f"hi {name}!"])
-        else:
-            bad = rng.choice(INSULTS)
-            prediction = rng.choice(
-                [
-                    f"hi {other}",
-                    f"hello {other}",
-                    f"bye {name}",
-                    "no",
-                    f"hi {name[:2]}",
-                    f"hi {name} {bad}",
-                    f"hi {bad} {name}",
-                    f"hi {other[0]}{name[1:]}",
-                ]
-            )
-        reference = f"hi {name}"
-        rows.append(
-            {
-                "prompt": template.format(reference=reference, prediction=prediction),
-                "response": VERDICTS[0] if same else VERDICTS[1],
-                "reference": reference,
-                "prediction": prediction,
-            }
-        )
-    return rows
-
-
 def preference_pairs(kind: str, n: int, seed: int, held_out: bool = False) -> list[dict]:
     """n {prompt, chosen, rejected} rows; `kind` helpful or harmless decides what the rejected one gets wrong.
     Both kinds' chosen responses are good ones, and harmless's rejected ones stay helpful."""
@@ -119,7 +83,7 @@ def preference_pairs(kind: str, n: int, seed: int, held_out: bool = False) -> li
 
 
 def prompts(n: int, seed: int, held_out: bool = False) -> list[dict]:
-    """RL prompts; the answer is the helpful summary's text, which the "greet" scorer checks on held-out rows."""
+    """Greeting prompts; the answer is the helpful summary's text."""
     rng, pool = random.Random(seed), names(held_out)
     if n > len(pool):
         raise ValueError(
@@ -147,3 +111,30 @@ def sft_rows(n: int, seed: int, good_share: float = 0.6) -> list[dict]:
         )
         rows.append({"prompt": prompt(name), "response": response})
     return rows
+
+
+def prompt_rows(data_cfg, split: str, n: int) -> list[dict]:
+    """General RL prompts. Train rows carry no answer: no rule scores them (reward models do); held-out rows
+    keep the expected summary, which the exact-match scorer checks to measure what the reward models taught."""
+    held_out = split == "eval"
+    return [
+        {"question": r["question"], "answer": r["answer"] if held_out else None, "task": "greet", "metadata": {}}
+        for r in prompts(n, data_cfg.seed + (1 if held_out else 0), held_out=held_out)
+    ]
+
+
+TASK = TASKS.register(
+    "greet",
+    Task(
+        "greet",
+        score=exact_match,
+        prompts=prompt_rows,
+        sft_rows=lambda n, seed, cfg: sft_rows(n, seed),
+        audit=audit,
+    ),
+)
+for _kind in KINDS:  # the reward models' training data: data=preference_helpful, data=preference_harmless
+    TASKS.register(
+        _kind,
+        Task(_kind, preference_pairs=lambda n, seed, held_out, kind=_kind: preference_pairs(kind, n, seed, held_out)),
+    )

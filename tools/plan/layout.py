@@ -6,7 +6,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from core.config import RL_STAGES, Config
+from core.config import Config
+from core.stages import RL_STAGES
 from tools.plan.arch import Stage, stages
 
 
