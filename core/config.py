@@ -129,13 +129,16 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 
+TEACHER_ADVANTAGE = "teacher"  # the advantage estimator that reads stage.rl.teacher (rlhf.advantages)
+
+
 @dataclass
 class RLConfig:
     """GRPO as DeepSeekMath/R1 define it by default; each common variant is one switch."""
 
     prompts_per_step: int = 16  # × rollout.n samples per step
     minibatches: int = 2  # optimizer updates per rollout batch
-    advantage: str = "grpo"  # grpo (group z-score) | dr_grpo (no std) | rloo
+    advantage: str = "grpo"  # grpo (group z-score) | dr_grpo (no std) | rloo | teacher (rlhf.advantages)
     loss: str = "grpo"  # clipped-ratio policy loss (rlhf.losses.POLICY_LOSSES)
     loss_agg: str = "seq_mean_token_mean"  # | token_mean (DAPO) | seq_mean_token_sum_norm (Dr.GRPO)
     clip_eps_low: float = 0.2
@@ -149,8 +152,8 @@ class RLConfig:
     overlong_buffer: int = 0  # DAPO soft overlong penalty over the last N tokens of max_new_tokens; 0 = off
     overlong_penalty: float = 1.0
     eval_every: int = 0  # held-out pass@1 every N steps; 0 = only at the end
-    # On-policy distillation (stage=on_policy_distill): the teacher's run dir. Each sampled token's advantage is
-    # then teacher log p − own log p (minimising the reverse KL), in place of the group-normalised rewards.
+    # On-policy distillation (stage=on_policy_distill, advantage=teacher): the teacher's run dir. Each sampled
+    # token's advantage is then teacher log p − own log p (minimising the reverse KL).
     teacher: Optional[str] = None
     max_bad_steps: int = 5  # non-finite losses in a row before the run stops
 
@@ -525,11 +528,11 @@ def _validate_rl(cfg: Config, dp: int) -> None:
         raise ConfigError("stage.rl.clip_eps_low must be in [0, 1) and clip_eps_high >= 0.")
     if r.overlong_prompt not in ("error", "truncate"):
         raise ConfigError(f"rollout.overlong_prompt={r.overlong_prompt!r}: expected error or truncate.")
-    if (cfg.stage.name == "on_policy_distill") != bool(rl.teacher):
+    if (rl.advantage == TEACHER_ADVANTAGE) != bool(rl.teacher):
         raise ConfigError(
-            f"stage.rl.teacher={rl.teacher} with stage={cfg.stage.name}: a teacher is what "
-            "stage=on_policy_distill learns from, and only it. Fix: set stage.rl.teacher=TEACHER_RUN "
-            "there, and unset it elsewhere."
+            f"stage.rl.teacher={rl.teacher} with stage.rl.advantage={rl.advantage} (stage={cfg.stage.name}): "
+            f"a teacher is what stage.rl.advantage={TEACHER_ADVANTAGE} (stage=on_policy_distill) learns from, "
+            "and only it. Fix: set stage.rl.teacher=TEACHER_RUN there, and unset it elsewhere."
         )
     d = cfg.data
     if bool(d.general_task) != (d.general_share > 0) or not 0 <= d.general_share < 1:

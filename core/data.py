@@ -270,6 +270,23 @@ def causal_mask_from_segments(segment_ids: torch.Tensor) -> torch.Tensor:
     return ~(same & causal)[:, None]
 
 
+def micro_batches(data: dict[str, torch.Tensor], rows: list[int], micro: int) -> list[dict]:
+    """The model inputs of `rows` of a batch, in micro-batches of `micro`, with megatron's attention mask:
+    block-causal per segment for packed rows (they carry segment_ids), plain causal otherwise. Keys beyond
+    the model's (a reward model's "ends", GRPO's per-token fields) come along."""
+    out = []
+    for i in range(0, len(rows), micro):
+        idx = torch.tensor(rows[i : i + micro])
+        mb = {k: v[idx] for k, v in data.items() if k != "segment_ids"}
+        mb["labels"] = mb["labels"].clamp(min=0)  # ignored positions (IGNORE_INDEX) have loss_mask 0
+        if "segment_ids" in data:
+            mb["attention_mask"] = causal_mask_from_segments(data["segment_ids"][idx])
+        else:
+            mb["attention_mask"] = causal_mask(mb["tokens"].shape[1])
+        out.append(mb)
+    return out
+
+
 def shuffled_rows(position: int, count: int, seed: int, num_rows: int) -> list[int]:
     """Row indices at stream positions [position, position+count): epochs of seeded permutations, so
     the order depends only on (seed, position) and a resumed run reads the same rows."""

@@ -114,8 +114,8 @@ class Engine(abc.ABC):
     def sleep(self) -> None:
         """Frees the KV cache (and offloads weights) while the trainer runs."""
 
-    def wake_up(self) -> None:
-        pass
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Takes back what sleep freed: `tags` "weights" and/or "kv_cache" (vLLM's), all when None."""
 
     def shutdown(self) -> None:
         pass

@@ -154,12 +154,13 @@ class VLLMEngine(Engine):
     def sleep(self) -> None:
         if self.on_gpu:
             self.llm.sleep(level=1)
-        else:
-            log.info("vLLM sleep mode is unavailable on CPU: the KV cache stays allocated")
+        elif not getattr(self, "_said_no_sleep", False):  # once per engine: the loop calls it every step
+            self._said_no_sleep = True
+            log.info("vLLM sleep mode is unavailable on CPU: the KV cache and weights stay allocated")
 
-    def wake_up(self) -> None:
+    def wake_up(self, tags: list[str] | None = None) -> None:
         if self.on_gpu:
-            self.llm.wake_up()
+            self.llm.wake_up(tags=tags)
 
     def dead_reason(self) -> str | None:
         """With engine-core processes (VLLM_ENABLE_V1_MULTIPROCESSING=1) the engine is dead once vLLM has

@@ -24,7 +24,8 @@ from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
 from core.data import DataError
-from parallel.parallelize import Policy, unwrap
+from parallel import parallelize as P
+from parallel.policy import Policy, unwrap
 
 META = "r1stack.json"
 MANIFEST = "manifest.json"
@@ -36,27 +37,6 @@ _OPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_op
 
 class CheckpointError(DataError):  # bad input: rlhf.train reports it as such (exit 2), no traceback
     pass
-
-
-def _barrier():
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
-def _world() -> int:
-    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-
-
-def _gather(obj) -> list:
-    if not torch.distributed.is_initialized():
-        return [obj]
-    out = [None] * _world()
-    torch.distributed.all_gather_object(out, obj)
-    return out
 
 
 def _fsync_write(path: Path, text: str) -> None:
@@ -103,24 +83,24 @@ def save(
     root = Path(root)
     name = f"step_{policy.step:08d}"
     tmp, final = root / f".tmp.{name}", root / name
-    if _rank() == 0:
+    if P.rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    _barrier()
+    P.barrier()
     optimizer_state = with_optimizer and _has_optimizer_state(policy.optimizer)
     dist_checkpointing.save(_sharded_state(policy, optimizer_state, is_loading=False), str(tmp))
     (tmp / "rng").mkdir(exist_ok=True)
-    torch.save(_rng_state(), tmp / "rng" / f"rank_{_rank():05d}.pt")
-    _barrier()
+    torch.save(_rng_state(), tmp / "rng" / f"rank_{P.rank():05d}.pt")
+    P.barrier()
     manifest = _hash_files(tmp, sorted(str(f.relative_to(tmp)) for f in tmp.rglob("*") if f.is_file()), sync=True)
-    if _rank() == 0:
+    if P.rank() == 0:
         _fsync_write(tmp / MANIFEST, json.dumps(manifest, indent=0, sort_keys=True))
         meta = {
             "step": policy.step,
             "model": policy.cfg.model.name,
             "head": policy.head,
             "layout": {k: getattr(policy.cfg.parallel, k) for k in ("tensor", "pipeline", "expert", "data")},
-            "world_size": _world(),
+            "world_size": P.world_size(),
             "with_optimizer": with_optimizer,
             "optimizer_state": optimizer_state,  # False before the first step: load leaves it fresh
             "extra": extra or {},
@@ -132,7 +112,7 @@ def save(
         _fsync_write(root / LATEST, name + "\n")
         if keep:
             _prune(root, keep)
-    _barrier()
+    P.barrier()
     return final
 
 
@@ -146,7 +126,7 @@ def _hash_files(root: Path, names: list[str], sync: bool = False) -> dict:
     """{name: [size, sha256]} for every file, each rank hashing a strided share; `sync` also fsyncs
     them, so the manifest never lists bytes that a power cut could still lose."""
     mine = {}
-    for name in names[_rank() :: _world()]:
+    for name in names[P.rank() :: P.world_size()]:
         digest, size = hashlib.sha256(), 0
         with open(root / name, "rb") as f:
             while chunk := f.read(1 << 24):
@@ -155,7 +135,7 @@ def _hash_files(root: Path, names: list[str], sync: bool = False) -> dict:
             if sync:
                 os.fsync(f.fileno())
         mine[name] = [size, digest.hexdigest()]
-    return {k: v for part in _gather(mine) for k, v in part.items()}
+    return {k: v for part in P.gather_world(mine) for k, v in part.items()}
 
 
 def verify(step_dir: str | os.PathLike) -> list[str]:
@@ -217,7 +197,7 @@ def load_frozen(cfg, path: str | os.PathLike, head: str, what: str) -> tuple[Pol
     import dataclasses
 
     from core.config import ConfigError, model_preset
-    from parallel.parallelize import build_policy
+    from parallel.policy import build_policy
 
     step_dir = resolve(of_run(path))
     meta = read_meta(step_dir)
@@ -233,6 +213,19 @@ def load_frozen(cfg, path: str | os.PathLike, head: str, what: str) -> tuple[Pol
     model = build_policy(dataclasses.replace(cfg, model=model_cfg), with_optimizer=False, head=head)
     load(model, step_dir, with_optimizer=False)
     return model, meta
+
+
+def resume(policy: Policy, run_dir: str | os.PathLike, init_from: str | None) -> dict | None:
+    """Collective. Where a stage's policy starts: its own latest checkpoint under RUN_DIR/checkpoints
+    (weights, optimizer and RNG: the run resumes where it stopped), else `init_from`'s weights (a fresh
+    optimizer at step 0), else its initialisation. Returns the resumed checkpoint's metadata, None otherwise."""
+    root = Path(run_dir) / "checkpoints"
+    if (root / LATEST).exists():
+        return load(policy, root, with_optimizer=True, with_rng=True)
+    if init_from:
+        load(policy, of_run(init_from), with_optimizer=False)
+        policy.step = 0
+    return None
 
 
 def of_run(path: str | os.PathLike) -> Path:
@@ -270,7 +263,7 @@ def load(policy: Policy, path: str | os.PathLike, with_optimizer: bool = True, w
         policy.optimizer.load_state_dict(state["optimizer"])
         _unshare_adam_steps(policy.optimizer)
     if with_rng:
-        rng_file = step_dir / "rng" / f"rank_{_rank():05d}.pt"
+        rng_file = step_dir / "rng" / f"rank_{P.rank():05d}.pt"
         if rng_file.exists():
             _set_rng_state(torch.load(rng_file, weights_only=False))
     policy.step = meta["step"]

@@ -205,7 +205,7 @@ class HFState:
 
 
 def _models(policy) -> list[torch.nn.Module]:
-    from parallel.parallelize import unwrap
+    from parallel.policy import unwrap
 
     models = [unwrap(c) for c in policy.chunks]
     for model in models:
@@ -283,7 +283,7 @@ def _export_plan(policy, models) -> tuple:
     plan = policy.export_plan
     # Building is collective over the ranks that export together. They build, load and step their
     # parameters together, so their keys change together: no vote (a collective here would hang the
-    # single-rank export a restarting engine makes, rlhf.r1_zero.start_engine).
+    # single-rank export a restarting engine makes, inference.colocated.start_engine).
     if plan is None or plan[0] != key:
         hf_cfg = make_hf_config(policy.cfg.model)
         bridge = _bridge(policy, hf_cfg)

@@ -1,4 +1,5 @@
-"""The pieces of a GRPO step: rewards → advantages, the trainer's log-probs, the clipped-ratio update.
+"""The pieces of a GRPO step: rollouts with their rewards (`collect`), the trainer's log-probs, the
+clipped-ratio update. Advantages are rlhf.advantages'.
 
 rlhf/r1_zero.py strings them together; every function here works on this rank's share of prompts
 (groups never split across data-parallel ranks, so group statistics stay local).
@@ -11,23 +12,19 @@ from statistics import mean
 
 import torch
 
+from core.data import micro_batches, shuffled_rows
 from parallel import parallelize as P
 from parallel.logprobs import token_entropy, token_logprobs
-from rlhf import advantages as adv_lib
+from parallel.policy import Policy, eval_mode
+from parallel.step import forward_backward, optimizer_step
 from rlhf.losses import LossSettings, rl_loss
-from rlhf.rollout import Sample, generate_groups, micro_batches
+from rlhf.rollout import RolloutBatch, Sample, generate_groups
 
 
 def generate_and_share(engine, tok, rows: list[dict], sampling) -> tuple[list[list[Sample]], int]:
     """Rollouts on the replica's engine rank, shared with its tensor/pipeline-parallel peers, which
     must train on the same samples."""
-    from megatron.core import parallel_state as ps
-
-    out = [generate_groups(engine, tok, rows, sampling) if engine is not None else None]
-    group = ps.get_model_parallel_group()
-    if torch.distributed.get_world_size(group) > 1:
-        torch.distributed.broadcast_object_list(out, src=torch.distributed.get_global_rank(group, 0), group=group)
-    return out[0]
+    return P.share_model_parallel(generate_groups(engine, tok, rows, sampling) if engine is not None else None)
 
 
 def score(groups: list[list[Sample]], pool, rl, max_new_tokens: int) -> dict:
@@ -53,11 +50,30 @@ def informative(groups: list[list[Sample]]) -> list[list[Sample]]:
     return [g for g in groups if len({s.reward for s in g}) > 1]
 
 
-def set_advantages(groups: list[list[Sample]], name: str) -> None:
-    rewards = torch.tensor([[s.reward for s in g] for g in groups])
-    for g, row in zip(groups, adv_lib.compute(name, rewards).tolist()):
-        for s, a in zip(g, row):
-            s.advantage = a
+def collect(engine, tok, rows: list[dict], position: int, sampling, pool, rl, seq_len: int):
+    """Rollout → reward for prompts_per_step groups (this DP rank's share) from the prompt stream at
+    `position`. With dynamic sampling, groups of equal rewards are dropped and more prompts drawn, up to
+    max_refill_rounds; a short batch is topped up with dropped groups (zero advantage) to keep shapes.
+    Returns the step's RolloutBatch and the stream's next position."""
+    keep, dropped, info = [], [], {"prompts": 0, "truncated": 0, "reward_errors": 0, "reward_timeouts": 0}
+    want = rl.prompts_per_step // P.data_parallel_size()
+    for _ in range(1 + (rl.max_refill_rounds if rl.dynamic_sampling else 0)):
+        ids = shuffled_rows(position, rl.prompts_per_step, 0, len(rows))
+        position += rl.prompts_per_step
+        groups, truncated = generate_and_share(engine, tok, [rows[i] for i in P.split_for_data_parallel(ids)], sampling)
+        counts = score(groups, pool, rl, sampling.max_new_tokens)
+        info["prompts"] += len(groups)
+        info["truncated"] += truncated
+        info["reward_errors"] += counts["errors"]
+        info["reward_timeouts"] += counts["timeouts"]
+        good = {id(g) for g in (informative(groups) if rl.dynamic_sampling else groups)}
+        keep += [g for g in groups if id(g) in good]
+        dropped += [g for g in groups if id(g) not in good]
+        if P.all_ranks_true(len(keep) >= want):
+            break
+    groups = (keep + dropped)[:want]
+    info["informative_frac"] = len(informative(groups)) / max(len(groups), 1)
+    return RolloutBatch.of(groups, seq_len, tok.pad_token_id, info), position
 
 
 def _forward(vocab: int, temperature: float, settings: LossSettings | None):
@@ -84,27 +100,20 @@ def _forward(vocab: int, temperature: float, settings: LossSettings | None):
 
 
 @torch.no_grad()
-def logprobs(policy: P.Policy, batch: dict, micro: int, temperature: float) -> tuple[torch.Tensor, float]:
+def logprobs(policy: Policy, batch: dict, micro: int, temperature: float) -> tuple[torch.Tensor, float]:
     """Per-token log-probs of every row under `policy` (on the last pipeline stage; zeros elsewhere)
     and the summed per-sequence entropy."""
     rows = list(range(batch["tokens"].shape[0]))
-    with P.eval_mode(policy):
+    with eval_mode(policy):
         fwd = _forward(policy.cfg.model.vocab_size, temperature, None)
-        data = P.forward_backward(policy, micro_batches(batch, rows, micro), forward_only=True, forward=fwd)
+        data = forward_backward(policy, micro_batches(batch, rows, micro), forward_only=True, forward=fwd)
     entropy = P.reduce_sums(data, ["entropy"])["entropy"]
     # Only the last pipeline stage computes log-probs, and only it reads them; zeros keep shapes elsewhere.
     return (torch.cat([d["logp"] for d in data]) if data else torch.zeros_like(batch["loss_mask"])), entropy
 
 
-def distill_advantages(teacher: P.Policy, batch: dict, micro: int, temperature: float) -> torch.Tensor:
-    """On-policy distillation's per-token advantage: teacher log p − student log p of each sampled token. Its
-    policy gradient is that of −KL(student‖teacher) on the student's own samples (the reverse KL)."""
-    batch["teacher_logp"], _ = logprobs(teacher, batch, micro, temperature)  # step_metrics reports the KL
-    return (batch["teacher_logp"] - batch["old_logp"]) * batch["loss_mask"]
-
-
 def update(
-    policy: P.Policy, batch: dict, settings: LossSettings, minibatches: int, micro: int, temperature: float
+    policy: Policy, batch: dict, settings: LossSettings, minibatches: int, micro: int, temperature: float
 ) -> dict:
     """rl.minibatches optimizer steps over disjoint shares of the batch; returns averaged metrics."""
     n = batch["tokens"].shape[0]
@@ -117,11 +126,9 @@ def update(
     fwd = _forward(policy.cfg.model.vocab_size, temperature, settings)
     for k in range(minibatches):
         policy.optimizer.zero_grad()
-        data = P.forward_backward(
-            policy, micro_batches(batch, list(range(k * size, (k + 1) * size)), micro), forward=fwd
-        )
+        data = forward_backward(policy, micro_batches(batch, list(range(k * size, (k + 1) * size)), micro), forward=fwd)
         sums = P.reduce_sums(data, ["entropy", "clip_frac", "kl", "sequences"])
-        step = P.optimizer_step(policy, P.reduce_loss(data))
+        step = optimizer_step(policy, P.reduce_loss(data))
         seqs = sums.pop("sequences") or 1
         steps.append({**step, **{k2: v / seqs for k2, v in sums.items()}})
     out = {

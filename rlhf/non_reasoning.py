@@ -10,9 +10,8 @@ import random
 
 from core.config import Config
 from core.data import DataError, load_rows
-from inference.engine import Sampling
 from parallel import parallelize as P
-from rlhf import grpo
+from rlhf import grpo, rollout
 from rlhf.rewards.rules import THINK, THINK_END
 from rlhf.tasks import TASKS
 
@@ -73,14 +72,7 @@ def write_cots(engine, tok, rows: list[dict], cfg: Config) -> tuple[list[dict], 
             )
     mine = todo[P.data_parallel_rank() :: P.data_parallel_size()]
     stop = (tok.convert_tokens_to_ids(THINK_END), tok.eos_token_id)
-    sampling = Sampling(
-        n=1,
-        temperature=r.temperature,
-        top_p=r.top_p,
-        max_new_tokens=s.cot_max_new_tokens,
-        seed=cfg.seed * 1_000_003 - 1,
-        stop_token_ids=stop,
-    )
+    sampling = rollout.sampling(r, cfg.seed, -1, stop, n=1, max_new_tokens=s.cot_max_new_tokens)
     groups, _ = grpo.generate_and_share(engine, tok, [rows[i] for i in mine], sampling) if mine else ([], 0)
     mine_cots = {i: g[0].text.split(THINK_END)[0] for i, g in zip(mine, groups) if THINK_END in g[0].text}
     cots = {i: cot for part in P.gather_data_parallel(mine_cots) for i, cot in part.items()}

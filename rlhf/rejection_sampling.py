@@ -27,13 +27,13 @@ import parallel  # noqa: F401  (CPU compatibility layer before megatron loads)
 from core.config import Config, ConfigError
 from core.data import DataError
 from core.tokenizer import build_char_tokenizer
-from inference.engine import Sampling
+from inference import colocated
 from parallel import checkpoint as ckpt
 from parallel import parallelize as P
-from rlhf import grpo, non_reasoning
+from parallel.policy import build_policy
+from rlhf import grpo, non_reasoning, rollout
 from rlhf.judge import GenerativeJudge, rule_checkable
 from rlhf.prompts import load_prompts
-from rlhf.r1_zero import hosts_engine, start_engine
 from rlhf.rewards import RewardPool, extract_answer
 from rlhf.rewards.language import reasoning_of
 from rlhf.tasks.judge import JUDGED
@@ -86,11 +86,11 @@ def sample(cfg: Config, model_from: str, out_dir: Path, rewrite=None) -> tuple[l
             "stage.sampling.judge to a generative judge's run dir (stage=sft data=judge trains the "
             "tiny one)."
         )
-    policy = P.build_policy(cfg, with_optimizer=False)
+    policy = build_policy(cfg, with_optimizer=False)
     meta = ckpt.load(policy, ckpt.of_run(model_from), with_optimizer=False)
     judge = GenerativeJudge.of_run(cfg, tok) if unchecked else None
     source = {"checkpoint": str(ckpt.resolve(ckpt.of_run(model_from))), "step": meta["step"]}
-    engine = start_engine(cfg, policy, out_dir / "hf_model", tok) if hosts_engine() else None
+    engine = colocated.start_engine(cfg, policy, out_dir / "hf_model", tok)
     counts = {
         "prompts": len(prompts),
         "samples": 0,
@@ -112,14 +112,7 @@ def sample(cfg: Config, model_from: str, out_dir: Path, rewrite=None) -> tuple[l
         for start in range(0, len(prompts), s.chunk_prompts * P.data_parallel_size()):
             ids = list(range(start, min(start + s.chunk_prompts * P.data_parallel_size(), len(prompts))))
             mine = ids[P.data_parallel_rank() :: P.data_parallel_size()]
-            sampling = Sampling(
-                n=r.n,
-                temperature=r.temperature,
-                top_p=r.top_p,
-                max_new_tokens=r.max_new_tokens,
-                seed=cfg.seed * 1_000_003 + start,
-                stop_token_ids=(tok.eos_token_id,),
-            )
+            sampling = rollout.sampling(r, cfg.seed, start, (tok.eos_token_id,))
             groups, _ = grpo.generate_and_share(engine, tok, [prompts[i] for i in mine], sampling)
             flat = [x for g in groups for x in g]
             scores = score(flat, pool, unruled, judge, judged)

@@ -7,8 +7,8 @@ PAIRS: {prompt, chosen, rejected} rows (JSONL or Parquet). Without stage.data_fr
 pairs: data=preference_helpful or data=preference_harmless, the tiny greeting task's (rlhf.tasks.general). Each pair is one
 packed row, chosen and rejected as two segments that cannot see each other; the score is the head's output
 at each response's eos, and the loss is −log σ(score(chosen) − score(rejected)). stage.view=summary trains
-it on the summaries only (R1's helpfulness model); checkpoints record the view, which rlhf.general_rl
-applies when scoring. The training loop, resume and tracking are pretrain's; the held-out check is the share
+it on the summaries only (R1's helpfulness model); checkpoints record the view, which rlhf.rewards.compose
+applies when scoring. The training loop, resume and tracking are rlhf.trainer's; the held-out check is the share
 of eval pairs ranked right.
 """
 
@@ -20,13 +20,14 @@ import torch.nn.functional as F
 from core.config import Config, ConfigError
 from core.data import DataError, load_rows
 from parallel import parallelize as P
+from parallel.policy import eval_mode
+from parallel.step import forward_backward
+from rlhf import trainer
 from rlhf.tasks import TASKS
 
 
 def run(cfg: Config) -> dict:
-    from rlhf import pretrain
-
-    return pretrain.run(cfg, packed_data=packed, forward=bradley_terry, head="scalar", final_eval=pair_accuracy)
+    return trainer.run(cfg, trainer.Supervised(packed, bradley_terry, "scalar", pair_accuracy))
 
 
 def pairs(cfg: Config, split: str) -> list[dict]:
@@ -110,15 +111,15 @@ def bradley_terry(batch: dict, model):
 @torch.no_grad()
 def pair_accuracy(cfg: Config, policy, tok) -> dict:
     """Collective: the share of held-out pairs whose chosen response scores higher."""
-    from rlhf.pretrain import micro_batches
+    from core.data import micro_batches
 
     data = packed(cfg, tok, "eval")
     n = data["tokens"].shape[0]
     if n == 0:
         return {"eval/note": "skipped: no held-out preference pairs (data.eval_path)"}
     mine = P.split_for_data_parallel(list(range(n)))
-    with P.eval_mode(policy):
-        out = P.forward_backward(
+    with eval_mode(policy):
+        out = forward_backward(
             policy,
             micro_batches(data, mine, cfg.stage.train.micro_batch_size),
             forward_only=True,

@@ -1,17 +1,18 @@
-"""Rollouts as training data: engine completions → samples → fixed-length token batches.
+"""Rollouts as training data: engine completions → samples → a step's RolloutBatch.
 
 Position i of a batch row predicts token i+1; loss_mask marks the positions whose label is a
-completion token, and the per-token fields (engine_logp, later old_logp, ref_logp) line up with it.
+completion token, and the per-token fields (engine_logp, advantages, old_logp, ref_logp) line up with it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
-from core.data import causal_mask
 from inference.engine import Engine, Sampling
+
+SEED_STRIDE = 1_000_003  # sampling seeds are seed × SEED_STRIDE + offset: no two calls of a run share one
 
 
 @dataclass
@@ -22,8 +23,46 @@ class Sample:
     engine_logp: list[float]
     finish_reason: str
     text: str = ""
-    rewards: dict[str, float] = field(default_factory=dict)
-    reward: float = 0.0
+    rewards: dict[str, float] = field(default_factory=dict)  # per reward; NaN where one does not apply
+    reward: float = 0.0  # the weighted total the advantage estimator reads
+    advantage: float = 0.0  # a group estimator's advantage for the whole sample
+
+
+@dataclass
+class RolloutBatch:
+    """One step's rollouts on this rank: the samples by prompt group, their token tensors [samples,
+    seq_length], and the per-token fields the step fills in order (advantages, then old/ref log-probs)."""
+
+    groups: list[list[Sample]]
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    loss_mask: torch.Tensor
+    position_ids: torch.Tensor
+    engine_logp: torch.Tensor  # the behaviour policy's, as the engine sampled
+    advantages: torch.Tensor | None = None  # stage.rl.advantage's estimate
+    old_logp: torch.Tensor | None = None  # the trainer's before the update: the clipping anchor
+    ref_logp: torch.Tensor | None = None  # the KL reference's
+    teacher_logp: torch.Tensor | None = None  # on-policy distillation's teacher's
+    info: dict = field(default_factory=dict)  # rollout counts: prompts, truncated, reward errors, ...
+
+    @classmethod
+    def of(cls, groups: list[list[Sample]], seq_len: int, pad_id: int, info: dict | None = None) -> RolloutBatch:
+        return cls(groups, **to_batch([s for g in groups for s in g], seq_len, pad_id), info=info or {})
+
+    @property
+    def samples(self) -> list[Sample]:
+        return [s for g in self.groups for s in g]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The per-token fields that are set, by name: what micro-batches and the loss read."""
+        return {f.name: v for f in fields(self) if torch.is_tensor(v := getattr(self, f.name))}
+
+
+def sampling(r, seed: int, offset: int, stop_token_ids: tuple[int, ...], **overrides) -> Sampling:
+    """rollout config `r`'s sampling for one call of a run (`offset`: its step or chunk); `overrides`
+    replace fields (n, max_new_tokens)."""
+    base = dict(n=r.n, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens)
+    return Sampling(**{**base, **overrides}, seed=seed * SEED_STRIDE + offset, stop_token_ids=stop_token_ids)
 
 
 def generate_groups(engine: Engine, tok, rows: list[dict], sampling: Sampling) -> tuple[list[list[Sample]], int]:
@@ -73,14 +112,3 @@ def to_batch(samples: list[Sample], seq_len: int, pad_id: int) -> dict[str, torc
         "engine_logp": engine_logp,
         "position_ids": torch.arange(seq_len).expand(n, seq_len),
     }
-
-
-def micro_batches(batch: dict[str, torch.Tensor], rows: list[int], micro: int) -> list[dict]:
-    """Rows of `batch` in micro-batches of `micro`, each with the causal mask megatron expects."""
-    out = []
-    for i in range(0, len(rows), micro):
-        idx = torch.tensor(rows[i : i + micro])
-        mb = {k: v[idx] for k, v in batch.items()}
-        mb["attention_mask"] = causal_mask(mb["tokens"].shape[1])
-        out.append(mb)
-    return out

@@ -1,13 +1,13 @@
 """The `sft` stage: supervised fine-tuning of a model (stage.init_from) on (prompt, response) rows, loss on
 the response and its eos only, samples packed into rows of train.seq_length. The training loop, resume and
-tracking are pretrain's; only the data and the start differ.
+tracking are rlhf.trainer's; only the data and the start differ.
 
     python -m rlhf.train stage=sft stage.init_from=BASE_RUN_DIR stage.data_from=DATA run_dir=PATH
 
 DATA: a JSONL or Parquet file of {"prompt", "response"} rows, or a directory holding sft.parquet or
 sft.jsonl (what the rejection-sampling stage writes). Without stage.data_from: data.train_path, or the
 generated SFT rows of data.task (rlhf.tasks: addition's correct traces, judge's verdict rows). The
-summary's held-out check is data.task's (pretrain.final_eval_for).
+summary's held-out check is data.task's.
 stage.epochs sets the step count (paper: 2 epochs).
 """
 
@@ -18,14 +18,13 @@ from pathlib import Path
 
 from core.config import Config, ConfigError
 from core.data import DataError, load_rows, pack, tokenize_sft
+from rlhf import trainer
 from rlhf.tasks import TASKS
 
 DATA_FILES = ("sft.parquet", "sft.jsonl")
 
 
 def run(cfg: Config) -> dict:
-    from rlhf import pretrain
-
     name = cfg.stage.name
     if not cfg.stage.init_from:
         raise ConfigError(f"stage={name} fine-tunes a model: set stage.init_from to a run dir or checkpoint dir.")
@@ -34,7 +33,7 @@ def run(cfg: Config) -> dict:
             "stage=distill learns the teacher's samples: set stage.data_from to the rejection_sampling "
             "run dir (or a prompt/response file)."
         )
-    return pretrain.run(cfg, packed_data=packed)
+    return trainer.run(cfg, trainer.Supervised(packed))
 
 
 def rows(cfg: Config) -> list[dict]:

@@ -1,11 +1,8 @@
-"""What a GRPO step reports: the metrics.jsonl row (the same keys go to W&B), timings, the progress bar."""
+"""What a GRPO step reports: the metrics.jsonl row (the same keys go to W&B) and its phase timings."""
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import sys
 import time
 
 import torch
@@ -28,13 +25,14 @@ class StepClock:
         self.last = now
 
 
-def step_metrics(step: int, groups, batch: dict, stats: dict, info: dict, sync: dict, clock: StepClock) -> dict:
-    """Global (all DP ranks) metrics of one step; every rank returns the same row."""
-    samples = [s for g in groups for s in g]
-    mask = batch["loss_mask"]
+def step_metrics(step: int, batch, stats: dict, sync: dict, clock: StepClock) -> dict:
+    """Global (all DP ranks) metrics of one step (its rlhf.rollout.RolloutBatch, the update's stats, the
+    weight sync's); every rank returns the same row."""
+    samples, groups, info = batch.samples, batch.groups, batch.info
+    mask = batch.loss_mask
     lengths = mask.sum(-1)
-    diff = (batch["old_logp"] - batch["engine_logp"]).abs() * mask
-    seq_log_ratio = ((batch["old_logp"] - batch["engine_logp"]) * mask).sum(-1)
+    diff = (batch.old_logp - batch.engine_logp).abs() * mask
+    seq_log_ratio = ((batch.old_logp - batch.engine_logp) * mask).sum(-1)
     names = sorted({k for s in samples for k in s.rewards})
     sums = {
         "samples": len(samples),
@@ -54,8 +52,8 @@ def step_metrics(step: int, groups, batch: dict, stats: dict, info: dict, sync: 
         **{f"r_{n}": sum(v for s in samples if not math.isnan(v := s.rewards.get(n, math.nan))) for n in names},
         **{f"c_{n}": sum(not math.isnan(s.rewards.get(n, math.nan)) for s in samples) for n in names},
     }
-    if "teacher_logp" in batch:  # on-policy distillation: the k1 estimate of KL(student‖teacher) per token
-        sums["reverse_kl"] = float(((batch["old_logp"] - batch["teacher_logp"]) * mask).sum())
+    if batch.teacher_logp is not None:  # on-policy distillation: the k1 estimate of KL(student‖teacher) per token
+        sums["reverse_kl"] = float(((batch.old_logp - batch.teacher_logp) * mask).sum())
     g = P.reduce_sums([{k: torch.tensor(float(v)) for k, v in sums.items()}], list(sums))
     peak = torch.tensor(
         [float(diff.max()) if ps.is_pipeline_last_stage(ignore_virtual=True) else 0.0, float(lengths.max())]
@@ -97,49 +95,3 @@ def step_metrics(step: int, groups, batch: dict, stats: dict, info: dict, sync: 
     if "reverse_kl" in g:
         row["distill/reverse_kl"] = g["reverse_kl"] / max(g["tokens"], 1)
     return row
-
-
-class _Bar:
-    def __init__(self, bar, task):
-        self.bar, self.task = bar, task
-
-    def advance(self, row: dict) -> None:
-        if self.bar is None:
-            if row["step"] % 10 == 0:
-                print(
-                    f"step {row['step']} reward {row['reward/mean']:.3f} acc {row.get('reward/accuracy') or 0:.3f} "
-                    f"len {row['response_length/mean']:.1f} {row['perf/tokens_per_s']:,.0f} tok/s",
-                    flush=True,
-                )
-            return
-        self.bar.update(
-            self.task, completed=row["step"], reward=f"{row['reward/mean']:.3f}", tps=f"{row['perf/tokens_per_s']:,.0f}"
-        )
-
-
-@contextlib.contextmanager
-def progress(rank0: bool, total: int, start: int):
-    """A rich bar (step, reward, tok/s) on an interactive rank 0; a line every 10 steps otherwise."""
-    if not rank0:
-        yield _Silent()
-        return
-    if not sys.stdout.isatty() or os.environ.get("R1_NO_PROGRESS") == "1":
-        yield _Bar(None, None)
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bar = Progress(
-        TextColumn("GRPO"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("reward {task.fields[reward]}  {task.fields[tps]} tok/s"),
-        TimeRemainingColumn(),
-    )
-    task = bar.add_task("grpo", total=total, completed=start, reward="-", tps="-")
-    with bar:
-        yield _Bar(bar, task)
-
-
-class _Silent:
-    def advance(self, row: dict) -> None:
-        pass

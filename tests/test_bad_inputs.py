@@ -24,6 +24,7 @@ import torch
 
 from core.config import ConfigError, compose, validate
 from inference.engine import EngineDied, EngineTimeout, Sampling, build_engine
+from parallel.policy import build_policy
 from rlhf.rewards import REWARDS, RewardPool
 from tests.conftest import cli_env
 
@@ -155,7 +156,7 @@ def test_checkpoint_without_a_readable_manifest_is_refused(tmp_path):
 def test_cli_checkpoint_of_another_model_exits_2_with_the_fix(P, tmp_path):
     from parallel import checkpoint as ckpt
 
-    ckpt.save(P.build_policy(compose([]), with_optimizer=False), tmp_path / "dense", with_optimizer=False)
+    ckpt.save(build_policy(compose([]), with_optimizer=False), tmp_path / "dense", with_optimizer=False)
     proc = _train(
         "stage=pretrain",
         "model=tiny_dsv3",

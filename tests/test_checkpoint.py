@@ -7,12 +7,14 @@ import pytest
 import torch
 
 from core.config import compose
+from parallel.policy import build_policy
+from parallel.step import train_step
 from tests.conftest import lm_batch as batch
 
 
 def new_policy(P):
     torch.manual_seed(0)
-    return P.build_policy(
+    return build_policy(
         compose(["stage.train.optim.lr=1e-2", "stage.train.micro_batch_size=4", "stage.train.global_batch_size=4"])
     )
 
@@ -25,7 +27,7 @@ def test_round_trip_and_latest_pointer(P, tmp_path):
     from parallel import checkpoint as ckpt
 
     a = new_policy(P)
-    P.train_step(a, batch())
+    train_step(a, batch())
     path = ckpt.save(a, tmp_path, extra={"data_position": 7})
     assert path.name == "step_00000001" and (tmp_path / "latest").read_text().strip() == path.name
     b = new_policy(P)
@@ -40,14 +42,14 @@ def test_resume_is_exact(P, tmp_path):
 
     straight = new_policy(P)
     for i in range(3):
-        P.train_step(straight, batch(i))
+        train_step(straight, batch(i))
     resumed = new_policy(P)
-    P.train_step(resumed, batch(0))
+    train_step(resumed, batch(0))
     ckpt.save(resumed, tmp_path)
     resumed = new_policy(P)
     ckpt.load(resumed, tmp_path)
     for i in (1, 2):
-        P.train_step(resumed, batch(i))
+        train_step(resumed, batch(i))
     ws, wr = weights(straight), weights(resumed)
     assert all(torch.equal(ws[k], wr[k]) for k in ws), "a resumed run must match the uninterrupted one exactly"
 
@@ -59,7 +61,7 @@ def test_interrupted_save_leaves_the_previous_checkpoint(P, tmp_path, monkeypatc
 
     policy = new_policy(P)
     ckpt.save(policy, tmp_path)
-    P.train_step(policy, batch())
+    train_step(policy, batch())
     real_save = dist_checkpointing.save
 
     def dies_halfway(state, path, **kw):
@@ -82,7 +84,7 @@ def test_keep_prunes_old_steps(P, tmp_path):
 
     policy = new_policy(P)
     for _ in range(3):
-        P.train_step(policy, batch())
+        train_step(policy, batch())
         ckpt.save(policy, tmp_path, keep=2)
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000002", "step_00000003"]
 
@@ -106,7 +108,7 @@ def test_damaged_checkpoint_is_refused_and_the_previous_one_offered(P, tmp_path)
 
     policy = new_policy(P)
     ckpt.save(policy, tmp_path)
-    P.train_step(policy, batch())
+    train_step(policy, batch())
     newest = ckpt.save(policy, tmp_path)
     manifest = json.loads((newest / ckpt.MANIFEST).read_text())
     assert ckpt.verify(newest) == [] and "rng/rank_00000.pt" in manifest

@@ -54,7 +54,7 @@ def greeter(base, tmp_path_factory):
 
 def test_reward_models_read_their_view(greeter, P):
     from core.tokenizer import build_char_tokenizer
-    from rlhf.general_rl import RewardModel
+    from rlhf.rewards.compose import RewardModel
     from rlhf.tasks import general
 
     cfg = compose(["stage=general_rl"])
@@ -72,7 +72,7 @@ def test_reward_models_read_their_view(greeter, P):
 
 def test_mixed_batch_routes_rewards(greeter, P):
     from core.tokenizer import build_char_tokenizer
-    from rlhf.general_rl import MixedRewards
+    from rlhf.rewards.compose import MixedRewards
 
     cfg = compose(
         [

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from core.config import compose
+from parallel.policy import build_policy, runtime_config
 
 
 def _walk(node, seen):
@@ -28,7 +29,6 @@ def _walk(node, seen):
 @pytest.mark.parametrize("name", ["qwen2_5_1_5b", "qwen2_5_7b", "llama3_1_8b", "deepseek_v3_671b"])
 def test_full_size_presets_are_valid_megatron_configs(P, name):
     from core.model import transformer_config
-    from parallel.parallelize import runtime_config
 
     cfg = compose([f"model={name}"])
     config = transformer_config(cfg.model, **runtime_config(cfg))
@@ -43,7 +43,6 @@ def test_local_spec_has_no_cpu_incompatible_modules(P):
 
     from core.layers import SDPACoreAttention, TorchNorm
     from core.model import DuplicatedLinear, layer_specs, transformer_config
-    from parallel.parallelize import runtime_config
 
     cfg = compose(["model=tiny_dsv3"])
     block, mtp = layer_specs(transformer_config(cfg.model, **runtime_config(cfg)), use_te=False)
@@ -59,7 +58,6 @@ def test_sdpa_core_attention_equals_megatron_dot_product_attention(P):
     from core.data import causal_mask
     from core.layers import SDPACoreAttention
     from core.model import transformer_config
-    from parallel.parallelize import runtime_config
 
     cfg = compose([])
     config = transformer_config(cfg.model, **runtime_config(cfg))
@@ -88,7 +86,7 @@ def test_tiny_models_build_and_run(P, name, params):
     from core.data import causal_mask
 
     cfg = compose([f"model={name}"])
-    policy = P.build_policy(cfg, with_optimizer=False)
+    policy = build_policy(cfg, with_optimizer=False)
     n = sum(p.numel() for p in policy.chunks[0].parameters())
     assert params[0] < n < params[1]
     tokens = torch.randint(0, cfg.model.vocab_size, (2, 10))

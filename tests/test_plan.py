@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from core.config import CONF_DIR, ConfigError, compose, pipeline_layers
+from parallel.policy import runtime_config
 from tests.conftest import ROOT
 from tools.plan import PlanError, plan
 from tools.plan.published import RUNS, TARGET, compare, constants, fit
@@ -236,7 +237,6 @@ def test_uneven_pipeline_split_matches_megatron():
 def test_uneven_split_reaches_megatron():
     import parallel  # noqa: F401  (CPU compatibility layer before megatron)
     from core.model import transformer_config
-    from parallel.parallelize import runtime_config
 
     cfg = compose(["model=deepseek_v3_671b", "parallel=dsv3_grpo_nemorl_256_h100"])
     config = transformer_config(cfg.model, **runtime_config(cfg))

@@ -124,7 +124,7 @@ def test_unknown_override_key_exits_2(tmp_path):
 
 
 def test_batches_are_a_function_of_seed_and_step():
-    from rlhf.pretrain import batch_rows
+    from rlhf.trainer import batch_rows
 
     assert batch_rows(7, 0, 50, 8) == batch_rows(7, 0, 50, 8) != batch_rows(7, 1, 50, 8)
     epoch = [i for s in range(5) for i in batch_rows(s, 0, 40, 8)]  # 5 steps × 8 rows = one epoch

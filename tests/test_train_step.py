@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from core.config import compose
+from parallel.policy import build_policy
+from parallel.step import token_loss, train_step
 from tests.conftest import lm_batch as batch
 
 
@@ -19,7 +21,7 @@ def test_warmup_then_cosine_and_no_decay_on_norms_and_biases(P):
             "stage.train.optim.weight_decay=0.1",
         ]
     )
-    policy = P.build_policy(cfg)
+    policy = build_policy(cfg)
     sched, lrs = policy.scheduler, {}
     for step in range(111):
         lrs[step] = policy.optimizer.param_groups[0]["lr"]
@@ -31,15 +33,15 @@ def test_warmup_then_cosine_and_no_decay_on_norms_and_biases(P):
 
 
 def test_non_finite_loss_skips_the_update(P):
-    policy = P.build_policy(compose(["stage.train.optim.lr=1e-2"]))
+    policy = build_policy(compose(["stage.train.optim.lr=1e-2"]))
     before = {k: v.clone() for k, v in policy.chunks[0].module.state_dict().items() if torch.is_tensor(v)}
 
     def nan_loss(batch, model):
         out = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
-        return out, lambda o: P.token_loss(o * float("nan"), batch["loss_mask"])
+        return out, lambda o: token_loss(o * float("nan"), batch["loss_mask"])
 
-    result = P.train_step(policy, batch(), forward=nan_loss)
+    result = train_step(policy, batch(), forward=nan_loss)
     assert result["update_ok"] is False and math.isnan(result["loss"]) and policy.step == 1
     after = policy.chunks[0].module.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "a NaN step must not touch the weights"
-    assert P.train_step(policy, batch())["update_ok"] is True
+    assert train_step(policy, batch())["update_ok"] is True

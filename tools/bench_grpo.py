@@ -148,9 +148,10 @@ import json, dataclasses, torch
 import parallel
 from core.config import compose
 from parallel import parallelize as P
+from parallel.policy import build_policy
 cfg = compose(["stage=r1_zero", "logger=none"])
 P.init_distributed(cfg)
-params = sum(p.numel() for p in P.build_policy(cfg, with_optimizer=False).chunks[0].parameters())
+params = sum(p.numel() for p in build_policy(cfg, with_optimizer=False).chunks[0].parameters())
 P.shutdown()
 print(json.dumps({{**dataclasses.asdict(cfg), "params": params, "base": "{base}"}}))
 """

@@ -12,6 +12,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from parallel.policy import build_policy
+
 
 def _setup(threads: int, base: str | None, overrides: list[str]):
     import os
@@ -29,7 +31,7 @@ def _setup(threads: int, base: str | None, overrides: list[str]):
 
     cfg = compose(["stage=r1_zero", "logger=none", *overrides])
     P.init_distributed(cfg)
-    policy = P.build_policy(cfg)
+    policy = build_policy(cfg)
     if base:
         ckpt.load(policy, Path(base) / "checkpoints", with_optimizer=False)
         policy.step = 0

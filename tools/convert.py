@@ -19,6 +19,7 @@ from core.tokenizer import build_char_tokenizer
 from parallel import checkpoint as ckpt
 from parallel import hf_bridge
 from parallel import parallelize as P
+from parallel.policy import build_policy
 
 USAGE = "usage: python -m tools.convert {import HF_DIR CKPT_DIR | export CKPT_DIR HF_DIR} [overrides]"
 
@@ -27,7 +28,7 @@ def convert(direction: str, src: Path, dst: Path, overrides: list[str]) -> None:
     cfg = compose(overrides)
     P.init_distributed(cfg)
     try:
-        policy = P.build_policy(cfg, with_optimizer=False)
+        policy = build_policy(cfg, with_optimizer=False)
         if direction == "import":
             if not (src / "config.json").exists():
                 raise ConfigError(

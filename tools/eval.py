@@ -19,6 +19,7 @@ import parallel  # noqa: F401  (CPU compatibility layer before megatron loads)
 from core.config import ConfigError, compose
 from core.data import DataError
 from parallel import checkpoint as ckpt
+from parallel.policy import build_policy
 
 USAGE = "usage: python -m tools.eval model=CKPT_OR_RUN_DIR data=NAME run_dir=PATH [overrides]"
 
@@ -46,11 +47,11 @@ def resolve_model(overrides: list[str]) -> tuple[list[str], Path | None]:
 
 def evaluate_checkpoint(overrides: list[str]) -> dict:
     from core.tokenizer import build_char_tokenizer
+    from inference import colocated
     from parallel import parallelize as P
     from rlhf.evaluate import SCORES, evaluate
     from rlhf.judge import refuse_judged
     from rlhf.prompts import load_prompts
-    from rlhf.r1_zero import hosts_engine, start_engine
     from rlhf.rewards import RewardPool
 
     overrides, step_dir = resolve_model(overrides)
@@ -60,10 +61,10 @@ def evaluate_checkpoint(overrides: list[str]) -> dict:
     refuse_judged(rows, "tools.eval")
     env = P.init_distributed(cfg)
     try:
-        policy = P.build_policy(cfg, with_optimizer=False)
+        policy = build_policy(cfg, with_optimizer=False)
         meta = ckpt.load(policy, step_dir, with_optimizer=False) if step_dir else {"step": None}
         tok = build_char_tokenizer()
-        engine = start_engine(cfg, policy, run_dir / "hf_model", tok) if hosts_engine() else None
+        engine = colocated.start_engine(cfg, policy, run_dir / "hf_model", tok)
         with engine or contextlib.nullcontext(), RewardPool(SCORES, cfg.reward.timeout_s, cfg.reward.workers) as pool:
             result = evaluate(engine, tok, rows, cfg.eval, pool, cfg.rollout.max_new_tokens)
     finally:

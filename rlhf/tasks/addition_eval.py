@@ -7,6 +7,7 @@ import torch
 
 from core.data import causal_mask
 from parallel import parallelize as P
+from parallel.policy import Policy, unwrap
 from rlhf.tasks import addition
 
 MAX_NEW_TOKENS, SEED = 48, 0
@@ -44,7 +45,7 @@ def generate(
     return out
 
 
-def heldout_eval(policy: P.Policy, tok, n: int, max_new_tokens: int = MAX_NEW_TOKENS) -> dict:
+def heldout_eval(policy: Policy, tok, n: int, max_new_tokens: int = MAX_NEW_TOKENS) -> dict:
     """Held-out addition: pass@1 and reasoning-first share, greedy and sampled at temperature 1.
 
     With the demo's pretraining mix (55% bare answers) greedy decoding mostly takes the bare branch, whose
@@ -52,7 +53,7 @@ def heldout_eval(policy: P.Policy, tok, n: int, max_new_tokens: int = MAX_NEW_TO
     """
     rows = addition.eval_prompts(n, SEED)
     prompts = [tok(r["prompt"])["input_ids"] for r in rows]
-    model = P.unwrap(policy.chunks[0])
+    model = unwrap(policy.chunks[0])
     model.eval()
     result: dict = {"eval/n": n}
     try:
@@ -68,7 +69,7 @@ def heldout_eval(policy: P.Policy, tok, n: int, max_new_tokens: int = MAX_NEW_TO
     return result
 
 
-def final_eval(cfg, policy: P.Policy, tok) -> dict:
+def final_eval(cfg, policy: Policy, tok) -> dict:
     """Collective (every rank calls it); rank 0 decodes."""
     if not cfg.parallel.unsharded:
         return {"eval/note": "skipped: held-out decoding runs only without model parallelism"}

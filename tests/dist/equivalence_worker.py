@@ -27,6 +27,8 @@ from core.config import compose  # noqa: E402
 from core.data import causal_mask  # noqa: E402
 from parallel import checkpoint as ckpt  # noqa: E402
 from parallel import parallelize as P  # noqa: E402
+from parallel.policy import Policy, build_policy, unwrap
+from parallel.step import forward_backward, gather_logits, optimizer_step, train_step
 
 MODELS = ("tiny_dense", "tiny_dsv3")
 CASES = {
@@ -79,14 +81,14 @@ def micro_batches(rows: list[dict]) -> list[dict]:
 
 def logits_forward(batch, model):
     out = model(batch["tokens"], batch["position_ids"], batch["attention_mask"])
-    return out, lambda o: (o.sum() * 0, torch.tensor(1, dtype=torch.int), {"logits": P.gather_logits(o).detach()})
+    return out, lambda o: (o.sum() * 0, torch.tensor(1, dtype=torch.int), {"logits": gather_logits(o).detach()})
 
 
-def setup(model: str, overrides: list[str]) -> P.Policy:
+def setup(model: str, overrides: list[str]) -> Policy:
     P.shutdown_model_parallel()
     cfg = config(model, overrides)
     P.init_distributed(cfg)
-    return P.build_policy(cfg)
+    return build_policy(cfg)
 
 
 def dp_rows(rows):
@@ -94,18 +96,18 @@ def dp_rows(rows):
 
 
 def run_logits(policy, rows) -> torch.Tensor | None:
-    data = P.forward_backward(policy, micro_batches(rows), forward_only=True, forward=logits_forward)
+    data = forward_backward(policy, micro_batches(rows), forward_only=True, forward=logits_forward)
     return torch.cat([d["logits"] for d in data]) if data else None
 
 
 def save_grads(policy, path: Path) -> None:
     """Saves the reduced grads as a weights-only checkpoint, so they reshard like weights."""
     saved = {}
-    for name, p in P.unwrap(policy.chunks[0]).named_parameters():
+    for name, p in unwrap(policy.chunks[0]).named_parameters():
         saved[name] = p.data.clone()
         p.data.copy_(p.main_grad)
     ckpt.save(policy, path, with_optimizer=False)
-    for name, p in P.unwrap(policy.chunks[0]).named_parameters():
+    for name, p in unwrap(policy.chunks[0]).named_parameters():
         p.data.copy_(saved[name])
 
 
@@ -117,10 +119,10 @@ def reference(workdir: Path) -> None:
         ckpt.save(policy, out / "init")
         logits = run_logits(policy, rows)
         policy.optimizer.zero_grad()
-        data = P.forward_backward(policy, micro_batches(rows))
+        data = forward_backward(policy, micro_batches(rows))
         loss = P.reduce_loss(data)
         save_grads(policy, out / "grads")
-        P.optimizer_step(policy, loss)
+        optimizer_step(policy, loss)
         ckpt.save(policy, out / "after_step", with_optimizer=False)
         step_s = timed_step(policy, rows)
         ckpt.save(policy, out / "after_two_steps", with_optimizer=False)
@@ -134,9 +136,9 @@ def _max_diff_at_tp1(model: str, a: Path, b: Path) -> float:
     """Loads two weights-only checkpoints into a TP1 model and returns the max abs difference."""
     policy = setup(model, ["stage.train.micro_batch_size=1"])  # no batch runs; any DP size must validate
     ckpt.load(policy, a, with_optimizer=False)
-    ref = {k: v.clone() for k, v in P.unwrap(policy.chunks[0]).state_dict().items() if torch.is_tensor(v)}
+    ref = {k: v.clone() for k, v in unwrap(policy.chunks[0]).state_dict().items() if torch.is_tensor(v)}
     ckpt.load(policy, b, with_optimizer=False)
-    got = P.unwrap(policy.chunks[0]).state_dict()
+    got = unwrap(policy.chunks[0]).state_dict()
     return max(float((got[k].float() - v.float()).abs().max()) for k, v in ref.items() if v.numel())
 
 
@@ -144,7 +146,7 @@ def timed_step(policy, rows) -> float:
     """Wall seconds of one optimizer step, the slowest rank's."""
     torch.distributed.barrier()
     start = time.perf_counter()
-    P.train_step(policy, micro_batches(rows))
+    train_step(policy, micro_batches(rows))
     return _all_max(time.perf_counter() - start)
 
 
@@ -178,13 +180,13 @@ def run_case(name: str, workdir: Path) -> dict:
         ckpt.save(policy, case_dir / "saved", with_optimizer=False)
 
     policy.optimizer.zero_grad()
-    data = P.forward_backward(policy, micro_batches(rows))
+    data = forward_backward(policy, micro_batches(rows))
     loss = P.reduce_loss(data)
     result["loss_diff"] = abs(loss - expected["loss"])
     distopt = policy.cfg.parallel.distributed_optimizer
     if not distopt:  # the distributed optimizer keeps only this rank's shard of the reduced grads
         save_grads(policy, case_dir / "grads")
-    P.optimizer_step(policy, loss)
+    optimizer_step(policy, loss)
     if name == "dense_resume_distopt":
         ckpt.save(policy, case_dir / "resume")
         policy = setup(model, overrides)

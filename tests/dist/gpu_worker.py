@@ -10,6 +10,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from core.config import compose  # noqa: E402
 from parallel import checkpoint as ckpt  # noqa: E402
 from parallel import parallelize as P  # noqa: E402
+from parallel.policy import build_policy
+from parallel.step import train_step
 from tests.conftest import lm_batch  # noqa: E402
 
 
@@ -28,7 +30,7 @@ def vllm_sleep(model: str, out: Path) -> dict:
 
     cfg = compose([f"model={model}", "logger=none"])
     P.init_distributed(cfg)
-    policy = P.build_policy(cfg, with_optimizer=False)
+    policy = build_policy(cfg, with_optimizer=False)
     hf_bridge.save_hf(policy, out / "hf")
     kv_bytes = 2 * 2**30
     engine = build_engine("vllm", model_dir=str(out / "hf"), max_model_len=64, kv_cache_bytes=kv_bytes, timeout_s=300)
@@ -73,12 +75,12 @@ def main():
     if name == "te_vs_local":
         local_cfg = compose([f"model={model}", "parallel.transformer_impl=local"])
         P.init_distributed(local_cfg)
-        local = P.build_policy(local_cfg, with_optimizer=False)
+        local = build_policy(local_cfg, with_optimizer=False)
         ckpt.save(local, out / "weights", with_optimizer=False)
         mb = lm_batch(s=64, vocab=local_cfg.model.vocab_size)[0]
         want = logits(local, mb)
         te_cfg = compose([f"model={model}", "parallel.transformer_impl=transformer_engine"])
-        te = P.build_policy(te_cfg, with_optimizer=False)
+        te = build_policy(te_cfg, with_optimizer=False)
         ckpt.load(te, out / "weights", with_optimizer=False)  # TE names differ; dist-ckpt maps them
         result = {"logits_max_diff": float((logits(te, mb) - want).abs().max()),
                   "te": "TE" in type(te.chunks[0].module.decoder.layers[0].self_attention.linear_proj).__name__}
@@ -86,8 +88,8 @@ def main():
         cfg = compose([f"model={model}", "parallel.transformer_impl=transformer_engine", "parallel.fp8=hybrid",
                        "stage.train.dtype=bf16", "stage.train.optim.lr=1e-3"])
         P.init_distributed(cfg)
-        policy = P.build_policy(cfg)
-        result = {"losses": [P.train_step(policy, lm_batch(s=64, vocab=cfg.model.vocab_size))["loss"] for _ in range(5)]}
+        policy = build_policy(cfg)
+        result = {"losses": [train_step(policy, lm_batch(s=64, vocab=cfg.model.vocab_size))["loss"] for _ in range(5)]}
     elif name == "vllm_sleep":
         result = vllm_sleep(model, out)
     result["backend"] = torch.distributed.get_backend()

@@ -23,6 +23,8 @@ from core.hf_config import hf_config  # noqa: E402
 from core.data import causal_mask  # noqa: E402
 from parallel import hf_bridge  # noqa: E402
 from parallel import parallelize as P  # noqa: E402
+from parallel.policy import build_policy, unwrap
+from parallel.step import forward_backward, gather_logits
 
 CASES = {
     "dense": ("tiny_dense", []),
@@ -58,14 +60,14 @@ def random_hf_model(m, seed: int = 0):
 
 def tensors(policy):
     for c in policy.chunks:
-        model = P.unwrap(c)
+        model = unwrap(c)
         yield from model.named_parameters()
         yield from ((n, b) for n, b in model.named_buffers() if n.endswith("expert_bias"))
 
 
 def logits_forward(batch, model):
     out = model(batch["tokens"], batch["position_ids"], batch["attention_mask"])
-    return out, lambda o: (o.sum() * 0, torch.tensor(1, dtype=torch.int), {"logits": P.gather_logits(o).detach()})
+    return out, lambda o: (o.sum() * 0, torch.tensor(1, dtype=torch.int), {"logits": gather_logits(o).detach()})
 
 
 def _max_all_ranks(x: float) -> float:
@@ -79,7 +81,7 @@ def run_case(name: str, save_dir: Path | None = None) -> dict:
     cfg = compose([f"model={model_name}", "logger=none", *overrides])
     P.shutdown_model_parallel()
     P.init_distributed(cfg)
-    policy = P.build_policy(cfg, with_optimizer=False)
+    policy = build_policy(cfg, with_optimizer=False)
     m = cfg.model
     hf_model, hf_state = random_hf_model(m)
 
@@ -102,7 +104,7 @@ def run_case(name: str, save_dir: Path | None = None) -> dict:
     for c in policy.chunks:
         c.eval()
     with torch.no_grad():
-        data = P.forward_backward(policy, [mb], forward_only=True, forward=logits_forward)
+        data = forward_backward(policy, [mb], forward_only=True, forward=logits_forward)
         ref = hf_model(tokens).logits.float()
     diff = float((data[0]["logits"][..., : m.vocab_size].float() - ref).abs().max()) if data else 0.0
 
@@ -146,7 +148,7 @@ def _export_follows_weights(policy) -> bool:
             t.mul_(2)
     doubled = {k: v.clone() for k, v in hf_bridge.export_hf(policy)}
     for c in policy.chunks:
-        for module in P.unwrap(c).modules():
+        for module in unwrap(c).modules():
             for store in (module._parameters, module._buffers):
                 for name, t in store.items():
                     if t is not None:

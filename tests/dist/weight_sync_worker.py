@@ -28,6 +28,8 @@ from core.data import causal_mask  # noqa: E402
 from parallel import hf_bridge  # noqa: E402
 from parallel import parallelize as P  # noqa: E402
 from parallel.weight_sync import sync_weights  # noqa: E402
+from parallel.policy import build_policy, unwrap
+from parallel.step import train_step
 
 PROMPT = [1, 64, 36, 22, 35, 85, 9, 80]
 FIXED = PROMPT + [17, 3, 99, 42, 42, 7, 120, 56, 0, 88, 31, 64, 5, 77, 12, 101]  # every id < 128 (both vocabularies)
@@ -93,7 +95,7 @@ def _engine_mla_absorbed_gap(worker) -> float | None:
 
 def trainer_expert_bias(policy) -> list[torch.Tensor]:
     """The router expert biases of the decoder's MoE layers, in layer order (MTP layers excluded)."""
-    model = P.unwrap(policy.chunks[0])
+    model = unwrap(policy.chunks[0])
     return [b.detach().float().cpu().clone() for n, b in model.named_buffers()
             if n.startswith("decoder.") and n.endswith("router.expert_bias")]
 
@@ -115,7 +117,7 @@ def main() -> None:
     t_start = time.perf_counter()
     cfg = compose([f"model={model}", "logger=none", "stage.train.optim.lr=0.01", "stage.train.optim.schedule=constant"])
     P.init_distributed(cfg)
-    policy = P.build_policy(cfg)
+    policy = build_policy(cfg)
     m = cfg.model
     workdir = Path(tempfile.mkdtemp(prefix="weight_sync_"))
     hf_bridge.save_hf(policy, workdir / "init")
@@ -134,7 +136,7 @@ def main() -> None:
         t = torch.randint(0, m.vocab_size, (4, 17), generator=torch.Generator().manual_seed(0))
         batch = [dict(tokens=t[:, :-1], labels=t[:, 1:], loss_mask=torch.ones(4, 16),
                       position_ids=torch.arange(16).expand(4, 16), attention_mask=causal_mask(16))]
-        steps = [P.train_step(policy, batch) for _ in range(2)]  # the scheduler reports lr 0 on step 1
+        steps = [train_step(policy, batch) for _ in range(2)]  # the scheduler reports lr 0 on step 1
         step = steps[-1]
         moved = [float((a - b).abs().max()) for a, b in zip(trainer_expert_bias(policy), bias_before)]
         bias_moved = max(moved) if moved else None

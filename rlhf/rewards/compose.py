@@ -1,7 +1,5 @@
-"""R1 stage 4, all-scenario RL: the GRPO loop of rlhf/r1_zero.py on mixed prompts.
-
-    python -m rlhf.train stage=general_rl stage.init_from=SFT_RUN reward.models.helpful.path=RM_RUN \\
-        reward.models.harmless.path=RM_RUN run_dir=PATH
+"""What scores a GRPO step's samples: the rule pool (rlhf.rewards.pool) alone, or, with reward.models, that
+pool mixed with trained reward models (R1 stage 4, all-scenario RL).
 
 Reasoning prompts (rows with a gold answer) get reward.weights' rule rewards. General prompts (no gold:
 data.general_task's rows, rlhf.prompts.is_general) get reward.general_weights' rule rewards (format) plus
@@ -20,11 +18,13 @@ import torch
 from core.config import Config
 from parallel import checkpoint as ckpt
 from parallel import parallelize as P
+from parallel.policy import eval_mode
+from parallel.step import forward_backward
 from rlhf.prompts import is_general
 from rlhf.reward_model import encode, view
 from rlhf.rewards import RewardPool, RewardResult
 
-NOT_SCORED = math.nan  # a reward that does not apply to a sample (step_metrics averages the others)
+NOT_SCORED = math.nan  # a reward that does not apply to a sample (step metrics average the others)
 
 
 def training_rewards(cfg: Config, tok):
@@ -47,7 +47,7 @@ class RewardModel:
     @torch.no_grad()
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
         """Collective over the model-parallel group, which must pass the same rows; every rank gets the scores."""
-        from rlhf.pretrain import micro_batches
+        from core.data import micro_batches
 
         ids = [encode(self.tok, p, view(r, self.part, self.reasoning_end)) for p, r in zip(prompts, responses)]
         width = max(len(x) for x in ids)
@@ -64,8 +64,8 @@ class RewardModel:
             data["position_ids"][i, : len(x)] = torch.arange(len(x))
             data["segment_ids"][i, : len(x)] = 0
             data["ends"][i, 0] = len(x) - 1
-        with P.eval_mode(self.model):
-            out = P.forward_backward(
+        with eval_mode(self.model):
+            out = forward_backward(
                 self.model, micro_batches(data, list(range(len(ids))), self.micro), forward_only=True, forward=_at_eos
             )
         scores = torch.cat([d["scores"] for d in out]) if out else torch.zeros(len(ids))

@@ -1,0 +1,61 @@
+"""The rollout engine colocated with the trainer: one per model replica, on its first tensor- and
+pipeline-parallel rank, started from an HF export of the policy and kept in step with it.
+
+In the colocated sync mode the engine and the trainer take turns with the accelerator's memory, in vLLM's
+own order: `rest` (engine.sleep: KV cache freed, weights offloaded) once a step's generation is done,
+`sync` wakes the weights, sends the policy's, then wakes the KV cache. vLLM has no sleep mode on CPU:
+there both are no-ops (logged once).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from core.config import Config
+from inference.engine import Engine, build_engine
+from parallel import hf_bridge
+from parallel.weight_sync import sync_weights
+
+
+def hosts_engine() -> bool:
+    """Whether this rank hosts its replica's engine: the first tensor- and pipeline-parallel rank."""
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0
+
+
+def start_engine(cfg: Config, policy, hf_dir: Path, tok) -> Engine | None:
+    """The engine of this rank's replica (None on the ranks that host none), serving the policy's current
+    weights: exported to `hf_dir` with the tokenizer, then loaded by rollout.engine."""
+    if not hosts_engine():
+        return None
+    hf_bridge.save_hf(policy, hf_dir, tokenizer=tok)  # rank 0 writes a loadable HF dir
+    r = cfg.rollout
+    engine = build_engine(
+        r.engine,
+        model_dir=str(hf_dir),
+        max_model_len=cfg.stage.train.seq_length,
+        kv_cache_bytes=r.kv_cache_bytes,
+        seed=cfg.seed,
+        overlong_prompt=r.overlong_prompt,
+        timeout_s=r.timeout_s,
+    )
+    if cfg.parallel.unsharded:  # the export is then local to this rank
+        engine.weights_source = lambda: hf_bridge.export_hf(policy)  # lets a dead engine restart mid-run
+    return engine
+
+
+def rest(engine: Engine | None) -> None:
+    """After a step's generation: the engine's memory goes to the trainer until the next sync."""
+    if engine is not None:
+        engine.sleep()
+
+
+def sync(policy, engine: Engine | None, bucket_bytes: int) -> dict:
+    """Collective (every rank exports): the policy's weights to the engine, woken around the update."""
+    if engine is not None:
+        engine.wake_up(tags=["weights"])
+    stats = sync_weights(policy, engine, bucket_bytes)
+    if engine is not None:
+        engine.wake_up(tags=["kv_cache"])
+    return stats
