@@ -15,7 +15,8 @@ from typing import Iterable
 
 import torch
 
-from inference.engine import ENGINES, Completion, Engine, EngineError, Rollout, Sampling, exit_code, log
+from inference.engine import ENGINES, Completion, Engine, Rollout, Sampling
+from inference.supervision import EngineError, exit_code, log
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines come at every step and weight sync

@@ -196,7 +196,8 @@ def load_frozen(cfg, path: str | os.PathLike, head: str, what: str) -> tuple[Pol
     in errors. Returns the model and the checkpoint's metadata."""
     import dataclasses
 
-    from core.config import ConfigError, model_preset
+    from core.compose import model_preset
+    from core.errors import ConfigError
     from parallel.policy import build_policy
 
     step_dir = resolve(of_run(path))

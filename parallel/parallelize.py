@@ -11,7 +11,8 @@ import torch
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-from core.config import Config, validate
+from core.config import Config
+from core.validate import validate
 from parallel import env as launch_env
 
 

@@ -14,7 +14,8 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from core import model as model_lib
-from core.config import Config, ConfigError
+from core.config import Config
+from core.errors import ConfigError
 from parallel.kernels import use_transformer_engine
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

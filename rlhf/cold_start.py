@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from core.config import Config, ConfigError
+from core.config import Config
+from core.errors import ConfigError
 from rlhf import rejection_sampling, sft
 from rlhf.rewards import extract_answer
 from rlhf.rewards.language import reasoning_of

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from core.config import ConfigError
+from core.errors import ConfigError
 from parallel import checkpoint as ckpt
 from parallel import parallelize as P
 from rlhf.rollout import Sample, to_batch

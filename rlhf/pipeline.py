@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from core.config import CONF_DIR
+from core.compose import CONF_DIR
 
 USAGE = "usage: python -m rlhf.pipeline pipeline=NAME run_dir=PATH [until=STAGE] [KEY=VALUE] [STAGE:KEY=VALUE]"
 REPORTED = ("pass@1", "format", "language_consistency", "response_length", "harmful", "ideal")
@@ -134,7 +134,8 @@ def config_digest(argv: list[str], stage: str) -> str:
     """sha256 of the config `argv` composes to (every conf/ preset it pulls in), run_dir aside."""
     import dataclasses
 
-    from core.config import ConfigError, compose
+    from core.compose import compose
+    from core.errors import ConfigError
     from rlhf.tracking import clean
 
     try:

@@ -8,8 +8,9 @@ import random
 
 import torch
 
-from core.config import Config, ConfigError
+from core.config import Config
 from core.data import load_rows, pack
+from core.errors import ConfigError
 from rlhf import trainer
 from rlhf.tasks import TASKS
 

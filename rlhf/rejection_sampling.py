@@ -24,8 +24,9 @@ import logging
 from pathlib import Path
 
 import parallel  # noqa: F401  (CPU compatibility layer before megatron loads)
-from core.config import Config, ConfigError
+from core.config import Config
 from core.data import DataError
+from core.errors import ConfigError
 from core.tokenizer import build_char_tokenizer
 from inference import colocated
 from parallel import checkpoint as ckpt

@@ -17,8 +17,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from core.config import Config, ConfigError
+from core.config import Config
 from core.data import DataError, load_rows
+from core.errors import ConfigError
 from parallel import parallelize as P
 from parallel.policy import eval_mode
 from parallel.step import forward_backward

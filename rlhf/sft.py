@@ -16,8 +16,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from core.config import Config, ConfigError
+from core.config import Config
 from core.data import DataError, load_rows, pack, tokenize_sft
+from core.errors import ConfigError
 from rlhf import trainer
 from rlhf.tasks import TASKS
 

@@ -30,7 +30,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from core.config import ConfigError
+from core.errors import ConfigError
 
 log = logging.getLogger("r1stack.tracking")
 

@@ -15,8 +15,9 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from core.config import ConfigError, compose, load_config, register_schema
+from core.compose import compose, load_config, register_schema
 from core.data import DataError
+from core.errors import ConfigError
 from core.stages import STAGES
 from rlhf.preempt import REQUEUE_EXIT, Preempted
 
@@ -64,7 +65,7 @@ def _fail(e: Exception) -> None:
 def _runtime_failure(e: Exception) -> None:
     """An engine that died or hung (exit 1) and a reward sandbox the machine refuses (exit 2) end with
     their message, not a traceback; anything else is a bug and keeps its traceback."""
-    from inference.engine import EngineError  # imports torch: only on this path
+    from inference.supervision import EngineError
     from rlhf.rewards.sandbox import SandboxUnavailable
 
     if isinstance(e, EngineError):

@@ -19,8 +19,9 @@ from typing import Callable
 import torch
 
 import parallel  # noqa: F401  (CPU compatibility layer before megatron loads)
-from core.config import Config, ConfigError
+from core.config import Config
 from core.data import micro_batches, shuffled_rows
+from core.errors import ConfigError
 from core.tokenizer import build_char_tokenizer, save_tokenizer
 from parallel import checkpoint as ckpt
 from parallel import parallelize as P

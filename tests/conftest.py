@@ -37,7 +37,7 @@ def single_process():
 @pytest.fixture
 def P(single_process):
     """`parallel.parallelize` on a fresh TP1 layout (other tests may have left another one)."""
-    from core.config import compose
+    from core.compose import compose
 
     single_process.shutdown_model_parallel()
     single_process.init_distributed(compose([]))

@@ -22,8 +22,11 @@ import time
 import pytest
 import torch
 
-from core.config import ConfigError, compose, validate
-from inference.engine import EngineDied, EngineTimeout, Sampling, build_engine
+from core.compose import compose
+from core.errors import ConfigError
+from core.validate import validate
+from inference.engine import Sampling, build_engine
+from inference.supervision import EngineDied, EngineTimeout
 from parallel.policy import build_policy
 from rlhf.rewards import REWARDS, RewardPool
 from tests.conftest import cli_env

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from core.config import compose
+from core.compose import compose
 from parallel.policy import build_policy
 from parallel.step import train_step
 from tests.conftest import lm_batch as batch

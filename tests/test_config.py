@@ -2,7 +2,9 @@
 
 import pytest
 
-from core.config import CONF_DIR, ConfigError, compose, validate
+from core.compose import CONF_DIR, compose
+from core.errors import ConfigError
+from core.validate import validate
 
 PRESETS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 

@@ -14,7 +14,7 @@ def _make_hf(model: str, out):
     from hf_bridge_worker import random_hf_model
     from safetensors.torch import save_file
 
-    from core.config import compose
+    from core.compose import compose
     from core.hf_config import hf_config
 
     m = compose([f"model={model}"]).model

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from core.errors import ConfigError
-from inference.engine import EngineError, Sampling, build_engine
+from inference.engine import Sampling, build_engine
+from inference.supervision import EngineError
 
 PROMPTS = [[1, 64, 36, 22, 35, 85, 9, 80], [1, 10, 44, 36], [1, 26, 36, 37, 18, 31, 37, 85, 3]]
 MAX_LEN = 64
@@ -133,7 +134,7 @@ def test_unknown_engine_is_named():
 def test_a_hung_call_becomes_a_clear_error_within_the_deadline():
     import time
 
-    from inference.engine import EngineError, deadline
+    from inference.supervision import EngineError, deadline
 
     t0 = time.perf_counter()
     with pytest.raises(EngineError, match="did not finish within 0.3 s.*rollout.timeout_s"):

@@ -8,7 +8,8 @@ import math
 
 import pytest
 
-from core.config import ConfigError, compose
+from core.compose import compose
+from core.errors import ConfigError
 from tests.conftest import train_cli
 
 RL = [
@@ -132,7 +133,7 @@ def test_general_prompts_need_reward_models(greeter, tmp_path):
 
 
 def _validated(overrides):
-    from core.config import validate
+    from core.validate import validate
 
     return validate(compose(overrides), 1)
 

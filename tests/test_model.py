@@ -6,7 +6,7 @@ import functools
 import pytest
 import torch
 
-from core.config import compose
+from core.compose import compose
 from parallel.policy import build_policy, runtime_config
 
 

@@ -5,7 +5,9 @@ import json
 
 import pytest
 
-from core.config import ConfigError, compose, validate
+from core.compose import compose
+from core.errors import ConfigError
+from core.validate import validate
 from tests.conftest import train_cli
 
 STUDENT = [

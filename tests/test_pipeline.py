@@ -8,7 +8,8 @@ import shutil
 import pytest
 import yaml
 
-from core.config import ConfigError, compose
+from core.compose import compose
+from core.errors import ConfigError
 from tests.conftest import module_cli
 
 SMOKE = [  # the r1_tiny chain's wiring at test size; `memorise` stands in for a long pretrain

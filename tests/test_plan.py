@@ -7,7 +7,9 @@ import sys
 
 import pytest
 
-from core.config import CONF_DIR, ConfigError, compose, pipeline_layers
+from core.compose import CONF_DIR, compose
+from core.errors import ConfigError
+from core.validate import pipeline_layers
 from parallel.policy import runtime_config
 from tests.conftest import ROOT
 from tools.plan import PlanError, plan

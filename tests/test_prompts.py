@@ -3,8 +3,10 @@ import re
 
 import pytest
 
-from core.config import ConfigError, DataConfig, compose
+from core.compose import compose
+from core.config import DataConfig
 from core.data import DataError
+from core.errors import ConfigError
 from rlhf.prompts import R1_ZERO_TEMPLATE, fill, load_prompts
 from rlhf.rewards import REWARDS
 from rlhf.tasks import addition, gym

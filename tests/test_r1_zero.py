@@ -11,7 +11,9 @@ import time
 
 import pytest
 
-from core.config import ConfigError, compose, validate
+from core.compose import compose
+from core.errors import ConfigError
+from core.validate import validate
 from tests.conftest import ROOT, cli_env, read_metrics
 from tests.conftest import train_cli as _train
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from core.config import compose
+from core.compose import compose
 from tests.conftest import train_cli
 
 
@@ -53,8 +53,8 @@ def test_pairs_are_two_segments_scored_at_their_eos():
 
 
 def test_preference_pairs_hold_out_names_and_need_a_source(tmp_path):
-    from core.config import ConfigError
     from core.data import DataError
+    from core.errors import ConfigError
     from rlhf import reward_model
     from rlhf.tasks import general
 

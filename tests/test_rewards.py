@@ -7,8 +7,8 @@ import time
 import pytest
 import rewards_for_tests  # noqa: F401  (registers test_sleep, test_raise, test_length, test_exit)
 
-from core.config import ConfigError
 from core.data import DataError
+from core.errors import ConfigError
 from rlhf.rewards import REWARDS, RewardPool
 from rlhf.tasks import addition, validate_gold
 

@@ -15,8 +15,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from core.config import ConfigError, DataConfig
+from core.config import DataConfig
 from core.data import DataError
+from core.errors import ConfigError
 from rlhf.prompts import load_prompts
 from rlhf.rewards import REWARDS, RewardPool, coding, sandbox
 from rlhf.tasks import code, validate_gold

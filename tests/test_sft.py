@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from core.config import ConfigError, compose
+from core.compose import compose
 from core.data import DataError
+from core.errors import ConfigError
 from rlhf.tasks import addition
 from tests.conftest import train_cli as _train
 

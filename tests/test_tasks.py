@@ -3,8 +3,9 @@ and every registered task's fields have the shapes the stages call them with."""
 
 import pytest
 
-from core.config import ConfigError, DataConfig
+from core.config import DataConfig
 from core.data import DataError
+from core.errors import ConfigError
 from rlhf.prompts import R1_ZERO_TEMPLATE, load_prompts
 from rlhf.rewards import REWARDS
 from rlhf.tasks import TASKS, validate_gold

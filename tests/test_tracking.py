@@ -5,7 +5,8 @@ import subprocess
 
 import pytest
 
-from core.config import ConfigError, compose
+from core.compose import compose
+from core.errors import ConfigError
 from rlhf.tracking import Tracker, TrackingError
 from tests.conftest import ROOT
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from core.config import compose
+from core.compose import compose
 from parallel.policy import build_policy
 from parallel.step import token_loss, train_step
 from tests.conftest import lm_batch as batch

@@ -23,7 +23,7 @@ def _setup(threads: int, base: str | None, overrides: list[str]):
     os.environ["OMP_NUM_THREADS"] = str(threads)  # else vLLM drops the process to 1 thread when it starts
     torch.set_num_threads(threads)
     import parallel  # noqa: F401
-    from core.config import compose
+    from core.compose import compose
     from core.tokenizer import build_char_tokenizer
     from parallel import checkpoint as ckpt
     from parallel import hf_bridge

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import sys
 
-from core.config import ConfigError, compose, validate
+from core.compose import compose
+from core.errors import ConfigError
+from core.validate import validate
 
 
 def main(argv: list[str]) -> int:

@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 import parallel  # noqa: F401  (CPU compatibility layer before megatron loads)
-from core.config import ConfigError, compose
+from core.compose import compose
+from core.errors import ConfigError
 from core.tokenizer import build_char_tokenizer
 from parallel import checkpoint as ckpt
 from parallel import hf_bridge

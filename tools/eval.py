@@ -16,8 +16,9 @@ import sys
 from pathlib import Path
 
 import parallel  # noqa: F401  (CPU compatibility layer before megatron loads)
-from core.config import ConfigError, compose
+from core.compose import compose
 from core.data import DataError
+from core.errors import ConfigError
 from parallel import checkpoint as ckpt
 from parallel.policy import build_policy
 

@@ -29,6 +29,7 @@ from multiprocessing.connection import wait
 from multiprocessing.reduction import ForkingPickler
 from typing import Sequence
 
+from core.errors import ConfigError
 from rlhf.rewards import REWARDS
 from rlhf.tasks import modules_of_scorers
 
@@ -105,8 +106,6 @@ class _Worker:
 
 
 def _check(weights: dict[str, float], timeout_s: float, workers: int) -> None:
-    from core.config import ConfigError  # core imports torch: only here, never in a worker
-
     if not weights:
         raise ConfigError(f"reward.weights is empty. Fix: weight at least one of {sorted(REWARDS)}, e.g. accuracy: 1.0")
     unknown = [k for k in weights if k not in REWARDS]

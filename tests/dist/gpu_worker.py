@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from core.config import compose  # noqa: E402
+from core.compose import compose  # noqa: E402
 from parallel import checkpoint as ckpt  # noqa: E402
 from parallel import parallelize as P  # noqa: E402
 from parallel.policy import build_policy

@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import parallel  # noqa: E402,F401
-from core.config import compose  # noqa: E402
+from core.compose import compose  # noqa: E402
 from core.hf_config import hf_config  # noqa: E402
 from core.data import causal_mask  # noqa: E402
 from parallel import hf_bridge  # noqa: E402

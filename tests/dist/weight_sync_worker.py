@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import parallel  # noqa: E402,F401
-from core.config import compose  # noqa: E402
+from core.compose import compose  # noqa: E402
 from core.data import causal_mask  # noqa: E402
 from parallel import hf_bridge  # noqa: E402
 from parallel import parallelize as P  # noqa: E402

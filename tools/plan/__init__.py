@@ -7,7 +7,9 @@ ConfigError of core.config.validate; one that does not fit raises PlanError; bot
 
 from __future__ import annotations
 
-from core.config import Config, ConfigError, validate
+from core.config import Config
+from core.errors import ConfigError
+from core.validate import validate
 from tools.plan.arch import arch
 from tools.plan.hardware import GPUS, calibration
 from tools.plan.layout import layout, workload

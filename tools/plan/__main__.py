@@ -15,7 +15,8 @@ import json
 import sys
 from pathlib import Path
 
-from core.config import ConfigError, compose
+from core.compose import compose
+from core.errors import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:

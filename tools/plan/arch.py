@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from core.config import Config, ModelConfig, pipeline_layers
+from core.config import Config, ModelConfig
+from core.validate import pipeline_layers
 
 
 @dataclass(frozen=True)

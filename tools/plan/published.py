@@ -12,7 +12,8 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
-from core.config import Config, compose
+from core.compose import compose
+from core.config import Config
 from tools.plan import hardware as hw
 from tools.plan import plan
 from tools.plan.arch import arch

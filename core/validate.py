@@ -1,0 +1,205 @@
+"""Start-up validation: the cross-field rules of a Config against the world size (parallel layout, batch
+split, GRPO settings), each failure naming the field and a fix."""
+
+from __future__ import annotations
+
+from core.config import TEACHER_ADVANTAGE, Config, ParallelConfig
+from core.errors import ConfigError
+from core.stages import RL_STAGES
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def pipeline_layers(num_layers: int, p: ParallelConfig) -> list[int]:
+    """Decoder layers per pipeline stage as megatron splits them: the first and last stage as set, the rest
+    evenly over the middle stages. Raises ConfigError naming the field and a split that works."""
+    pp, first, last = p.pipeline, p.num_layers_in_first_pipeline_stage, p.num_layers_in_last_pipeline_stage
+    names = ("num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage")
+    for name, v in zip(names, (first, last)):
+        if v is not None and (v < 1 or pp < 2):
+            raise ConfigError(
+                f"parallel.{name}={v} needs parallel.pipeline >= 2 and a value >= 1. Fix: set it to null."
+            )
+    if first is not None and last is not None and pp == 2 and first + last != num_layers:
+        raise ConfigError(
+            f"parallel.{names[0]}={first} + {names[1]}={last} != model.num_layers={num_layers} at "
+            f"parallel.pipeline=2. Fix: make them sum to {num_layers}."
+        )
+    if first is None and last is None:
+        if num_layers % pp:
+            raise ConfigError(
+                f"model.num_layers={num_layers} is not divisible by parallel.pipeline={pp}. "
+                f"Fix: use parallel.pipeline in {_divisors(num_layers)}, or an uneven split: "
+                f"{_uneven_hint(num_layers, pp)}."
+            )
+        return [num_layers // pp] * pp
+    middle_stages = pp - (first is not None) - (last is not None)
+    middle = num_layers - (first or 0) - (last or 0)
+    if middle_stages and (middle < middle_stages or middle % middle_stages):
+        raise ConfigError(
+            f"model.num_layers={num_layers} minus parallel.{names[0]}={_yaml(first)} and {names[1]}={_yaml(last)} "
+            f"leaves {middle} layers for {middle_stages} middle pipeline stages, which does not divide. "
+            f"Fix: {_uneven_hint(num_layers, pp)}."
+        )
+    per = middle // middle_stages if middle_stages else 0
+    return ([first] if first is not None else []) + [per] * middle_stages + ([last] if last is not None else [])
+
+
+def _yaml(v) -> str:
+    return "null" if v is None else str(v)
+
+
+def _uneven_hint(num_layers: int, pp: int) -> str:
+    """The most even (first, last) splits that megatron accepts, for an error message."""
+    if pp < 3:
+        return (
+            f"parallel.pipeline=2 with num_layers_in_first_pipeline_stage + num_layers_in_last_pipeline_stage"
+            f" = {num_layers}"
+        )
+    even = num_layers / pp
+    pairs = [
+        (f, ls)
+        for f in range(1, num_layers)
+        for ls in range(1, num_layers)
+        if num_layers - f - ls >= pp - 2 and (num_layers - f - ls) % (pp - 2) == 0
+    ]
+    pairs.sort(key=lambda fl: (abs(fl[0] - even) + abs(fl[1] - even), -fl[0]))
+    shown = ", ".join(f"({f}, {ls})" for f, ls in pairs[:3])
+    return f"set parallel.num_layers_in_first_pipeline_stage/num_layers_in_last_pipeline_stage to one of {shown}"
+
+
+def validate(cfg: Config, world_size: int) -> Config:
+    """Checks the parallel layout against the model and the world size; fills parallel.data."""
+    m, p = cfg.model, cfg.parallel
+    for name in ("tensor", "pipeline", "context", "expert"):
+        if getattr(p, name) < 1:
+            raise ConfigError(f"parallel.{name}={getattr(p, name)} must be >= 1")
+    tp, pp, cp, ep = p.tensor, p.pipeline, p.context, p.expert
+    etp = p.expert_tensor or tp
+    if m.num_attention_heads % tp:
+        raise ConfigError(
+            f"parallel.tensor={tp} does not divide model.num_attention_heads={m.num_attention_heads}. "
+            f"Fix: use parallel.tensor in {_divisors(m.num_attention_heads)}."
+        )
+    if not m.multi_latent_attention and m.num_query_groups and m.num_query_groups % tp:
+        raise ConfigError(
+            f"parallel.tensor={tp} does not divide model.num_query_groups={m.num_query_groups} (KV heads). "
+            f"Fix: use parallel.tensor in {_divisors(m.num_query_groups)}."
+        )
+    if m.padded_vocab_size % tp:
+        raise ConfigError(
+            f"parallel.tensor={tp} does not divide the padded vocabulary {m.padded_vocab_size}. "
+            "Fix: set model.vocab_pad_multiple to a multiple of parallel.tensor."
+        )
+    pipeline_layers(m.num_layers, p)
+    if world_size % (tp * pp * cp):
+        raise ConfigError(
+            f"world size {world_size} is not a multiple of tensor×pipeline×context = {tp}×{pp}×{cp}. "
+            f"Fix: launch a multiple of {tp * pp * cp} processes, or change parallel.*."
+        )
+    dp = world_size // (tp * pp * cp)
+    if p.data is not None and p.data != dp:
+        raise ConfigError(
+            f"world size {world_size} ≠ tensor×pipeline×context×data = {tp}×{pp}×{cp}×{p.data}. "
+            f"Fix: launch {tp * pp * cp * p.data} processes, or set parallel.data={dp} (or null)."
+        )
+    if m.is_moe:
+        if m.num_moe_experts % ep:
+            raise ConfigError(
+                f"parallel.expert={ep} does not divide model.num_moe_experts={m.num_moe_experts}. "
+                f"Fix: use parallel.expert in {_divisors(m.num_moe_experts)}."
+            )
+        if (world_size // pp) % (ep * etp):
+            raise ConfigError(
+                f"expert×expert_tensor = {ep}×{etp} does not divide the {world_size // pp} ranks of a "
+                "pipeline stage. Fix: pick parallel.expert (and expert_tensor) dividing world/pipeline."
+            )
+        groups = m.moe_router_num_groups
+        if m.family == "deepseek_v3" and groups and m.moe_router_topk // (m.moe_router_group_topk or 1) != 2:
+            raise ConfigError(
+                f"model.moe_router_topk={m.moe_router_topk} // moe_router_group_topk={m.moe_router_group_topk} "
+                "must be 2: megatron scores an expert group by its top (topk // group_topk) experts, "
+                "DeepSeek-V3 (HF, vLLM) by its top 2, so the exported model would route differently. "
+                "Fix: set moe_router_topk = 2 × moe_router_group_topk."
+            )
+        if tp > 1 and not p.sequence_parallel:
+            raise ConfigError(
+                "MoE with parallel.tensor > 1 needs sequence parallelism (megatron-core rejects it "
+                "otherwise). Fix: set parallel.sequence_parallel=true."
+            )
+    elif ep > 1:
+        raise ConfigError(f"parallel.expert={ep} but model '{m.name}' has no experts. Fix: set parallel.expert=1.")
+    if m.multi_latent_attention and tp > 1 and not p.sequence_parallel:
+        raise ConfigError(
+            "MLA with parallel.tensor > 1 needs sequence parallelism: the shared rope key's grad is "
+            "summed over TP by the sequence-parallel gather. Fix: set parallel.sequence_parallel=true."
+        )
+    if p.sequence_parallel and tp == 1:
+        raise ConfigError("parallel.sequence_parallel=true needs parallel.tensor > 1. Fix: set it false.")
+    if p.recompute not in ("none", "selective", "full"):
+        raise ConfigError(f"parallel.recompute={p.recompute!r}: expected none, selective or full.")
+    t = cfg.stage.train
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ConfigError(
+            f"stage.train.global_batch_size={t.global_batch_size} is not a multiple of "
+            f"micro_batch_size×data = {t.micro_batch_size}×{dp}. Fix: adjust either batch size."
+        )
+    if cfg.stage.view not in ("full", "summary"):
+        raise ConfigError(f"stage.view={cfg.stage.view!r}: expected full or summary.")
+    if cfg.stage.name in RL_STAGES:
+        _validate_rl(cfg, dp)
+    p.data = dp
+    return cfg
+
+
+def _validate_rl(cfg: Config, dp: int) -> None:
+    rl, r, t = cfg.stage.rl, cfg.rollout, cfg.stage.train
+    if r.n < 2:
+        raise ConfigError(f"rollout.n={r.n}: GRPO compares samples within a group. Fix: rollout.n >= 2.")
+    if rl.prompts_per_step % dp:
+        raise ConfigError(
+            f"stage.rl.prompts_per_step={rl.prompts_per_step} does not split over {dp} data-parallel "
+            "ranks (groups never span ranks). Fix: make it a multiple of parallel.data."
+        )
+    per_update = rl.prompts_per_step // dp * r.n
+    if per_update % rl.minibatches or (per_update // rl.minibatches) % t.micro_batch_size:
+        raise ConfigError(
+            f"each rank's {per_update} samples per step (prompts_per_step/data × rollout.n) must split "
+            f"into stage.rl.minibatches={rl.minibatches} updates of whole micro-batches of "
+            f"stage.train.micro_batch_size={t.micro_batch_size}. Fix: adjust one of them."
+        )
+    if r.max_new_tokens >= t.seq_length:
+        raise ConfigError(
+            f"rollout.max_new_tokens={r.max_new_tokens} leaves no room for a prompt in "
+            f"stage.train.seq_length={t.seq_length}. Fix: lower it or raise seq_length."
+        )
+    if rl.clip_eps_low < 0 or rl.clip_eps_high < 0 or rl.clip_eps_low >= 1:
+        raise ConfigError("stage.rl.clip_eps_low must be in [0, 1) and clip_eps_high >= 0.")
+    if r.overlong_prompt not in ("error", "truncate"):
+        raise ConfigError(f"rollout.overlong_prompt={r.overlong_prompt!r}: expected error or truncate.")
+    if (rl.advantage == TEACHER_ADVANTAGE) != bool(rl.teacher):
+        raise ConfigError(
+            f"stage.rl.teacher={rl.teacher} with stage.rl.advantage={rl.advantage} (stage={cfg.stage.name}): "
+            f"a teacher is what stage.rl.advantage={TEACHER_ADVANTAGE} (stage=on_policy_distill) learns from, "
+            "and only it. Fix: set stage.rl.teacher=TEACHER_RUN there, and unset it elsewhere."
+        )
+    d = cfg.data
+    if bool(d.general_task) != (d.general_share > 0) or not 0 <= d.general_share < 1:
+        raise ConfigError(
+            f"data.general_task={d.general_task} with data.general_share={d.general_share}: general "
+            "prompts need both, a task and a share in (0, 1). Fix: set both, or neither."
+        )
+    for name, m in cfg.reward.models.items():
+        if not m.path:
+            raise ConfigError(
+                f"reward.models.{name}.path is unset. Fix: set it to a stage=reward_model run dir, "
+                f"or drop the model (~reward.models.{name})."
+            )
+    if d.general_task and not cfg.reward.models:
+        raise ConfigError(
+            f"data.general_task={d.general_task} mixes in prompts no rule can score, and reward.models "
+            "is empty. Fix: set reward.models.helpful.path=RUN_DIR (a stage=reward_model run), and "
+            "others as needed."
+        )
