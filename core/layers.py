@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-# megatron-core loads on a CPU-only machine once the compatibility layer is armed, which importing the
-# parallel package does (a no-op with CUDA). The model uses nothing else of it.
-import parallel  # noqa: F401
-
-# isort: split
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule

@@ -11,11 +11,6 @@ import dataclasses
 import functools
 from typing import Any
 
-# megatron-core loads on a CPU-only machine once the compatibility layer is armed, which importing the
-# parallel package does (a no-op with CUDA). The model uses nothing else of it.
-import parallel  # noqa: F401
-
-# isort: split
 import torch
 import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel

@@ -14,14 +14,13 @@ from pathlib import Path
 from core.config import Config
 from inference.engine import Engine, build_engine
 from parallel import hf_bridge
+from parallel import parallelize as P
 from parallel.weight_sync import sync_weights
 
 
 def hosts_engine() -> bool:
     """Whether this rank hosts its replica's engine: the first tensor- and pipeline-parallel rank."""
-    from megatron.core import parallel_state as ps
-
-    return ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0
+    return P.leads_replica()
 
 
 def start_engine(cfg: Config, policy, hf_dir: Path, tok) -> Engine | None:

@@ -4,7 +4,8 @@ Every patch is one `Patch` record: the megatron module it changes, why, the upst
 on, and an `install(module)` run right after that module is imported (or at once, if it already is),
 so import order never matters. `tests/test_cpu_compat.py` checks each `relies_on` against the
 installed megatron-core: an upgrade that changes a patched spot fails loudly instead of silently
-running unpatched code. `apply()` is cheap (it imports no megatron); `core` and `parallel` call it.
+running unpatched code. `apply()` is cheap (it imports no megatron); importing the `parallel` package calls it, and every entry
+point that builds a model imports `parallel` first (core knows nothing of it).
 """
 
 from __future__ import annotations

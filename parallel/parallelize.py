@@ -117,6 +117,25 @@ def share_model_parallel(obj):
     return obj
 
 
+def max_over_world(values: list[float]) -> list[float]:
+    """Each value's maximum over all ranks, the same on every rank."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t, torch.distributed.ReduceOp.MAX)
+    return t.tolist()
+
+
+def is_last_pipeline_stage() -> bool:
+    """Whether this rank computes the model's outputs (log-probs, losses): the last pipeline stage."""
+    return ps.is_pipeline_last_stage(ignore_virtual=True)
+
+
+def leads_replica() -> bool:
+    """Whether this rank is its model replica's first tensor- and pipeline-parallel rank: where one-per-replica
+    work (the colocated engine, rollouts) runs."""
+    return ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0
+
+
 def all_ranks_true(flag: bool) -> bool:
     """The same answer on every rank: whether `flag` holds on all of them."""
     t = torch.tensor([0 if flag else 1])

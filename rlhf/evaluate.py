@@ -9,8 +9,6 @@ from __future__ import annotations
 from collections import Counter
 from statistics import mean
 
-import torch
-
 from inference.engine import Sampling
 from parallel import parallelize as P
 from rlhf.rewards import extract_answer
@@ -26,10 +24,7 @@ def evaluate(engine, tok, rows: list[dict], ecfg, pool, max_new_tokens: int) -> 
     dp, rank = P.data_parallel_size(), P.data_parallel_rank()
     mine = rows[rank::dp] if engine is not None else []
     records = _score(engine, tok, mine, ecfg, pool, max_new_tokens) if mine else []
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        parts = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(parts, records)  # every rank; ranks without an engine send []
-        records = [r for part in parts for r in part]
+    records = [r for part in P.gather_world(records) for r in part]  # ranks without an engine send []
     out = {"k": ecfg.k, "temperature": ecfg.temperature, "top_p": ecfg.top_p, **_aggregate(records, ecfg.k)}
     tasks = sorted({r["task"] for r in records})
     if len(tasks) > 1:

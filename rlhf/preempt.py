@@ -52,14 +52,11 @@ class PreemptionWatch:
 
     def stop(self, step: int) -> Preempted:
         """Call after the checkpoint is written; raise what it returns."""
-        import torch
-
-        from parallel.parallelize import is_rank0
+        from parallel.parallelize import barrier, is_rank0
 
         marker = os.environ.get("R1_PREEMPTED_FILE")
         if marker and is_rank0():
             with open(marker, "w") as f:
                 f.write(f"{step}\n")
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()  # no rank exits before the marker exists
+        barrier()  # no rank exits before the marker exists
         return Preempted(step, self.signum)

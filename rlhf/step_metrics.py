@@ -6,7 +6,6 @@ import math
 import time
 
 import torch
-from megatron.core import parallel_state as ps
 
 from parallel import parallelize as P
 
@@ -55,11 +54,8 @@ def step_metrics(step: int, batch, stats: dict, sync: dict, clock: StepClock) ->
     if batch.teacher_logp is not None:  # on-policy distillation: the k1 estimate of KL(student‖teacher) per token
         sums["reverse_kl"] = float(((batch.old_logp - batch.teacher_logp) * mask).sum())
     g = P.reduce_sums([{k: torch.tensor(float(v)) for k, v in sums.items()}], list(sums))
-    peak = torch.tensor(
-        [float(diff.max()) if ps.is_pipeline_last_stage(ignore_virtual=True) else 0.0, float(lengths.max())]
-    )
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(peak, torch.distributed.ReduceOp.MAX)
+    # old_logp exists only where the outputs are computed: zeros elsewhere would fake a gap of 0
+    peak = P.max_over_world([float(diff.max()) if P.is_last_pipeline_stage() else 0.0, float(lengths.max())])
     n, step_s = max(g["samples"], 1), time.perf_counter() - clock.start
     row = {
         "step": step,

@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 import parallel  # noqa: F401  (CPU compatibility layer before megatron loads)
 from core.config import Config
 from core.data import micro_batches, shuffled_rows
@@ -143,8 +141,7 @@ def _train(cfg: Config, job: Supervised, rank0: bool, t_start: float) -> dict:
             tmp.replace(run_dir / "train_summary.json")
             shell.summary(summary)
             print(json.dumps({k: v for k, v in summary.items() if not k.startswith("eval/examples")}), flush=True)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()  # other ranks wait for rank 0's eval before the groups go away
+    P.barrier()  # other ranks wait for rank 0's eval before the groups go away
     return summary
 
 
