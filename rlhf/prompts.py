@@ -22,7 +22,7 @@ from pathlib import Path
 
 from core.data import load_rows
 from core.errors import ConfigError, DataError
-from rlhf.tasks import TASKS, validate_gold
+from rlhf.tasks import FILE_ROW_TASK, TASKS, validate_gold
 
 # DeepSeek-R1 paper, Table 1. It ends inside the think block, so completions start with the reasoning.
 R1_ZERO_TEMPLATE = (
@@ -134,7 +134,7 @@ def _read(path: str, default_task: str | None) -> list[dict]:
             {
                 "question": r["prompt"],
                 "answer": r["answer"],
-                "task": r.get("task") or default_task or "math",
+                "task": r.get("task") or default_task or FILE_ROW_TASK,
                 "metadata": {**extra, **meta},
                 "_where": where,
             }

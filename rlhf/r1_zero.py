@@ -59,8 +59,9 @@ def train(cfg: Config, rank0: bool) -> dict:
     teacher = ckpt.load_frozen(cfg, rl.teacher, "lm", "stage.rl.teacher")[0] if rl.teacher else None
     engine = colocated.start_engine(cfg, policy, run_dir / "hf_init", tok)
     settings = LossSettings.from_config(rl, r.max_new_tokens)
-    estimate, scores = ADVANTAGES.get(rl.advantage), lambda model, batch: _logprobs(model, batch, cfg)
-    context = AdvantageContext(policy, teacher, scores)
+    estimate = ADVANTAGES.get(rl.advantage)
+    logprobs_of = lambda model, batch: _logprobs(model, batch, cfg)  # noqa: E731
+    context = AdvantageContext(policy, teacher, logprobs_of)
     with (
         engine or contextlib.nullcontext(),
         training_rewards(cfg, tok) as pool,
@@ -92,14 +93,13 @@ def train(cfg: Config, rank0: bool) -> dict:
             colocated.rest(engine)  # rollout and reward done: the engine's memory goes to training
             clock.lap("rollout")
             batch.advantages = estimate(batch, context)
-            batch.old_logp = batch.old_logp if batch.old_logp is not None else scores(policy, batch)
-            batch.ref_logp = scores(ref, batch) if ref is not None else None
+            if batch.old_logp is None:  # the clipping anchor (the teacher estimator fills it already)
+                batch.old_logp = logprobs_of(policy, batch)
+            batch.ref_logp = logprobs_of(ref, batch) if ref is not None else None
             stats = grpo.update(policy, batch.tensors(), settings, rl.minibatches, t.micro_batch_size, r.temperature)
             clock.lap("train")
             sync = colocated.sync(policy, engine, r.sync_bucket_bytes)
-            if ref is not None and rl.ref_refresh_every and step % rl.ref_refresh_every == 0:
-                copy_weights(policy, ref)
-                ckpt.save(ref, run_dir / "reference", keep=1, with_optimizer=False)
+            refresh_reference(cfg, step, policy, ref)
             clock.lap("sync")
             if rl.eval_every and step % rl.eval_every == 0:
                 result = evaluate(engine, tok, eval_rows, cfg.eval, eval_pool, r.max_new_tokens)
@@ -109,6 +109,15 @@ def train(cfg: Config, rank0: bool) -> dict:
     if rank0:
         (run_dir / "eval.json").write_text(json.dumps(evals, indent=1) + "\n")
     return evals
+
+
+def refresh_reference(cfg: Config, step: int, policy, ref) -> None:
+    """Every stage.rl.ref_refresh_every steps the KL reference becomes the current policy (R1-Zero: 400),
+    saved so that a resumed run compares with the same one."""
+    every = cfg.stage.rl.ref_refresh_every
+    if ref is not None and every and step % every == 0:
+        copy_weights(policy, ref)
+        ckpt.save(ref, Path(cfg.run_dir) / "reference", keep=1, with_optimizer=False)
 
 
 def _logprobs(model, batch, cfg: Config) -> torch.Tensor:

@@ -106,11 +106,12 @@ def _per_job_run_dir(raw: DictConfig) -> None:
 
 def _precheck(argv: list[str]) -> None:
     """Hydra rejects an unknown override key before `main` runs, with its own message and status 1;
-    composing the plain overrides first turns that into our message and status 2."""
+    composing the plain overrides first turns that into our message and status 2, and a name no registry
+    has fails here too, before Hydra creates the run dir."""
     if any(a.startswith("-") for a in argv):  # --multirun, --cfg, ...: leave those to Hydra
         return
     try:
-        compose([a for a in argv if not a.lstrip("+~").startswith("hydra.")])
+        check_names(compose([a for a in argv if not a.lstrip("+~").startswith("hydra.")]))
     except ConfigError as e:
         _fail(e)
 

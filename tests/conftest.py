@@ -108,9 +108,9 @@ def train_cli(*overrides, check: bool = True) -> subprocess.CompletedProcess:
     return module_cli("rlhf.train", *overrides, check=check)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def base(tmp_path_factory):
-    """A 40-step pretrained tiny base (a run dir), one per test module that asks for it."""
+    """A 40-step pretrained tiny base (a run dir), shared read-only by every test that starts from one."""
     run = tmp_path_factory.mktemp("base")
     train_cli(
         "stage=pretrain",

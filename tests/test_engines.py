@@ -156,3 +156,28 @@ def test_weight_buckets_respect_the_size_and_keep_order():
     out = list(buckets(iter(named), bucket_bytes=80))
     assert [[n for n, _ in b] for b in out] == [["w0", "w1"], ["w2"], ["w3", "w4"], ["w5"]]
     assert all(sum(t.numel() * 4 for _, t in b) <= 80 for b in out if len(b) > 1)
+
+
+def test_the_colocated_cycle_sleeps_after_generation_and_wakes_weights_then_kv_cache_around_the_sync(
+    engines, monkeypatch
+):
+    """vLLM's order for a colocated engine: sleep once generation is done, wake the weights before the
+    update, the KV cache after it (inference.colocated, which the GRPO loop calls every step)."""
+    from inference import colocated
+
+    _, hf = engines
+    calls = []
+    monkeypatch.setattr(hf, "sleep", lambda: calls.append("sleep"))
+    monkeypatch.setattr(hf, "wake_up", lambda tags=None: calls.append(f"wake {tags}"))
+    weights = [(n, t.clone()) for n, t in hf.model.state_dict().items()]
+
+    def send(policy, engine, bucket_bytes):
+        calls.append("update")
+        engine.update_weights(weights)
+        return {"seconds": 0.0}
+
+    monkeypatch.setattr(colocated, "sync_weights", send)
+    colocated.rest(hf)
+    colocated.sync(None, hf, 2**20)
+    assert calls == ["sleep", "wake ['weights']", "update", "wake ['kv_cache']"]
+    colocated.rest(None)  # ranks without an engine take part in the sync only

@@ -76,6 +76,8 @@ def _reasoning_gym(name: str) -> Task | None:
     return gym.task(name)
 
 
+FILE_ROW_TASK = "math"  # the task of a file's prompt row that names none (and no data.task is given)
+
 # The built-in tasks' modules, imported on the first lookup.
 BUILT_IN = (
     "rlhf.tasks.addition",
