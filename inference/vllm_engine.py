@@ -54,7 +54,7 @@ logging.getLogger("vllm.model_executor.model_loader.reload.inplace").addFilter(_
 
 def _repack_moe_experts(worker) -> int:
     # vLLM's CPU fused-MoE kernel packs expert weights once at load; a reload must re-pack them or
-    # the engine silently serves the old experts (see NOTES.md).
+    # the engine silently serves the old experts (logprob gap 0.4 after one reload, 2.5 after two).
     count = 0
     for module in worker.model_runner.model.modules():
         kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)

@@ -1,7 +1,8 @@
 """Trainer → colocated engine: Megatron shards gathered over TP/EP/PP into full HF-named tensors,
 grouped into buckets of `bucket_bytes`, handed to the engine, prefix cache reset by the engine.
 
-The full state is always sent (a subset leaves a tied lm_head stale, NOTES.md). export_hf is
+The full state is always sent: with tied embeddings, a reload without lm_head.weight leaves vLLM's logits
+head on the old weights, silently. export_hf is
 collective, so every rank runs this; only ranks that host an engine pass one.
 """
 

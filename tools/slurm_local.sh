@@ -4,7 +4,8 @@
 #   tools/slurm_local.sh start DIR   # install the packages if missing (root), write DIR/slurm.conf, start the daemons
 #   tools/slurm_local.sh stop DIR    # stop the daemons this script started, by the PIDs in DIR, nothing else
 #
-# Clients need SLURM_CONF=DIR/slurm.conf. Settings and traps: ../shared/NOTES.md ("Slurm").
+# Clients need SLURM_CONF=DIR/slurm.conf (without it they try a DNS SRV lookup and fail). cred_expire=10
+# keeps a requeue from waiting 120 s; no systemd or cgroups are needed (proctrack/linuxproc, task/none).
 set -euo pipefail
 
 cmd=${1:?usage: tools/slurm_local.sh start|stop DIR}

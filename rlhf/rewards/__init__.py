@@ -10,7 +10,7 @@ Adding one::
     @REWARDS.register("length_penalty")
     def length_penalty(completion: str, sample: dict) -> float: ...
 
-then give it a weight (``reward.weights.length_penalty=-0.1``). RewardPool runs rewards in worker
+then give it a weight (``+reward.weights.length_penalty=-0.1``: a new key needs the ``+``). RewardPool runs rewards in worker
 processes, which import the module each reward was defined in: define rewards in an importable
 module, not in a notebook cell.
 
