@@ -12,7 +12,7 @@ setup:
 test: setup
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 # The tiny R1-Zero recipe end to end: pretrain a base, GRPO on it, report and held-out summary.
 demo: setup

@@ -44,7 +44,12 @@ def pairs(cfg: Config, split: str) -> list[dict]:
     if split == "eval":
         return []
     if task is not None:
-        task.need("preference_pairs", "data.task", "stage=reward_model without stage.data_from")
+        task.need(
+            "preference_pairs",
+            "data.task",
+            "stage=reward_model",
+            "set stage.data_from=FILE ({prompt, chosen, rejected} rows)",
+        )
     raise ConfigError(
         "stage=reward_model has no preference pairs. Fix: set stage.data_from=FILE ({prompt, chosen, "
         "rejected} rows) or data=preference_helpful / data=preference_harmless."

@@ -44,7 +44,10 @@ def rows(cfg: Config) -> list[dict]:
     if d.source in ("jsonl", "parquet") and d.train_path:
         return load_rows(d.train_path, "sft")
     if d.source == "generated":
-        return TASKS.get(d.task).need("sft_rows", "data.task", f"stage={cfg.stage.name}")(d.num_train, d.seed, cfg)
+        make = TASKS.get(d.task).need(
+            "sft_rows", "data.task", f"stage={cfg.stage.name}", "set stage.data_from=FILE_OR_DIR (prompt/response rows)"
+        )
+        return make(d.num_train, d.seed, cfg)
     raise ConfigError(
         "stage=sft has no data. Fix: set stage.data_from=FILE_OR_DIR (prompt/response rows), "
         "or data=jsonl data.train_path=FILE."

@@ -15,7 +15,35 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("R1_NO_PROGRESS", "1")
 
 
+# `make test` runs two pytest workers (xdist, whole files each). vLLM binds its OpenMP threads to cores, by
+# default the same first core in every process: each worker's engines get a core of their own instead.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+if _WORKER.startswith("gw"):
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", str(int(_WORKER[2:]) % (os.cpu_count() or 1)))
+
+# Files whose fixtures train models for minutes run first, so that the two workers finish together.
+LONGEST_FIRST = (
+    "test_general_rl",
+    "test_pipeline",
+    "test_language_mixing",
+    "test_r1_zero",
+    "test_sft",
+    "test_slurm",
+    "test_equivalence",
+    "test_reward_model",
+    "test_on_policy_distill",
+    "test_bad_inputs",
+    "test_hf_bridge",
+    "test_convert",
+    "test_pretrain",
+    "test_fuzz",
+    "test_plan",
+)
+
+
 def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1], len(rank)))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -81,7 +81,9 @@ def test_cli_unknown_key_exits_2_with_the_fix():
 def test_unknown_stage_name_lists_the_stages():
     from rlhf.train import run_stage
 
-    with pytest.raises(ConfigError, match=r"unknown stage.name 'warmup'. Fix: use one of \[.*'pretrain'.*'r1_zero'"):
+    with pytest.raises(
+        ConfigError, match=r"stage.name='warmup': no such stage. Fix: use one of \[.*'pretrain'.*'r1_zero'"
+    ):
         run_stage(compose(["stage.name=warmup"]))
 
 

@@ -52,14 +52,15 @@ class Task:
     def rule_checkable(self) -> bool:
         return self.score is not None
 
-    def need(self, field: str, key: str, purpose: str) -> Callable:
-        """This task's `field`, or a ConfigError naming `key`, what it was for and the tasks that have one."""
+    def need(self, field: str, key: str, purpose: str, instead: str = "give the data as a file") -> Callable:
+        """This task's `field`, or a ConfigError naming `key`, what it was for, the tasks that have one and
+        the other way to give the data (`instead`)."""
         fn = getattr(self, field)
         if fn is None:
             have = [name for name, t in TASKS.items() if getattr(t, field) is not None]
             raise ConfigError(
                 f"{key}={self.name!r}: that task has no {field.replace('_', ' ')}, which {purpose} needs. "
-                f"Fix: use a task that has one ({', '.join(have)}), or give the data as a file."
+                f"Fix: use a task that has one ({', '.join(have)}), or {instead}."
             )
         return fn
 
