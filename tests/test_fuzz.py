@@ -1,6 +1,6 @@
-"""Property-based fuzzing (hypothesis) of answer extraction, the rule rewards, the math-verify wrapper and
-the prompt-file loader. Every test is derandomized with a fixed example budget, so each run (and CI) tries
-the same cases.
+"""Property-based fuzzing (hypothesis) of answer extraction, the rule rewards and the math-verify wrapper
+(the prompt-file loader's: test_fuzz_loader.py). Every test is derandomized with a fixed example budget, so
+each run (and CI) tries the same cases.
 
 * The rewards never raise on any text (unicode, null bytes, lone surrogates, unbalanced or nested tags,
   huge repeats, Python that a scorer might run) and score exactly 0 or 1.
@@ -9,46 +9,28 @@ the same cases.
   matches two different golds. Only the first <answer> block counts.
 * The math-verify wrapper never raises on any gold or prediction, and through the RewardPool a batch of
   answers that hang it (or sympy, or a scorer's eval) costs at most the pool's timeout per call.
-* A JSONL prompt file either loads (every math gold parses) or raises DataError naming the file and a line
-  that really is bad; an unparsable gold is always a load-time error.
 """
 
 from __future__ import annotations
 
 import builtins
 import functools
-import json
 import math
 import re
 import time
-from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, assume, event, example, given, settings
+from hypothesis import assume, event, example, given
 from hypothesis import strategies as st
 
-from core.config import DataConfig
-from core.data import DataError
-from rlhf.prompts import load_prompts
 from rlhf.rewards import REWARDS, RewardPool, extract_answer
 from rlhf.rewards.rules import ANSWER, ANSWER_END, THINK, THINK_END
 from rlhf.tasks import gym
 from rlhf.tasks import math as math_task
 from rlhf.tasks.math import is_parsed, parse_math
+from tests.fuzz_cases import LATEX, NASTY, fuzz, math_text, numbers
 
 TAGS = [THINK, THINK_END, ANSWER, ANSWER_END]
-
-FUZZ = settings(
-    deadline=None,
-    derandomize=True,  # the same cases on every run
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
-)
-
-
-def fuzz(n: int) -> settings:
-    return settings(FUZZ, max_examples=n)
-
 
 fmt, acc, gated = REWARDS["format"], REWARDS["accuracy"], REWARDS["format_gated_accuracy"]
 
@@ -78,73 +60,6 @@ RG = ["rg/countdown", "rg/basic_arithmetic", "rg/gsm_symbolic", "rg/string_inser
 ALL = ["addition", *MATH_GOLDS, *RG]
 
 PARTIAL_TAGS = ["<answer", "answer>", "</answer", "<think", "</think", "<", ">", "/", "</", "<<answer>>"]
-LATEX = [
-    "\\frac{1}{2}",
-    "\\frac{",
-    "{",
-    "}",
-    "\\boxed{",
-    "$",
-    "\\$",
-    "\\(",
-    "\\)",
-    "\\[",
-    "\\]",
-    "\\sqrt{2}",
-    "x^2",
-    "^",
-    "_",
-    "=",
-    ",",
-    " or ",
-    "\\{1,2\\}",
-    "\\infty",
-    "\\pi",
-    "\\text{",
-    "\\,",
-    "~",
-    "\\\\",
-    "&",
-    "%",
-    "\\%",
-    "\\begin{pmatrix}",
-    "\\end{pmatrix}",
-    "\\left(",
-    "\\right)",
-    "\\lor",
-    "\\pm",
-    "(",
-    ")",
-    "[",
-    "]",
-]
-NASTY = [
-    "\x00",
-    "\ufeff",
-    "\u202e",
-    "\ud800",
-    "\U0001d7d9",
-    "١٢٣",
-    "²",
-    "１２",
-    "ｅｘｉｔ()",
-    "exit()",
-    "quit()",
-    "__import__('os').getpid()",
-    "[1, 2]",
-    "'a'",
-    "\n",
-    "\r\n",
-    "\t",
-    " ",
-    "NaN",
-    "inf",
-    "1e309",
-    "-0",
-    "0.",
-    "...",
-]
-numbers = st.one_of(st.integers(-(10**6), 10**6).map(str), st.floats(allow_nan=False, width=32).map(str))
 piece = st.one_of(st.sampled_from(TAGS + PARTIAL_TAGS + LATEX + NASTY), st.text(max_size=8), numbers)
 # Huge repeats of flat text; nesting repeats ("(" * 60) are slow by design (math-verify times out at 5 s)
 # and go through the pool in test_pool_never_waits_past_its_timeout.
@@ -355,9 +270,6 @@ def test_math_reads_digit_groups_as_latex_does(gold, pred, want):
     assert acc(answer_block(pred), math_sample(gold)) == want
 
 
-math_text = st.lists(st.one_of(st.sampled_from(LATEX + NASTY), st.text(max_size=5), numbers), max_size=10).map("".join)
-
-
 @fuzz(300)
 @given(gold=math_text, pred=math_text)
 @example(gold="10 000", pred="0")
@@ -462,123 +374,3 @@ def test_pool_never_waits_past_its_timeout(pool):
     assert not any(out.errors.values()) and not out.timeouts["format"]
     assert out.per_reward["accuracy"] == [0, 0, 0, 0, 0, 1, 0]
     assert all(math.isfinite(t) and 0 <= t <= 1.5 for t in out.total)
-
-
-# --- the JSONL loader -------------------------------------------------------------------------------
-GOOD_GOLDS = ["42", "\\frac{1}{2}", "x^2+1", "\\{1,2\\}", "-3.5", "10 000", "\\$18.90", "\\boxed{7}"]
-BAD_GOLDS = ["???", "\\frac{1}{", "", "   ", "\\", "}{", "$", "\\text{}"]
-TASK_NAMES = ["math", "addition", "rg/countdown", "rg/no_such_set", "countdown", "physics", ""]
-json_value = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=6),
-    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=4), kids, max_size=3),
-    max_leaves=6,
-)
-row = st.fixed_dictionaries(
-    {
-        "prompt": st.one_of(st.text(max_size=20), st.just("What is 6*7?"), json_value),
-        "answer": st.one_of(st.sampled_from(GOOD_GOLDS + BAD_GOLDS), math_text, json_value),
-    },
-    optional={
-        "task": st.one_of(st.sampled_from(TASK_NAMES), json_value),
-        "metadata": st.one_of(json_value, st.just({"entry": {"answer": "1"}})),
-        "id": json_value,
-    },
-).map(lambda r: json.dumps(r, ensure_ascii=False).encode("utf-8", "surrogatepass"))
-BIG_INT_ROW = b'{"prompt": "q", "answer": ' + b"1" * 5000 + b"}"  # past int's 4300-digit str limit
-good_row = st.fixed_dictionaries(  # well-formed rows; only some golds parse
-    {
-        "prompt": st.text(st.characters(blacklist_categories=["Cs"]), max_size=20).map(lambda t: t.strip() or "q"),
-        "answer": st.one_of(
-            st.sampled_from(GOOD_GOLDS), st.sampled_from(GOOD_GOLDS), math_text.map(lambda t: t or "0")
-        ),
-    },
-    optional={"task": st.sampled_from(["math", "addition"]), "id": st.integers()},
-).map(lambda r: json.dumps(r).encode())
-raw_line = st.one_of(
-    row,
-    row,
-    row,
-    st.text(max_size=30).map(lambda t: t.encode("utf-8", "surrogatepass")),  # mostly not JSON
-    json_value.map(lambda v: json.dumps(v).encode()),  # JSON, not an object
-    st.sampled_from(
-        [
-            b"",
-            b"   ",
-            b"\r",
-            b"\xef\xbb\xbf",
-            b"\xff\xfe{}",
-            b"[" * 100_000,
-            BIG_INT_ROW,
-            b'{"prompt": "q", "answer": NaN}',
-            b'{"prompt": "q", "answer": "1"',
-            b'{"prompt": "q"} x',
-        ]
-    ),
-).map(lambda b: b.replace(b"\n", b" "))
-
-
-def line_is_good(raw: bytes, lineno: int) -> bool | None:
-    """What loading one line should give: None blank, True a usable row, False an error (an oracle
-    written from the loader's contract: core.data's schema, then validate_gold)."""
-    try:
-        line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-    except UnicodeDecodeError:
-        return False
-    if not line.strip():
-        return None
-    try:
-        obj = json.loads(line)
-    except (ValueError, RecursionError):
-        return False
-    if not isinstance(obj, dict):
-        return False
-    if not all(isinstance(obj.get(f), str) and obj[f].strip() for f in ("prompt", "answer")):
-        return False
-    task = obj.get("task") or "math"
-    if not isinstance(task, str):
-        return False
-    if task == "math":
-        return is_parsed(parse_math(obj["answer"].strip()))
-    if task == "addition":
-        return True
-    from reasoning_gym.factory import DATASETS  # a reasoning-gym dataset, as rg/NAME or NAME
-
-    meta = obj["metadata"] if isinstance(obj.get("metadata"), dict) else {}
-    entry = meta.get("entry")
-    return task.removeprefix("rg/") in DATASETS and isinstance(entry, dict) and "answer" in entry
-
-
-@pytest.fixture(scope="module")
-def jsonl(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("fuzz") / "rows.jsonl"
-
-
-@fuzz(300)
-@given(lines=st.one_of(st.lists(good_row, min_size=1, max_size=6), st.lists(raw_line, min_size=1, max_size=6)))
-@example(lines=[b'{"prompt": "q", "answer": "1"}', b"[" * 100_000])  # was RecursionError out of json.loads
-@example(lines=[BIG_INT_ROW])  # was ValueError: int digit limit
-@example(lines=[b'{"prompt": "q", "answer": "1"}', b'{"prompt": "q", "answer": "\\\\frac{1}{"}'])
-def test_jsonl_loads_or_names_the_bad_line(jsonl, lines):
-    jsonl.write_bytes(b"\n".join(lines) + b"\n")
-    verdicts = [line_is_good(raw, k) for k, raw in enumerate(lines, start=1)]
-    cfg = DataConfig(name="fuzz", source="jsonl", train_path=str(jsonl), num_train=10**6, num_eval=0)
-    try:
-        rows = load_prompts(cfg, "train")
-    except DataError as e:
-        m = re.match(rf"{re.escape(str(jsonl))}(?: line (\d+))?: ", str(e))
-        assert m, f"the error does not name the file: {e}"
-        if m.group(1):
-            assert verdicts[int(m.group(1)) - 1] is False, f"line {m.group(1)} is fine: {e}"
-        else:
-            assert all(v is None for v in verdicts), e  # only "no rows" is about the whole file
-        assert any(v is not True for v in verdicts)
-        event(f"DataError on {'a line' if m.group(1) else 'the file'}")
-        return
-    assert all(v is not False for v in verdicts), f"loaded, but a line is bad: {verdicts}"
-    event(f"loaded {len(rows)} rows")
-    good = [k for k, v in enumerate(verdicts, start=1) if v]
-    assert [r["_where"] for r in rows] == [f"{jsonl} line {k}" for k in good]
-    for r in rows:  # what the run will score against
-        assert isinstance(r["prompt"], str) and isinstance(r["answer"], str)
-        if r["task"] == "math":
-            assert is_parsed(parse_math(r["answer"].strip()))
