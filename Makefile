@@ -4,7 +4,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export WANDB_MODE ?= offline
 
-.PHONY: setup test demo clean
+.PHONY: setup test learning demo clean
 
 setup:
 	@bash tools/setup_env.sh
@@ -12,7 +12,11 @@ setup:
 test: setup
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 -m "not learning" tests
+
+# Learning comparisons (a change against its control run, minutes each): not part of `make test`.
+learning: setup
+	$(PY) -m pytest -q -n 2 --dist loadfile -m learning tests
 
 # The tiny R1-Zero recipe end to end: pretrain a base, GRPO on it, report and held-out summary.
 demo: setup

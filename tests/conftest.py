@@ -149,3 +149,35 @@ def base(tmp_path_factory):
         "logger=none",
     )
     return run
+
+
+@pytest.fixture(scope="session")
+def greeter(base, tmp_path_factory):
+    """A base fine-tuned on greetings of which half are unhelpful or harmful (ROOT/sft), and its two reward
+    models: ROOT/helpful (reads the summary) and ROOT/harmless (the whole response). Shared read-only."""
+    from rlhf.tasks import general
+
+    root = tmp_path_factory.mktemp("general")
+    rows = root / "greetings.jsonl"
+    rows.write_text("".join(json.dumps(r) + "\n" for r in general.sft_rows(512, 0, good_share=0.5)))
+    train_cli(
+        "stage=sft",
+        f"stage.init_from={base}",
+        f"stage.data_from={rows}",
+        f"run_dir={root / 'sft'}",
+        "stage.epochs=30",
+        "stage.train.optim.lr=1e-3",
+        "logger=none",
+    )
+    for kind, view in (("helpful", "summary"), ("harmless", "full")):
+        train_cli(
+            "stage=reward_model",
+            f"stage.init_from={root / 'sft'}",
+            f"data=preference_{kind}",
+            f"stage.view={view}",
+            f"run_dir={root / kind}",
+            "stage.train.steps=100",
+            "data.num_train=3200",
+            "logger=none",
+        )
+    return root

@@ -22,35 +22,19 @@ RL = [
 ]
 
 
-@pytest.fixture(scope="module")
-def greeter(base, tmp_path_factory):
-    """A base fine-tuned on greetings of which half are unhelpful or harmful, and its two reward models."""
-    from rlhf.tasks import general
-
-    root = tmp_path_factory.mktemp("general")
-    rows = root / "greetings.jsonl"
-    rows.write_text("".join(json.dumps(r) + "\n" for r in general.sft_rows(512, 0, good_share=0.5)))
-    train_cli(
-        "stage=sft",
-        f"stage.init_from={base}",
-        f"stage.data_from={rows}",
-        f"run_dir={root / 'sft'}",
-        "stage.epochs=30",
-        "stage.train.optim.lr=1e-3",
-        "logger=none",
-    )
-    for kind, view in (("helpful", "summary"), ("harmless", "full")):
-        train_cli(
-            "stage=reward_model",
-            f"stage.init_from={root / 'sft'}",
-            f"data=preference_{kind}",
-            f"stage.view={view}",
-            f"run_dir={root / kind}",
-            "stage.train.steps=100",
-            "data.num_train=3200",
-            "logger=none",
-        )
-    return root
+def test_a_reward_model_ranks_held_out_pairs_and_is_no_policy(greeter, tmp_path):
+    """The reward_model stage: a scalar head on a language model's body learns held-out preference pairs
+    (Bradley-Terry; insults the names never seen in training), and its checkpoint is refused as a policy."""
+    rm = greeter / "harmless"
+    summary = json.loads((rm / "train_summary.json").read_text())
+    metrics = [json.loads(x) for x in (rm / "metrics.jsonl").read_text().splitlines()]
+    assert summary["eval/pairs"] == 200 and summary["eval/pair_accuracy"] >= 0.9
+    assert metrics[-1]["train/loss"] < 0.5 * metrics[0]["train/loss"]  # starts near log 2
+    meta = json.loads((rm / "checkpoints" / "step_00000100" / "r1stack.json").read_text())
+    assert meta["head"] == "scalar" and meta["extra"]["view"]["part"] == "full"
+    # a reward model is no policy: loading it as one names both kinds
+    out = train_cli("stage=sft", f"stage.init_from={rm}", f"run_dir={tmp_path / 'x'}", "logger=none", check=False)
+    assert out.returncode == 2 and "holds a 'scalar'-head model" in out.stderr
 
 
 def test_reward_models_read_their_view(greeter, P):

@@ -1,6 +1,7 @@
 """R1 stage 2's language-consistency reward on the bilingual setup (rlhf/tasks/bilingual.py): from a base
 that mixes English and Spanish within its reasoning, GRPO with the reward makes the reasoning English, and
-the same GRPO without it does not."""
+the same GRPO without it does not. A learning comparison (about 5 minutes): `make learning` runs it, `make test`
+does not; the reward's wiring into a reasoning_rl run is checked by test_slurm's stage-2 job."""
 
 import json
 
@@ -24,6 +25,7 @@ def _final(run) -> tuple[dict, dict]:
     return evals["base"], evals["final"]
 
 
+@pytest.mark.learning
 def test_language_consistency_reward_unmixes_the_reasoning(mixing_base, tmp_path):
     with_lc, without = tmp_path / "with", tmp_path / "without"
     train_cli("stage=reasoning_rl", *RL, f"stage.init_from={mixing_base}", f"run_dir={with_lc}")
