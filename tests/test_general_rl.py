@@ -33,7 +33,14 @@ def test_a_reward_model_ranks_held_out_pairs_and_is_no_policy(greeter, tmp_path)
     meta = json.loads((rm / "checkpoints" / "step_00000100" / "r1stack.json").read_text())
     assert meta["head"] == "scalar" and meta["extra"]["view"]["part"] == "full"
     # a reward model is no policy: loading it as one names both kinds
-    out = train_cli("stage=sft", f"stage.init_from={rm}", f"run_dir={tmp_path / 'x'}", "logger=none", check=False)
+    out = train_cli(
+        "stage=sft",
+        f"stage.init_from={rm}",
+        "data.num_train=8",
+        f"run_dir={tmp_path / 'x'}",
+        "logger=none",
+        check=False,
+    )
     assert out.returncode == 2 and "holds a 'scalar'-head model" in out.stderr
 
 
