@@ -176,6 +176,7 @@ def test_the_judge_learns_what_no_string_rule_decides(judge):
     # 400 held-out names, half the predictions wrong: "always yes" scores 0.5. This judge gets equivalent
     # greetings, farewells, insults, refusals and cut names right; another name in place of the right one it
     # does not tell apart (nor does one trained 800 steps, or from the greeting model: README)
+    # Measured 0.80, 0.84 and 0.83 at seeds 1234 (the default), 1 and 2 (seed=N data.seed=N) on AMD EPYC.
     assert summary["eval/judge_rows"] == 400 and summary["eval/judge_accuracy"] >= 0.7
 
 

@@ -13,7 +13,7 @@ from tests.conftest import train_cli
 STUDENT = [
     "stage=on_policy_distill",
     "model=tiny_student",
-    "stage.train.steps=10",
+    "stage.train.steps=14",  # the last three KL values at 0.61-0.69 of the first over seeds 2 and 3
     "stage.train.optim.lr=1e-3",
     "stage.train.optim.min_lr=1e-3",
     "data.num_train=600",
@@ -27,10 +27,8 @@ def test_student_approaches_the_teacher(base, tmp_path):
     run = tmp_path / "student"
     train_cli(*STUDENT, f"stage.rl.teacher={base}", f"run_dir={run}")
     kl = [json.loads(x)["distill/reverse_kl"] for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert len(kl) == 10 and kl[0] > 0.5
-    assert sum(kl[-3:]) / 3 < 0.8 * kl[0], (
-        kl
-    )  # towards tiny_dense's distribution, from a random student (measured 0.69)
+    assert len(kl) == 14 and kl[0] > 0.5
+    assert sum(kl[-3:]) / 3 < 0.8 * kl[0], kl  # towards tiny_dense's distribution, from a random student
 
 
 def test_the_teacher_is_a_language_model_of_this_stage_only(base, tmp_path):
