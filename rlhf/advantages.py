@@ -14,6 +14,7 @@ or register any `fn(batch, ctx) -> Tensor` (ctx: AdvantageContext) for per-token
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -39,6 +40,7 @@ class AdvantageContext:
 def group_estimator(fn: Callable[[torch.Tensor], torch.Tensor]):
     """A batch estimator from `fn(rewards [prompts, group]) -> advantages`, computed in float64."""
 
+    @functools.wraps(fn)
     def estimate(batch, ctx: AdvantageContext | None = None) -> torch.Tensor:
         rewards = torch.tensor([[s.reward for s in g] for g in batch.groups])
         per_sample = _of_rewards(fn, rewards)
@@ -48,7 +50,6 @@ def group_estimator(fn: Callable[[torch.Tensor], torch.Tensor]):
         return per_sample.reshape(-1)[:, None].expand_as(batch.loss_mask).clone()
 
     estimate.of_rewards = lambda rewards: _of_rewards(fn, rewards)
-    estimate.__doc__, estimate.__qualname__, estimate.__module__ = fn.__doc__, fn.__qualname__, fn.__module__
     return estimate
 
 

@@ -49,7 +49,7 @@ class LoopShell(contextlib.ExitStack):
         t = cfg.stage.train
         self.cfg, self.policy, self.start, self.last = cfg, policy, start, t.steps
         self.root = Path(cfg.run_dir) / "checkpoints"
-        self.extra, self.saved_at = checkpoint_extra, start
+        self.extra = checkpoint_extra
         self.guard = NonFiniteGuard(max_bad_steps, guard_fix)
         self.rank0 = P.is_rank0()
         self.bar = _Progress(self.rank0, label, self.last, start, describe)
@@ -79,12 +79,8 @@ class LoopShell(contextlib.ExitStack):
             raise self.watch.stop(step)
 
     def save(self) -> None:
-        """Collective: a checkpoint of the policy now, unless this step's is written already."""
-        if self.saved_at == self.policy.step and (self.root / ckpt.LATEST).exists():
-            return
-        keep = self.cfg.stage.train.keep_checkpoints
-        ckpt.save(self.policy, self.root, extra=self.extra(), keep=keep)
-        self.saved_at = self.policy.step
+        """Collective: a checkpoint of the policy now."""
+        ckpt.save(self.policy, self.root, extra=self.extra(), keep=self.cfg.stage.train.keep_checkpoints)
 
     def summary(self, values: dict) -> None:
         self.tracker.summary(values)

@@ -58,25 +58,37 @@ def pairs(cfg: Config, split: str) -> list[dict]:
 
 def packed(cfg: Config, tok, split: str = "train") -> dict:
     """One row per pair: [bos prompt chosen eos | bos prompt rejected eos | pad], "ends" = both eos positions."""
-    seq, pad = cfg.stage.train.seq_length, tok.pad_token_id
-    rows = pairs(cfg, split)
+    seq = cfg.stage.train.seq_length
+    rows = []
+    for i, r in enumerate(pairs(cfg, split)):
+        both = [
+            encode(tok, r["prompt"], view(response, cfg.stage.view, cfg.stage.cold_start.reasoning_end))
+            for response in (r["chosen"], r["rejected"])
+        ]
+        if sum(map(len, both)) > seq:
+            raise DataError(
+                f"preference pair {i}: prompt with chosen and with rejected take more than "
+                f"stage.train.seq_length={seq} tokens together. Fix: raise seq_length or shorten it."
+            )
+        rows.append(both)
+    return scored_rows(rows, seq, tok.pad_token_id, segments=2)
+
+
+def scored_rows(rows: list[list[list[int]]], width: int, pad_id: int, segments: int) -> dict:
+    """A reward model's input: each row holds `segments` token sequences side by side that cannot see each
+    other, then padding; "ends" holds each sequence's last position, where the head's score is read."""
+    n = len(rows)
     out = {
-        "tokens": torch.full((len(rows), seq), pad),
-        "labels": torch.zeros(len(rows), seq, dtype=torch.long),
-        "position_ids": torch.zeros(len(rows), seq, dtype=torch.long),
-        "loss_mask": torch.zeros(len(rows), seq),
-        "segment_ids": torch.full((len(rows), seq), -1),
-        "ends": torch.zeros(len(rows), 2, dtype=torch.long),
+        "tokens": torch.full((n, width), pad_id),
+        "labels": torch.zeros(n, width, dtype=torch.long),
+        "position_ids": torch.zeros(n, width, dtype=torch.long),
+        "loss_mask": torch.zeros(n, width),
+        "segment_ids": torch.full((n, width), -1),
+        "ends": torch.zeros(n, segments, dtype=torch.long),
     }
-    for i, r in enumerate(rows):
+    for i, row in enumerate(rows):
         start = 0
-        for j, response in enumerate((r["chosen"], r["rejected"])):
-            ids = encode(tok, r["prompt"], view(response, cfg.stage.view, cfg.stage.cold_start.reasoning_end))
-            if start + len(ids) > seq:
-                raise DataError(
-                    f"preference pair {i}: prompt with chosen and with rejected take more than "
-                    f"stage.train.seq_length={seq} tokens together. Fix: raise seq_length or shorten it."
-                )
+        for j, ids in enumerate(row):
             out["tokens"][i, start : start + len(ids)] = torch.tensor(ids)
             out["position_ids"][i, start : start + len(ids)] = torch.arange(len(ids))
             out["segment_ids"][i, start : start + len(ids)] = j

@@ -30,7 +30,6 @@ LONGEST_FIRST = (
     "test_sft",
     "test_slurm",
     "test_equivalence",
-    "test_reward_model",
     "test_on_policy_distill",
     "test_bad_inputs",
     "test_hf_bridge",

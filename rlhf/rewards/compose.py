@@ -16,12 +16,13 @@ import math
 import torch
 
 from core.config import Config
+from core.data import micro_batches
 from parallel import checkpoint as ckpt
 from parallel import parallelize as P
 from parallel.policy import eval_mode
 from parallel.step import forward_backward
 from rlhf.prompts import is_general
-from rlhf.reward_model import encode, view
+from rlhf.reward_model import encode, scored_rows, view
 from rlhf.rewards import RewardPool, RewardResult
 
 NOT_SCORED = math.nan  # a reward that does not apply to a sample (step metrics average the others)
@@ -47,23 +48,8 @@ class RewardModel:
     @torch.no_grad()
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
         """Collective over the model-parallel group, which must pass the same rows; every rank gets the scores."""
-        from core.data import micro_batches
-
         ids = [encode(self.tok, p, view(r, self.part, self.reasoning_end)) for p, r in zip(prompts, responses)]
-        width = max(len(x) for x in ids)
-        data = {
-            "tokens": torch.full((len(ids), width), self.tok.pad_token_id),
-            "labels": torch.zeros(len(ids), width, dtype=torch.long),
-            "position_ids": torch.zeros(len(ids), width, dtype=torch.long),
-            "loss_mask": torch.zeros(len(ids), width),
-            "segment_ids": torch.full((len(ids), width), -1),
-            "ends": torch.zeros(len(ids), 1, dtype=torch.long),
-        }
-        for i, x in enumerate(ids):
-            data["tokens"][i, : len(x)] = torch.tensor(x)
-            data["position_ids"][i, : len(x)] = torch.arange(len(x))
-            data["segment_ids"][i, : len(x)] = 0
-            data["ends"][i, 0] = len(x) - 1
+        data = scored_rows([[x] for x in ids], max(len(x) for x in ids), self.tok.pad_token_id, segments=1)
         with eval_mode(self.model):
             out = forward_backward(
                 self.model, micro_batches(data, list(range(len(ids))), self.micro), forward_only=True, forward=_at_eos
