@@ -14,6 +14,7 @@ from core.config import Config, ModelConfig
 from core.errors import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+HF_PRESET = "hf"  # conf/model/hf.yaml: the architecture is model.path's config.json
 
 
 def load_config(raw: DictConfig | dict[str, Any]) -> Config:
@@ -22,12 +23,28 @@ def load_config(raw: DictConfig | dict[str, Any]) -> Config:
     raw = OmegaConf.masked_copy(raw, [k for k in raw if k != "hydra"]) if "hydra" in raw else raw
     # Untyped first: a node Hydra already typed would let `+new_key` overrides through the merge.
     raw = OmegaConf.create(OmegaConf.to_container(raw, resolve=False))
+    _architecture_from_hf_dir(raw)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), raw)
         cfg: Config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise explain(e) from None
     return cfg
+
+
+def _architecture_from_hf_dir(raw: DictConfig) -> None:
+    """model.path=DIR: the model group's architecture fields become DIR/config.json's. Read through
+    megatron-bridge (parallel.hf_arch), so it is imported only when a model directory is named."""
+    model = raw.get("model") or {}
+    path = None if OmegaConf.is_missing(model, "path") else model.get("path")
+    if path is None:
+        if model.get("name") == HF_PRESET:
+            raise ConfigError(f"model={HF_PRESET} reads a Hugging Face model directory. Fix: add model.path=DIR.")
+        return
+    import parallel  # noqa: F401  (CPU compatibility layer before megatron-bridge loads)
+    from parallel.hf_arch import merge_model
+
+    raw.model = merge_model(str(path), OmegaConf.to_container(raw.model, resolve=False))
 
 
 def explain(error: Exception) -> ConfigError:

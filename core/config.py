@@ -15,7 +15,10 @@ from omegaconf import MISSING
 @dataclass
 class ModelConfig:
     name: str = MISSING
-    family: str = "qwen2"  # HF architecture for import/export: qwen2 | llama | deepseek_v3
+    # An HF model directory (config.json, safetensors, tokenizer): `model=hf model.path=DIR` reads the
+    # architecture below from DIR/config.json (parallel.hf_arch) and the tokenizer from DIR.
+    path: Optional[str] = None
+    family: str = "qwen2"  # HF architecture for import/export: qwen2 | qwen3 | llama | deepseek_v3
     num_layers: int = MISSING
     hidden_size: int = MISSING
     ffn_hidden_size: int = MISSING
@@ -29,6 +32,7 @@ class ModelConfig:
     llama3_rope_scaling: Optional[float] = None  # Llama-3.1's rope scaling factor (8.0)
     norm_epsilon: float = 1e-6
     add_qkv_bias: bool = False
+    qk_layernorm: bool = False  # RMSNorm on each head's queries and keys (Qwen3)
     tie_word_embeddings: bool = False
     init_method_std: float = 0.02
     # Multi-head latent attention (DeepSeek-V2/V3).
@@ -224,9 +228,12 @@ class DataConfig:
     num_eval: int = 200
     tokenizer: str = "char"  # char (built locally) or a local HF tokenizer dir
     seed: int = 0
-    # RL prompts (rlhf.prompts.TEMPLATES): auto = the task's own (addition: its compact one for the 64-token
-    # demo model; everything else: r1_zero) | r1_zero | none (file prompts already templated). Checked at load.
+    # RL prompts (rlhf.prompts): chat (the tokenizer's chat template) | r1_zero (the paper's plain template) |
+    # compact | none (file prompts already templated) | auto: chat when the tokenizer has a chat template, else
+    # the task's own (addition: compact, for the 64-token demo model; everything else: r1_zero).
     template: str = "auto"
+    system_prompt: Optional[str] = None  # data.template=chat: a system turn before the question
+    think_prefix: bool = True  # data.template=chat: end the prompt with R1's "<think>\n" after the assistant tag
     language: str = "en"  # the reasoning's target language (ISO 639-1) for the language_consistency reward
     # General (non-reasoning) prompts mixed into the RL prompts, scored by reward models (stage=general_rl):
     # greet (the tiny greeting task, rlhf.tasks.general) or None; general_share of all train prompts.

@@ -5,7 +5,12 @@ Vocab is `model.vocab_size` (unpadded): the padded rows exist only inside megatr
 
 from __future__ import annotations
 
-ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
+ARCHITECTURES = {
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "llama": "LlamaForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
+}
 
 
 def _rope(m) -> dict:
@@ -16,7 +21,9 @@ def _rope(m) -> dict:
             "factor": float(m.llama3_rope_scaling),
             "low_freq_factor": 1.0,
             "high_freq_factor": 4.0,
-            "original_max_position_embeddings": m.original_max_position_embeddings,
+            # megatron-core's Llama 3 scaling fixes it at 8192 (RotaryEmbedding._apply_scaling), whatever
+            # model.original_max_position_embeddings (a yarn field) says.
+            "original_max_position_embeddings": 8192,
         }
     if m.rope_type == "yarn":
         return {
@@ -31,7 +38,7 @@ def _rope(m) -> dict:
 
 
 def hf_config(m, dtype: str = "float32"):
-    """A transformers PretrainedConfig for ModelConfig `m` (families qwen2, llama, deepseek_v3)."""
+    """A transformers PretrainedConfig for ModelConfig `m` (families qwen2, qwen3, llama, deepseek_v3)."""
     import transformers
 
     rope = _rope(m)
@@ -49,10 +56,18 @@ def hf_config(m, dtype: str = "float32"):
     )
     head_dim = m.kv_channels or m.hidden_size // m.num_attention_heads
     kv_heads = m.num_query_groups or m.num_attention_heads
+    if m.qk_layernorm and m.family != "qwen3":
+        raise ValueError(f"family {m.family} has no q/k norms: set model.qk_layernorm=false (or use family qwen3)")
     if m.family == "qwen2":
         if not m.add_qkv_bias:
             raise ValueError("family qwen2 has QKV biases: set model.add_qkv_bias=true (or use family llama)")
         cfg = transformers.Qwen2Config(num_key_value_heads=kv_heads, head_dim=head_dim, **common)
+    elif m.family == "qwen3":
+        if m.add_qkv_bias or not m.qk_layernorm:
+            raise ValueError(
+                "family qwen3 has q/k norms and no QKV bias: set model.qk_layernorm=true, add_qkv_bias=false"
+            )
+        cfg = transformers.Qwen3Config(num_key_value_heads=kv_heads, head_dim=head_dim, **common)
     elif m.family == "llama":
         cfg = transformers.LlamaConfig(
             num_key_value_heads=kv_heads,

@@ -40,6 +40,7 @@ def architecture(m: ModelConfig) -> dict[str, Any]:
         activation_func=F.silu,
         add_bias_linear=False,  # also avoids an upstream in-place-on-view bug in MoE with biases
         add_qkv_bias=m.add_qkv_bias,
+        qk_layernorm=m.qk_layernorm,
         init_method_std=m.init_method_std,
         hidden_dropout=0.0,
         attention_dropout=0.0,

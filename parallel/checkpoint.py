@@ -10,6 +10,7 @@ split across ranks), so a checkpoint damaged after the fact is refused with the 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -98,6 +99,8 @@ def save(
         meta = {
             "step": policy.step,
             "model": policy.cfg.model.name,
+            # The whole architecture: a model read from an HF directory (model=hf) has no preset to name.
+            "model_config": dataclasses.asdict(policy.cfg.model),
             "head": policy.head,
             "layout": {k: getattr(policy.cfg.parallel, k) for k in ("tensor", "pipeline", "expert", "data")},
             "world_size": P.world_size(),
@@ -190,16 +193,16 @@ def resolve(path: str | os.PathLike) -> Path:
     return step_dir
 
 
-def load_frozen(cfg, path: str | os.PathLike, head: str, what: str) -> tuple[Policy, dict]:
+def load_frozen(cfg, path: str | os.PathLike, head: str, what: str, tok) -> tuple[Policy, dict]:
     """Collective. Another model for scoring (a reward model, a distillation teacher): built at this run's
     parallel layout but with the preset its checkpoint recorded, weights only. `what` names the config key
-    in errors. Returns the model and the checkpoint's metadata."""
-    import dataclasses
-
-    from core.compose import model_preset
+    in errors; a model trained with another tokenizer than `tok` (this run's) is refused. Returns the model
+    and the checkpoint's metadata."""
     from core.errors import ConfigError
+    from core.run_tokenizer import require_same, tokenizer_dir_of
     from parallel.policy import build_policy
 
+    require_same(tok, "this run", tokenizer_dir_of(path), f"{what}={path}")
     step_dir = resolve(of_run(path))
     meta = read_meta(step_dir)
     saved = meta.get("head", "lm")
@@ -209,11 +212,23 @@ def load_frozen(cfg, path: str | os.PathLike, head: str, what: str) -> tuple[Pol
             f"{what}={path}: {step_dir} holds a {kind.get(saved, saved)}, not a {kind.get(head, head)}. "
             "Fix: point it at a run of the right stage."
         )
-    preset = meta.get("model") or cfg.model.name
-    model_cfg = cfg.model if preset == cfg.model.name else model_preset(preset)
+    model_cfg = saved_model_config(meta, cfg.model)
     model = build_policy(dataclasses.replace(cfg, model=model_cfg), with_optimizer=False, head=head)
     load(model, step_dir, with_optimizer=False)
     return model, meta
+
+
+def saved_model_config(meta: dict, current):
+    """The ModelConfig a checkpoint was saved with (`current` when it is that one). Checkpoints from before
+    model_config was recorded name their preset only."""
+    from core.compose import model_preset
+    from core.config import ModelConfig
+
+    if meta.get("model_config"):
+        saved = ModelConfig(**meta["model_config"])
+        return current if saved == current else saved
+    preset = meta.get("model") or current.name
+    return current if preset == current.name else model_preset(preset)
 
 
 def resume(policy: Policy, run_dir: str | os.PathLike, init_from: str | None) -> dict | None:
@@ -224,9 +239,26 @@ def resume(policy: Policy, run_dir: str | os.PathLike, init_from: str | None) ->
     if (root / LATEST).exists():
         return load(policy, root, with_optimizer=True, with_rng=True)
     if init_from:
-        load(policy, of_run(init_from), with_optimizer=False)
+        load_weights(policy, init_from)
         policy.step = 0
     return None
+
+
+def is_hf_dir(path: str | os.PathLike) -> bool:
+    """A Hugging Face model directory (config.json + safetensors), not one of our run or checkpoint dirs."""
+    p = Path(path)
+    return (p / "config.json").is_file() and any(p.glob("*.safetensors")) and not (p / META).exists()
+
+
+def load_weights(policy: Policy, path: str | os.PathLike) -> None:
+    """Collective. Weights only, from what a stage's init_from may name: a run dir, a checkpoint root or step
+    dir, or an HF model directory (imported through megatron-bridge at this run's layout)."""
+    if is_hf_dir(path):
+        from parallel import hf_bridge
+
+        hf_bridge.import_hf(policy, path)
+    else:
+        load(policy, of_run(path), with_optimizer=False)
 
 
 def of_run(path: str | os.PathLike) -> Path:

@@ -4,7 +4,7 @@
     export_hf(policy)                    -> iterator of (hf_name, full tensor), on every rank (vLLM sync)
     save_hf(policy, out_dir, tokenizer)  config.json + model.safetensors that transformers and vLLM load
 
-Only the bridge's conversion core and the qwen2 / llama / deepseek_v3 bridges are imported, without
+Only the bridge's conversion core and the qwen2 / qwen3 / llama / deepseek_v3 bridges are imported, without
 Transformer Engine ever becoming importable (see `import_bridges`). Adaptations to our GPTModel, each
 with its reason, are marked "why:" below.
 """
@@ -34,6 +34,7 @@ _BARE_PACKAGES = (
 )
 FAMILY_MODULES = {
     "qwen2": ("megatron.bridge.models.qwen.qwen2_bridge", "Qwen2Bridge"),
+    "qwen3": ("megatron.bridge.models.qwen.qwen3_bridge", "Qwen3Bridge"),
     "deepseek_v3": ("megatron.bridge.models.deepseek.deepseek_v3_bridge", "DeepSeekV3Bridge"),
     "llama": ("megatron.bridge.models.llama.llama_bridge", "LlamaBridge"),
 }
@@ -338,5 +339,7 @@ def save_hf(policy, out_dir, tokenizer=None, include_mtp: bool = True) -> Path |
     cfg.save_pretrained(str(out))
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
+        from core.run_tokenizer import save_tokenizer_files
+
+        save_tokenizer_files(tokenizer, out)
     return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from statistics import mean
 
+from core.run_tokenizer import stop_token_ids
 from inference.engine import Sampling
 from parallel import parallelize as P
 from rlhf.rewards import extract_answer
@@ -43,7 +44,7 @@ def _score(engine, tok, rows: list[dict], ecfg, pool, max_new_tokens: int) -> li
         top_p=ecfg.top_p,
         max_new_tokens=ecfg.max_new_tokens or max_new_tokens,
         seed=ecfg.seed,
-        stop_token_ids=(tok.eos_token_id,),
+        stop_token_ids=stop_token_ids(tok),
     )
     groups, _ = generate_groups(engine, tok, rows, sampling)
     flat = [s for g in groups for s in g]

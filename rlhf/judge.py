@@ -45,7 +45,7 @@ class GenerativeJudge:
     def of_run(cls, cfg, tok) -> "GenerativeJudge":
         """Collective: stage.sampling.judge's model at this run's parallel layout."""
         s = cfg.stage.sampling
-        model, _ = ckpt.load_frozen(cfg, s.judge, "lm", "stage.sampling.judge")
+        model, _ = ckpt.load_frozen(cfg, s.judge, "lm", "stage.sampling.judge", tok)
         return cls(model, tok, s.judge_template, cfg.stage.train.micro_batch_size)
 
     @torch.no_grad()

@@ -10,6 +10,7 @@ import random
 
 from core.config import Config
 from core.data import DataError, load_rows
+from core.run_tokenizer import stop_token_ids
 from parallel import parallelize as P
 from rlhf import grpo, rollout
 from rlhf.rewards.rules import THINK, THINK_END
@@ -71,7 +72,7 @@ def write_cots(engine, tok, rows: list[dict], cfg: Config) -> tuple[list[dict], 
                 "empty), or set stage.sampling.non_reasoning_cot=false."
             )
     mine = todo[P.data_parallel_rank() :: P.data_parallel_size()]
-    stop = (tok.convert_tokens_to_ids(THINK_END), tok.eos_token_id)
+    stop = (tok.convert_tokens_to_ids(THINK_END), *stop_token_ids(tok))
     sampling = rollout.sampling(r, cfg.seed, -1, stop, n=1, max_new_tokens=s.cot_max_new_tokens)
     groups, _ = grpo.generate_and_share(engine, tok, [rows[i] for i in mine], sampling) if mine else ([], 0)
     mine_cots = {i: g[0].text.split(THINK_END)[0] for i, g in zip(mine, groups) if THINK_END in g[0].text}

@@ -35,15 +35,18 @@ R1_ZERO_TEMPLATE = (
 # The tiny demo tasks' own: the tiny model has a 64-token context (rlhf.tasks.addition.make_prompt).
 COMPACT_TEMPLATE = "User: {prompt} Assistant: <think>"
 TEMPLATES = {"r1_zero": R1_ZERO_TEMPLATE, "compact": COMPACT_TEMPLATE, "none": "{prompt}"}
+CHAT = "chat"  # the tokenizer's own chat template (render_chat), not a format string
+THINK_PREFIX = "<think>\n"  # what DeepSeek-R1's chat template puts after the assistant tag
 SPLITS = ("train", "eval")
 _FIELDS = ("prompt", "answer", "task", "metadata")
 
 
-def load_prompts(data_cfg, split: str) -> list[dict]:
-    """The ``split`` ("train" or "eval") prompt rows of ``data_cfg`` (core.config.DataConfig)."""
+def load_prompts(data_cfg, split: str, tok=None) -> list[dict]:
+    """The ``split`` ("train" or "eval") prompt rows of ``data_cfg`` (core.config.DataConfig), templated
+    for the run's tokenizer ``tok`` (needed by data.template=chat, and by auto to find its chat template)."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r}: expected one of {SPLITS}")
-    template = _template_name(data_cfg)  # checked before generating anything
+    template = _template_name(data_cfg, tok)  # checked before generating anything
     if (split == "train" and data_cfg.num_train < 1) or data_cfg.num_eval < 0:
         raise ConfigError(
             f"data.num_train={data_cfg.num_train}, data.num_eval={data_cfg.num_eval}. "
@@ -57,7 +60,11 @@ def load_prompts(data_cfg, split: str) -> list[dict]:
         raise ConfigError(f"data.source={data_cfg.source!r}: expected generated, jsonl or parquet.")
     rows += _general(data_cfg, split, len(rows))
     for row in rows:
-        row["prompt"] = fill(template, row.pop("question"))
+        question = row.pop("question")
+        if template == CHAT:
+            row["prompt"], row["chat"] = render_chat(tok, question, data_cfg.system_prompt, data_cfg.think_prefix), True
+        else:
+            row["prompt"] = fill(template, question)
         # A row may name its own target language (bilingual sets); else the data config's.
         row["metadata"] = {"language": data_cfg.language, **(row.get("metadata") or {})}
     return rows
@@ -89,12 +96,36 @@ def fill(template: str, question: str) -> str:
     return TEMPLATES[template].format(prompt=question)
 
 
-def _template_name(data_cfg) -> str:
+def render_chat(tok, question: str, system: str | None, think_prefix: bool) -> str:
+    """The question as the model's chat template renders a user turn (after an optional system turn), with
+    the assistant's generation prompt and, with think_prefix, R1's "<think>\n" (unless the template wrote it)."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if think_prefix and not text.rstrip().endswith("<think>"):
+        text += THINK_PREFIX
+    return text
+
+
+def prompt_ids(tok, row: dict) -> list[int]:
+    """A prompt row's token ids: a chat-rendered prompt already holds the special tokens its template
+    wants (BOS included), a plain one gets the tokenizer's."""
+    return tok(row["prompt"], add_special_tokens=not row.get("chat"))["input_ids"]
+
+
+def _template_name(data_cfg, tok) -> str:
     name = data_cfg.template
+    has_chat = tok is not None and bool(getattr(tok, "chat_template", None))
     if name == "auto":
+        if has_chat:
+            return CHAT
         return TASKS.get(data_cfg.task).template if data_cfg.source == "generated" else "r1_zero"
-    if name not in TEMPLATES:
-        raise ConfigError(f"data.template={name!r}: expected auto or one of {sorted(TEMPLATES)}.")
+    if name == CHAT and not has_chat:
+        raise ConfigError(
+            "data.template=chat, but the run's tokenizer has no chat template. Fix: use a model directory whose "
+            "tokenizer_config.json (or chat_template.jinja) has one, or data.template=r1_zero."
+        )
+    if name not in (*TEMPLATES, CHAT):
+        raise ConfigError(f"data.template={name!r}: expected auto, {CHAT} or one of {sorted(TEMPLATES)}.")
     return name
 
 

@@ -20,7 +20,7 @@ import torch
 
 import parallel  # noqa: F401  (CPU compatibility layer before megatron loads)
 from core.config import Config
-from core.tokenizer import build_char_tokenizer
+from core.run_tokenizer import run_tokenizer, stop_token_ids
 from inference import colocated
 from parallel import checkpoint as ckpt
 from parallel import parallelize as P
@@ -50,13 +50,13 @@ def run(cfg: Config) -> dict:
 
 def train(cfg: Config, rank0: bool) -> dict:
     rl, t, r, run_dir = cfg.stage.rl, cfg.stage.train, cfg.rollout, Path(cfg.run_dir)
-    tok = build_char_tokenizer()
-    train_rows, eval_rows = load_prompts(cfg.data, "train"), load_prompts(cfg.data, "eval")
+    tok = run_tokenizer(cfg, run_dir=run_dir, write=rank0)
+    train_rows, eval_rows = load_prompts(cfg.data, "train", tok), load_prompts(cfg.data, "eval", tok)
     refuse_judged(train_rows + eval_rows, f"stage={cfg.stage.name}")
     policy = build_policy(cfg)
     position, evals = start_from(cfg, policy, run_dir)
     ref = reference(cfg, policy, run_dir) if rl.kl != "none" and rl.kl_coef > 0 else None  # β=0: no KL term
-    teacher = ckpt.load_frozen(cfg, rl.teacher, "lm", "stage.rl.teacher")[0] if rl.teacher else None
+    teacher = ckpt.load_frozen(cfg, rl.teacher, "lm", "stage.rl.teacher", tok)[0] if rl.teacher else None
     engine = colocated.start_engine(cfg, policy, run_dir / "hf_init", tok)
     settings = LossSettings.from_config(rl, r.max_new_tokens)
     estimate = ADVANTAGES.get(rl.advantage)
@@ -88,7 +88,7 @@ def train(cfg: Config, rank0: bool) -> dict:
             evals["base"] = evaluate(engine, tok, eval_rows, cfg.eval, eval_pool, r.max_new_tokens)
         for step in shell.steps():
             clock = StepClock()
-            how = sampling(r, cfg.seed, step, (tok.eos_token_id,))
+            how = sampling(r, cfg.seed, step, stop_token_ids(tok))
             batch, position = grpo.collect(engine, tok, train_rows, position, how, pool, rl, t.seq_length)
             colocated.rest(engine)  # rollout and reward done: the engine's memory goes to training
             clock.lap("rollout")
@@ -142,7 +142,7 @@ def reference(cfg: Config, policy, run_dir: Path):
     if (run_dir / "reference" / ckpt.LATEST).exists():
         ckpt.load(ref, run_dir / "reference", with_optimizer=False)
     elif cfg.stage.init_from:
-        ckpt.load(ref, ckpt.of_run(cfg.stage.init_from), with_optimizer=False)
+        ckpt.load_weights(ref, cfg.stage.init_from)
     else:
         copy_weights(policy, ref)
     return ref

@@ -27,7 +27,7 @@ import parallel  # noqa: F401  (CPU compatibility layer before megatron loads)
 from core.config import Config
 from core.data import DataError
 from core.errors import ConfigError
-from core.tokenizer import build_char_tokenizer
+from core.run_tokenizer import run_tokenizer, stop_token_ids
 from inference import colocated
 from parallel import checkpoint as ckpt
 from parallel import parallelize as P
@@ -77,8 +77,8 @@ def sample(cfg: Config, model_from: str, out_dir: Path, rewrite=None) -> tuple[l
     """The dataset's rows on every rank (the kept ones gathered over data-parallel ranks, rewritten, mixed,
     with CoTs written), the counts per filter, and the source checkpoint."""
     s, r = cfg.stage.sampling, cfg.rollout
-    tok = build_char_tokenizer()
-    prompts = load_prompts(cfg.data, "train")
+    tok = run_tokenizer(cfg, weights_from=model_from, run_dir=out_dir, write=P.rank() == 0)
+    prompts = load_prompts(cfg.data, "train", tok)
     prompts = prompts[: s.prompts] if s.prompts else prompts
     unchecked = not all(map(rule_checkable, prompts))
     if unchecked and not s.judge:
@@ -88,9 +88,13 @@ def sample(cfg: Config, model_from: str, out_dir: Path, rewrite=None) -> tuple[l
             "tiny one)."
         )
     policy = build_policy(cfg, with_optimizer=False)
-    meta = ckpt.load(policy, ckpt.of_run(model_from), with_optimizer=False)
+    ckpt.load_weights(policy, model_from)
     judge = GenerativeJudge.of_run(cfg, tok) if unchecked else None
-    source = {"checkpoint": str(ckpt.resolve(ckpt.of_run(model_from))), "step": meta["step"]}
+    if ckpt.is_hf_dir(model_from):
+        source = {"checkpoint": str(model_from), "step": None}
+    else:
+        step_dir = ckpt.resolve(ckpt.of_run(model_from))
+        source = {"checkpoint": str(step_dir), "step": ckpt.read_meta(step_dir)["step"]}
     engine = colocated.start_engine(cfg, policy, out_dir / "hf_model", tok)
     counts = {
         "prompts": len(prompts),
@@ -113,7 +117,7 @@ def sample(cfg: Config, model_from: str, out_dir: Path, rewrite=None) -> tuple[l
         for start in range(0, len(prompts), s.chunk_prompts * P.data_parallel_size()):
             ids = list(range(start, min(start + s.chunk_prompts * P.data_parallel_size(), len(prompts))))
             mine = ids[P.data_parallel_rank() :: P.data_parallel_size()]
-            sampling = rollout.sampling(r, cfg.seed, start, (tok.eos_token_id,))
+            sampling = rollout.sampling(r, cfg.seed, start, stop_token_ids(tok))
             groups, _ = grpo.generate_and_share(engine, tok, [prompts[i] for i in mine], sampling)
             flat = [x for g in groups for x in g]
             scores = score(flat, pool, unruled, judge, judged)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from inference.engine import Engine, Sampling
+from rlhf.prompts import prompt_ids
 
 SEED_STRIDE = 1_000_003  # sampling seeds are seed × SEED_STRIDE + offset: no two calls of a run share one
 
@@ -67,7 +68,7 @@ def sampling(r, seed: int, offset: int, stop_token_ids: tuple[int, ...], **overr
 
 def generate_groups(engine: Engine, tok, rows: list[dict], sampling: Sampling) -> tuple[list[list[Sample]], int]:
     """sampling.n completions for each row; returns the groups and how many prompts were truncated."""
-    prompts = [tok(r["prompt"])["input_ids"] for r in rows]
+    prompts = [prompt_ids(tok, r) for r in rows]
     out = engine.generate(prompts, sampling)  # under the engine's own watch: timeout_s, death, one restart
     groups = []
     for row, prompt, comps in zip(rows, prompts, out.completions):

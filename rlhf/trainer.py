@@ -19,8 +19,7 @@ from typing import Callable
 import parallel  # noqa: F401  (CPU compatibility layer before megatron loads)
 from core.config import Config
 from core.data import micro_batches, shuffled_rows
-from core.errors import ConfigError
-from core.tokenizer import build_char_tokenizer, save_tokenizer
+from core.run_tokenizer import run_tokenizer
 from parallel import checkpoint as ckpt
 from parallel import parallelize as P
 from parallel.policy import build_policy
@@ -60,16 +59,7 @@ def run(cfg: Config, job: Supervised) -> dict:
 
 def _train(cfg: Config, job: Supervised, rank0: bool, t_start: float) -> dict:
     t, run_dir = cfg.stage.train, Path(cfg.run_dir)
-    tok = build_char_tokenizer()
-    if len(tok) > cfg.model.vocab_size:
-        raise ConfigError(
-            f"the char tokenizer has {len(tok)} tokens > model.vocab_size={cfg.model.vocab_size}. "
-            f"Fix: set model.vocab_size >= {len(tok)}."
-        )
-    if rank0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_tokenizer(tok, run_dir / "tokenizer")
-
+    tok = run_tokenizer(cfg, run_dir=run_dir, write=rank0)
     data = job.packed(cfg, tok)
     num_rows = data["tokens"].shape[0]
     policy = build_policy(cfg, head=job.head)

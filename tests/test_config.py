@@ -6,7 +6,7 @@ from core.compose import CONF_DIR, compose
 from core.errors import ConfigError
 from core.validate import validate
 
-PRESETS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+PRESETS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml") if p.stem != "hf")  # hf needs a directory
 
 
 def bad(overrides, world=1, match=None):
@@ -20,6 +20,11 @@ def test_every_model_preset_composes_and_validates():
         cfg = validate(compose([f"model={name}"]), 1)
         assert cfg.model.name == name and cfg.parallel.data == 1
         assert cfg.model.padded_vocab_size >= cfg.model.vocab_size
+
+
+def test_model_hf_without_a_directory_is_refused():
+    with pytest.raises(ConfigError, match="model.path"):
+        compose(["model=hf"])
 
 
 def test_published_hyperparameters():

@@ -16,12 +16,14 @@ def _make_hf(model: str, out):
 
     from core.compose import compose
     from core.hf_config import hf_config
+    from core.tokenizer import build_char_tokenizer, save_tokenizer
 
     m = compose([f"model={model}"]).model
     _, state = random_hf_model(m, seed=3)
     out.mkdir()
     hf_config(m).save_pretrained(str(out))
     save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_tokenizer(build_char_tokenizer(), out)  # the tiny presets' tokenizer, shipped with the model
     return state
 
 
@@ -45,6 +47,28 @@ def test_import_at_a_layout_and_export_back(tmp_path, model, layout):
     assert set(state) <= set(back) and set(back) - set(state) <= mtp  # MTP layers exist only on our side
     for k, v in state.items():
         assert torch.equal(back[k], v), k
+    # The tokenizer travelled with the weights: import kept it beside the checkpoint, export wrote it out.
+    assert (tmp_path / "ckpt" / "tokenizer" / "tokenizer.json").is_file()
+    assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= {
+        f.name for f in (tmp_path / "back").iterdir()
+    }
+
+
+def test_import_without_a_tokenizer_is_refused(tmp_path):
+    import subprocess
+
+    _make_hf("tiny_dense", tmp_path / "hf")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "hf" / name).unlink()
+    proc = subprocess.run(
+        [sys.executable, "-m", "tools.convert", "import", tmp_path / "hf", tmp_path / "ckpt"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2 and "no tokenizer files" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "ckpt").exists()
 
 
 def test_import_without_config_is_a_clear_error(tmp_path):

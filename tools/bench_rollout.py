@@ -24,7 +24,7 @@ def _setup(threads: int, base: str | None, overrides: list[str]):
     torch.set_num_threads(threads)
     import parallel  # noqa: F401
     from core.compose import compose
-    from core.tokenizer import build_char_tokenizer
+    from core.run_tokenizer import run_tokenizer
     from parallel import checkpoint as ckpt
     from parallel import hf_bridge
     from parallel import parallelize as P
@@ -35,7 +35,7 @@ def _setup(threads: int, base: str | None, overrides: list[str]):
     if base:
         ckpt.load(policy, Path(base) / "checkpoints", with_optimizer=False)
         policy.step = 0
-    tok = build_char_tokenizer()
+    tok = run_tokenizer(cfg, weights_from=base or "")
     hf_dir = Path(tempfile.mkdtemp(prefix="bench_rollout_"))
     hf_bridge.save_hf(policy, hf_dir, tokenizer=tok)
     return cfg, policy, tok, hf_dir
@@ -52,20 +52,21 @@ def _median_time(fn, repeats: int) -> float:
 
 
 def rollout(args) -> dict:
+    from core.run_tokenizer import stop_token_ids
     from inference.engine import Sampling, build_engine
-    from rlhf.prompts import load_prompts
+    from rlhf.prompts import load_prompts, prompt_ids
     from rlhf.rollout import generate_groups
 
     cfg, policy, tok, hf_dir = _setup(args.threads, args.base, args.overrides)
     r, rl = cfg.rollout, cfg.stage.rl
-    rows = load_prompts(cfg.data, "train")[: rl.prompts_per_step]
+    rows = load_prompts(cfg.data, "train", tok)[: rl.prompts_per_step]
     sampling = Sampling(
         n=r.n,
         temperature=r.temperature,
         top_p=r.top_p,
         max_new_tokens=r.max_new_tokens,
         seed=1,
-        stop_token_ids=(tok.eos_token_id,),
+        stop_token_ids=stop_token_ids(tok),
     )
     samples = len(rows) * r.n
     engine = build_engine(
@@ -73,14 +74,14 @@ def rollout(args) -> dict:
     )
     from vllm import SamplingParams, TokensPrompt
 
-    ids = [tok(row["prompt"])["input_ids"] for row in rows]
+    ids = [prompt_ids(tok, row) for row in rows]
     params = SamplingParams(
         n=r.n,
         temperature=r.temperature,
         top_p=r.top_p,
         max_tokens=r.max_new_tokens,
         seed=1,
-        stop_token_ids=[tok.eos_token_id],
+        stop_token_ids=list(stop_token_ids(tok)),
         logprobs=0,
         detokenize=False,
     )

