@@ -226,7 +226,14 @@ class DataConfig:
     task: Optional[str] = None  # generator name for source=generated
     num_train: int = 10000
     num_eval: int = 200
-    tokenizer: str = "char"  # char (built locally) or a local HF tokenizer dir
+    tokenizer: str = "char"  # char (the demo's, built locally) or a local HF tokenizer dir (core.run_tokenizer)
+    # File rows' field names and where the gold answer is in its field (rlhf.prompts.gold_answer): plain |
+    # gsm8k ("... #### 42": GSM8K's answer) | boxed (the last \boxed{} of a solution: MATH's `solution`).
+    # GSM8K: prompt_key=question answer_format=gsm8k; MATH: prompt_key=problem answer_key=solution
+    # answer_format=boxed (or answer_key=answer, MATH-500); DeepScaleR / OpenR1-Math: prompt_key=problem.
+    prompt_key: str = "prompt"
+    answer_key: str = "answer"
+    answer_format: str = "plain"
     seed: int = 0
     # RL prompts (rlhf.prompts): chat (the tokenizer's chat template) | r1_zero (the paper's plain template) |
     # compact | none (file prompts already templated) | auto: chat when the tokenizer has a chat template, else
@@ -267,6 +274,9 @@ class RewardConfig:
     # General prompts (no gold answer) get these rule rewards instead, plus each reward model's weighted score.
     general_weights: dict[str, float] = field(default_factory=lambda: {"format": 0.5})
     models: dict[str, RewardModelConfig] = field(default_factory=dict)  # R1 stage 4: helpful, harmless
+    # Where the final answer is (accuracy, format, tools.eval's cons@k): tag = <answer>…</answer> (R1-Zero's
+    # template) | boxed = the last \boxed{…} after </think> (R1 and its distilled models)
+    answer: str = "tag"
     timeout_s: float = 5.0
     workers: int = 2
 

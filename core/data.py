@@ -43,18 +43,19 @@ PARQUET_SUFFIXES = (".parquet",)
 IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default ignore_index
 
 
-def _check_row(row: Any, kind: str, where: str) -> dict:
-    """Validate one row against SCHEMAS[kind]; ``where`` is e.g. "data.jsonl line 3"."""
+def _check_row(row: Any, kind: str, where: str, keys: dict[str, str] | None = None) -> dict:
+    """Validate one row against SCHEMAS[kind], whose fields the file may name otherwise (``keys``: schema
+    field -> the file's, e.g. {"prompt": "question"}); ``where`` is e.g. "data.jsonl line 3"."""
+    fields = [(keys or {}).get(f, f) for f in SCHEMAS[kind]]
     if not isinstance(row, dict):
         hint = " (the file looks like a JSON array; write one object per line instead)" if isinstance(row, list) else ""
-        raise DataError(
-            f"{where}: expected a JSON object with fields {list(SCHEMAS[kind])}, got {type(row).__name__}{hint}"
-        )
-    for field in SCHEMAS[kind]:
+        raise DataError(f"{where}: expected a JSON object with fields {fields}, got {type(row).__name__}{hint}")
+    for field in fields:
         if field not in row or row[field] is None:
             raise DataError(
                 f"{where}: missing (or null) required field '{field}' for kind '{kind}' "
                 f"(present: {sorted(row)}); add '{field}' as a non-empty string"
+                + (" or name the file's field in data.prompt_key / data.answer_key" if kind == "prompt" else "")
             )
         value = row[field]
         if not isinstance(value, str):
@@ -67,7 +68,7 @@ def _check_row(row: Any, kind: str, where: str) -> dict:
     return row
 
 
-def _read_jsonl(path: Path, kind: str) -> list[dict]:
+def _read_jsonl(path: Path, kind: str, keys: dict | None) -> list[dict]:
     rows = []
     # Read bytes and decode per line so a bad encoding is also reported with its line.
     with open(path, "rb") as f:
@@ -88,11 +89,11 @@ def _read_jsonl(path: Path, kind: str) -> list[dict]:
                     f"{where}: invalid JSON ({what:.200}); each line must be "
                     f"one complete JSON object, e.g. {_example(kind)}"
                 ) from e
-            rows.append(_check_row(obj, kind, where))
+            rows.append(_check_row(obj, kind, where, keys))
     return rows
 
 
-def _read_parquet(path: Path, kind: str) -> list[dict]:
+def _read_parquet(path: Path, kind: str, keys: dict | None) -> list[dict]:
     # The parquet builder is bundled with `datasets`; offline mode stops it from
     # probing the hub first. Only effective if `datasets` is not yet imported.
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -112,15 +113,15 @@ def _read_parquet(path: Path, kind: str) -> list[dict]:
     except Exception as e:
         cause = e.__cause__ or e
         raise DataError(f"{path}: could not read as parquet ({type(cause).__name__}: {cause})") from e
-    return [_check_row(row, kind, f"{path} row {i} (0-based)") for i, row in enumerate(ds)]
+    return [_check_row(row, kind, f"{path} row {i} (0-based)", keys) for i, row in enumerate(ds)]
 
 
 def _example(kind: str) -> str:
     return json.dumps({field: "..." for field in SCHEMAS[kind]})
 
 
-def load_rows(path: str | os.PathLike, kind: str) -> list[dict]:
-    """Read and validate every row of a local JSONL or parquet file."""
+def load_rows(path: str | os.PathLike, kind: str, keys: dict[str, str] | None = None) -> list[dict]:
+    """Read and validate every row of a local JSONL or parquet file (``keys``: see _check_row)."""
     if kind not in SCHEMAS:
         raise ValueError(f"unknown data kind {kind!r}; expected one of {sorted(SCHEMAS)}")
     path = Path(path)
@@ -128,9 +129,9 @@ def load_rows(path: str | os.PathLike, kind: str) -> list[dict]:
         raise DataError(f"{path}: file not found; check the path (relative paths resolve against {Path.cwd()})")
     suffix = path.suffix.lower()
     if suffix in JSONL_SUFFIXES:
-        rows = _read_jsonl(path, kind)
+        rows = _read_jsonl(path, kind, keys)
     elif suffix in PARQUET_SUFFIXES:
-        rows = _read_parquet(path, kind)
+        rows = _read_parquet(path, kind, keys)
     else:
         raise DataError(
             f"{path}: unknown extension {suffix!r}; use one of "

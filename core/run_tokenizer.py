@@ -76,12 +76,13 @@ def check_fits(tok, vocab_size: int, source: str) -> None:
             f"{vocab_size}..{len(tok) - 1} would have no embedding. Fix: use the model's own tokenizer, or a "
             f"model with vocab_size >= {len(tok)}."
         )
-    for name in ("pad", "bos", "eos"):
-        tid = getattr(tok, f"{name}_token_id")
+    named = [(f"{n} id", getattr(tok, f"{n}_token_id")) for n in ("pad", "bos", "eos")]
+    named += [("generation_config.json eos_token_id", i) for i in getattr(tok, "generation_eos_ids", [])]
+    for name, tid in named:
         if tid is not None and not 0 <= tid < vocab_size:
             raise ConfigError(
-                f"the tokenizer from {source} has {name} id {tid}, outside the model's vocabulary "
-                f"(0..{vocab_size - 1}). Fix: set {name}_token to a token of the vocabulary."
+                f"the tokenizer from {source} has {name} {tid}, outside the model's vocabulary "
+                f"(0..{vocab_size - 1}). Fix: name a token of the vocabulary there."
             )
 
 
@@ -92,9 +93,9 @@ def require_same(tok, source: str, other_dir: Path | None, what: str) -> None:
     other = read_tokenizer(other_dir, what)
     if fingerprint(other) != fingerprint(tok):
         raise ConfigError(
-            f"{what} was trained with the tokenizer in {other_dir} ({len(other)} tokens), but this run uses "
-            f"the one from {source} ({len(tok)} tokens): its token ids would mean other text. Fix: use models "
-            "that share one tokenizer (the same model family and stage chain)."
+            f"{what} uses the tokenizer in {other_dir} ({len(other)} tokens), but this run's comes from "
+            f"{source} ({len(tok)} tokens): the same ids would mean other text. Fix: use models and data "
+            "settings that share one tokenizer (the same model family and stage chain)."
         )
 
 

@@ -45,7 +45,7 @@ def in_pattern(row: dict, c) -> dict:
     """A kept sample as reasoning + reasoning_end + summary. Kept samples passed the format check, so
     both the reasoning and the answer are there."""
     reasoning = reasoning_of(row["response"])
-    answer = (extract_answer(row["response"]) or "").strip()
+    answer = (extract_answer(row["response"], row) or "").strip()
     return {
         **row,
         "response": reasoning + c.reasoning_end + c.summary.format(answer=answer, reasoning=reasoning),

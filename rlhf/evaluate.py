@@ -118,7 +118,7 @@ def _pct(sorted_values: list[int], q: float) -> int:
 
 def _consensus(group, accuracy: list[float]) -> float:
     """1 if the most common extracted answer (ties: first seen) is a correct one."""
-    answers = [(a.strip() if (a := extract_answer(s.text)) is not None else None) for s in group]
+    answers = [(a.strip() if (a := extract_answer(s.text, s.row)) is not None else None) for s in group]
     votes = Counter(a for a in answers if a is not None)
     if not votes:
         return 0.0

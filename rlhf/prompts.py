@@ -22,6 +22,7 @@ from pathlib import Path
 
 from core.data import load_rows
 from core.errors import ConfigError, DataError
+from rlhf.rewards.rules import ANSWER_STYLES, last_boxed
 from rlhf.tasks import FILE_ROW_TASK, TASKS, validate_gold
 
 # DeepSeek-R1 paper, Table 1. It ends inside the think block, so completions start with the reasoning.
@@ -39,13 +40,17 @@ CHAT = "chat"  # the tokenizer's own chat template (render_chat), not a format s
 THINK_PREFIX = "<think>\n"  # what DeepSeek-R1's chat template puts after the assistant tag
 SPLITS = ("train", "eval")
 _FIELDS = ("prompt", "answer", "task", "metadata")
+ANSWER_FORMATS = ("plain", "gsm8k", "boxed")  # data.answer_format: where a file row's gold answer is
 
 
-def load_prompts(data_cfg, split: str, tok=None) -> list[dict]:
+def load_prompts(data_cfg, split: str, tok=None, answer_style: str = "tag") -> list[dict]:
     """The ``split`` ("train" or "eval") prompt rows of ``data_cfg`` (core.config.DataConfig), templated
-    for the run's tokenizer ``tok`` (needed by data.template=chat, and by auto to find its chat template)."""
+    for the run's tokenizer ``tok`` (needed by data.template=chat, and by auto to find its chat template),
+    marked with the answer convention the rewards read (reward.answer: rlhf.rewards.rules)."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r}: expected one of {SPLITS}")
+    if answer_style not in ANSWER_STYLES:
+        raise ConfigError(f"reward.answer={answer_style!r}: expected one of {list(ANSWER_STYLES)}.")
     template = _template_name(data_cfg, tok)  # checked before generating anything
     if (split == "train" and data_cfg.num_train < 1) or data_cfg.num_eval < 0:
         raise ConfigError(
@@ -66,7 +71,7 @@ def load_prompts(data_cfg, split: str, tok=None) -> list[dict]:
         else:
             row["prompt"] = fill(template, question)
         # A row may name its own target language (bilingual sets); else the data config's.
-        row["metadata"] = {"language": data_cfg.language, **(row.get("metadata") or {})}
+        row["metadata"] = {"language": data_cfg.language, **(row.get("metadata") or {}), "answer_style": answer_style}
     return rows
 
 
@@ -142,7 +147,7 @@ def _from_files(data_cfg, split: str) -> list[dict]:
         raise ConfigError(f"data.source={data_cfg.source} needs data.train_path (rows with 'prompt' and 'answer').")
     own_file = split == "eval" and data_cfg.eval_path
     path = data_cfg.eval_path if own_file else data_cfg.train_path
-    rows, k = _read(path, data_cfg.task), data_cfg.num_eval
+    rows, k = _read(path, data_cfg), data_cfg.num_eval
     if not own_file and not data_cfg.eval_path and k:  # hold out the last num_eval rows
         if len(rows) <= k:
             raise DataError(
@@ -155,17 +160,39 @@ def _from_files(data_cfg, split: str) -> list[dict]:
     return rows
 
 
-def _read(path: str, default_task: str | None) -> list[dict]:
-    raw = load_rows(path, "prompt")  # raises DataError naming the file and line of a bad row
+def gold_answer(text: str, answer_format: str, where: str, key: str) -> str:
+    """The gold final answer inside a file's answer field: as is (plain), after GSM8K's last ``####``, or
+    the last ``\\boxed{}`` of a worked solution (MATH's ``solution``)."""
+    if answer_format == "plain":
+        return text
+    if answer_format == "gsm8k":
+        head, mark, tail = text.rpartition("####")
+        if mark and tail.strip():
+            return tail.strip().replace(",", "")
+        fix = "end it with '#### <answer>', or set data.answer_format=plain"
+    elif answer_format == "boxed":
+        found = last_boxed(text)
+        if found and found.strip():
+            return found.strip()
+        fix = "put the final answer in \\boxed{...}, or set data.answer_format=plain"
+    else:
+        raise ConfigError(f"data.answer_format={answer_format!r}: expected one of {list(ANSWER_FORMATS)}.")
+    raise DataError(f"{where}: field '{key}' has no {answer_format} final answer ({text[-80:]!r}). Fix: {fix}.")
+
+
+def _read(path: str, data_cfg) -> list[dict]:
+    keys = {"prompt": data_cfg.prompt_key, "answer": data_cfg.answer_key}
+    raw = load_rows(path, "prompt", keys)  # raises DataError naming the file, line and field of a bad row
     rows = []
     for where, r in zip(_locations(Path(path), len(raw)), raw):
         meta = r.get("metadata") if isinstance(r.get("metadata"), dict) else {}
-        extra = {k: v for k, v in r.items() if k not in _FIELDS}  # id, level, subject...: kept for logging
+        # id, level, subject, a worked solution...: kept for logging
+        extra = {k: v for k, v in r.items() if k not in _FIELDS and k not in keys.values()}
         rows.append(
             {
-                "question": r["prompt"],
-                "answer": r["answer"],
-                "task": r.get("task") or default_task or FILE_ROW_TASK,
+                "question": r[keys["prompt"]],
+                "answer": gold_answer(r[keys["answer"]], data_cfg.answer_format, where, keys["answer"]),
+                "task": r.get("task") or data_cfg.task or FILE_ROW_TASK,
                 "metadata": {**extra, **meta},
                 "_where": where,
             }

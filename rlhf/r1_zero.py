@@ -51,7 +51,7 @@ def run(cfg: Config) -> dict:
 def train(cfg: Config, rank0: bool) -> dict:
     rl, t, r, run_dir = cfg.stage.rl, cfg.stage.train, cfg.rollout, Path(cfg.run_dir)
     tok = run_tokenizer(cfg, run_dir=run_dir, write=rank0)
-    train_rows, eval_rows = load_prompts(cfg.data, "train", tok), load_prompts(cfg.data, "eval", tok)
+    train_rows, eval_rows = (load_prompts(cfg.data, split, tok, cfg.reward.answer) for split in ("train", "eval"))
     refuse_judged(train_rows + eval_rows, f"stage={cfg.stage.name}")
     policy = build_policy(cfg)
     position, evals = start_from(cfg, policy, run_dir)

@@ -78,7 +78,7 @@ def sample(cfg: Config, model_from: str, out_dir: Path, rewrite=None) -> tuple[l
     with CoTs written), the counts per filter, and the source checkpoint."""
     s, r = cfg.stage.sampling, cfg.rollout
     tok = run_tokenizer(cfg, weights_from=model_from, run_dir=out_dir, write=P.rank() == 0)
-    prompts = load_prompts(cfg.data, "train", tok)
+    prompts = load_prompts(cfg.data, "train", tok, cfg.reward.answer)
     prompts = prompts[: s.prompts] if s.prompts else prompts
     unchecked = not all(map(rule_checkable, prompts))
     if unchecked and not s.judge:
@@ -163,10 +163,11 @@ def score(flat: list, pool, unruled, judge, judged: dict) -> dict[str, list[floa
             for name, values in p.score([flat[k].text for k in ks], [flat[k].row for k in ks]).per_reward.items():
                 for k, v in zip(ks, values):
                     out[name][k] = v
-    answered = [k for k in unchecked if extract_answer(flat[k].text) is not None]
+    answered = [k for k in unchecked if extract_answer(flat[k].text, flat[k].row) is not None]
     if answered:  # every model-parallel peer holds the same samples (generate_and_share): a safe collective
         verdicts = judge.correct(
-            [str(flat[k].row.get("answer")) for k in answered], [extract_answer(flat[k].text) for k in answered]
+            [str(flat[k].row.get("answer")) for k in answered],
+            [extract_answer(flat[k].text, flat[k].row) for k in answered],
         )
         for k, v in zip(answered, verdicts):
             out["accuracy"][k] = v

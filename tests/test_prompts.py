@@ -37,7 +37,7 @@ def test_addition_keeps_its_compact_prompt_and_holds_out_eval_pairs():
         "prompt": addition.make_prompt(a, b),
         "answer": str(a + b),
         "task": "addition",
-        "metadata": {"language": "en"},
+        "metadata": {"language": "en", "answer_style": "tag"},
     }
     r1 = load_prompts(cfg(task="addition", template="r1_zero"), "train")[0]
     assert r1["prompt"].endswith(f"User: {a:03d}+{b:03d}. Assistant: <think>")

@@ -59,7 +59,7 @@ def rollout(args) -> dict:
 
     cfg, policy, tok, hf_dir = _setup(args.threads, args.base, args.overrides)
     r, rl = cfg.rollout, cfg.stage.rl
-    rows = load_prompts(cfg.data, "train", tok)[: rl.prompts_per_step]
+    rows = load_prompts(cfg.data, "train", tok, cfg.reward.answer)[: rl.prompts_per_step]
     sampling = Sampling(
         n=r.n,
         temperature=r.temperature,

@@ -62,7 +62,7 @@ def evaluate_checkpoint(overrides: list[str]) -> dict:
     cfg = compose(overrides)
     run_dir = Path(cfg.run_dir)
     tok = run_tokenizer(cfg, weights_from=step_dir or "")
-    rows = load_prompts(cfg.data, "eval", tok)
+    rows = load_prompts(cfg.data, "eval", tok, cfg.reward.answer)
     refuse_judged(rows, "tools.eval")
     env = P.init_distributed(cfg)
     try:
