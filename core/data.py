@@ -43,10 +43,31 @@ PARQUET_SUFFIXES = (".parquet",)
 IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default ignore_index
 
 
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def _check_messages(row: dict, where: str) -> dict:
+    """A chat-format SFT row: ``messages``, a list of {role, content} with at least one assistant turn."""
+    messages = row["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: field 'messages' must be a non-empty list of {{role, content}} objects")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
+            raise DataError(f"{where}: messages[{i}].role must be one of {list(CHAT_ROLES)}, got {m!r:.80}")
+        if not isinstance(m.get("content"), str) or not m["content"].strip():
+            raise DataError(f"{where}: messages[{i}].content must be a non-empty string; fill it in or drop the row")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: no assistant turn in 'messages': nothing to learn. Add one or drop the row")
+    return row
+
+
 def _check_row(row: Any, kind: str, where: str, keys: dict[str, str] | None = None) -> dict:
     """Validate one row against SCHEMAS[kind], whose fields the file may name otherwise (``keys``: schema
-    field -> the file's, e.g. {"prompt": "question"}); ``where`` is e.g. "data.jsonl line 3"."""
+    field -> the file's, e.g. {"prompt": "question"}); ``where`` is e.g. "data.jsonl line 3". An SFT row
+    may be chat-format instead: {"messages": [{"role", "content"}, ...]}."""
     fields = [(keys or {}).get(f, f) for f in SCHEMAS[kind]]
+    if kind == "sft" and isinstance(row, dict) and "messages" in row:
+        return _check_messages(row, where)
     if not isinstance(row, dict):
         hint = " (the file looks like a JSON array; write one object per line instead)" if isinstance(row, list) else ""
         raise DataError(f"{where}: expected a JSON object with fields {fields}, got {type(row).__name__}{hint}")
@@ -148,7 +169,8 @@ def tokenize_sft(
     max_len: int,
     truncate: bool = False,
 ) -> list[dict]:
-    """``[bos] + prompt + response + [eos]`` with ``loss_mask`` 1 on response and eos only.
+    """``[bos] + prompt + response + [eos]`` with ``loss_mask`` 1 on response and eos only; a chat row
+    (``messages``) through the tokenizer's chat template, loss on the assistant turns only (tokenize_chat).
 
     Prompt and response are tokenized separately so the mask boundary is exact even
     for tokenizers that would merge across it.
@@ -159,10 +181,14 @@ def tokenize_sft(
     out = []
     for i, row in enumerate(rows):
         _check_row(row, "sft", f"sft row {i}")
-        prompt = bos + tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
-        response = tokenizer(row["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        ids = prompt + response
-        mask = [0] * len(prompt) + [1] * len(response)
+        if "messages" in row:
+            ids, mask = tokenize_chat(row["messages"], tokenizer, f"sft row {i}")
+            prompt = ids[: mask.index(1)]
+        else:
+            prompt = bos + tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+            response = tokenizer(row["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            ids = prompt + response
+            mask = [0] * len(prompt) + [1] * len(response)
         if len(ids) > max_len:
             if not truncate:
                 raise DataError(
@@ -179,6 +205,39 @@ def tokenize_sft(
             ids, mask = ids[:max_len], mask[:max_len]
         out.append({"input_ids": ids, "loss_mask": mask})
     return out
+
+
+def tokenize_chat(messages: list[dict], tokenizer, where: str) -> tuple[list[int], list[int]]:
+    """(ids, loss mask) of a conversation as the chat template renders it, 1 on each assistant turn's
+    text and the template's end-of-turn tokens after it. Each turn is rendered on the prefix before it, so
+    the template must render a conversation's prefix as a prefix (ChatML, DeepSeek's and Llama's do)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            f"{where}: a 'messages' row needs a tokenizer with a chat template, and this run's has none. Fix: use "
+            "the model directory's tokenizer (model=hf model.path=DIR), or prompt/response rows"
+        )
+    render = functools.partial(tokenizer.apply_chat_template, tokenize=False)
+    segments, done = [], ""
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before, after = render(messages[:i], add_generation_prompt=True), render(messages[: i + 1])
+        if not (before.startswith(done) and after.startswith(before)):
+            raise DataError(
+                f"{where}: the chat template does not render turn {i} as a continuation of the turns before it "
+                "(does its generation prompt add text the assistant turn does not start with?). Fix: use a "
+                "template that renders a conversation's prefix as a prefix, or prompt/response rows"
+            )
+        segments += [(before[len(done) :], 0), (after[len(before) :], 1)]
+        done = after
+    full = render(messages)
+    segments.append((full[len(done) :] if full.startswith(done) else "", 0))
+    ids, mask = [], []
+    for text, learn in segments:
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        ids += piece
+        mask += [learn] * len(piece)
+    return ids, mask
 
 
 def pack(samples: Iterable[dict], seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:

@@ -31,6 +31,7 @@ LONGEST_FIRST = (
     "test_slurm",
     "test_equivalence",
     "test_on_policy_distill",
+    "test_hf_models",
     "test_bad_inputs",
     "test_hf_bridge",
     "test_convert",

@@ -110,3 +110,34 @@ def test_r1_zero_on_an_hf_directory_with_chat_prompts_and_a_chat_ready_export(wo
     said = json.loads(out.read_text())
     assert said["chat_template"] and said["stop_ids"] == [151643, 151645]
     assert len(said["vllm"]) == 8 and said["vllm"] == said["transformers"], said
+
+
+@pytest.mark.slow
+def test_sft_on_chat_rows_then_eval_on_math_schema_rows(workdir, tmp_path):
+    hf_dir = make_hf_model("qwen3", workdir / "qwen3")
+    chats = tmp_path / "chats.jsonl"
+    turns = [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "What is 2+3?"},
+        {"role": "assistant", "content": "<think>\n2+3=5</think>\\boxed{5}"},
+    ]
+    chats.write_text("".join(json.dumps({"messages": turns}) + "\n" for _ in range(8)))
+    sft = tmp_path / "sft"
+    train_cli(
+        "stage=sft", "model=hf", f"model.path={hf_dir}", f"stage.init_from={hf_dir}", "data=jsonl",
+        f"data.train_path={chats}", "stage.train.steps=2", "stage.train.micro_batch_size=2",
+        "stage.train.global_batch_size=4", "stage.train.seq_length=64", "logger=none", f"run_dir={sft}",
+    )  # fmt: skip
+    losses = [json.loads(line)["train/loss"] for line in (sft / "metrics.jsonl").read_text().splitlines()]
+    assert losses and all(0 < x < 20 for x in losses)  # log(151,669) = 11.9 at random weights
+    math = tmp_path / "math.jsonl"
+    rows = [{"problem": f"Compute {a}/2.", "solution": f"It is $\\boxed{{\\frac{{{a}}}{{2}}}}$."} for a in range(3)]
+    math.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "eval"
+    module_cli(
+        "tools.eval", f"model={sft}", "data=jsonl", f"data.train_path={math}", f"data.eval_path={math}",
+        "data.prompt_key=problem", "data.answer_key=solution", "data.answer_format=boxed", "reward.answer=boxed",
+        "eval.k=1", "rollout.max_new_tokens=8", "stage.train.seq_length=64", "logger=none", f"run_dir={out}",
+    )  # fmt: skip
+    result = json.loads((out / "eval.json").read_text())
+    assert result["n_prompts"] == 3 and result["model_preset"] == "hf" and 0.0 <= result["pass@1"] <= 1.0

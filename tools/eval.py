@@ -2,8 +2,8 @@
 
     python -m tools.eval model=CKPT data=NAME run_dir=PATH [overrides]
 
-CKPT: a run dir (its latest checkpoint), a checkpoints root or a step dir; a model preset name still
-works (random weights, a baseline). The model preset is read from the checkpoint. Writes RUN_DIR/eval.json:
+CKPT: a run dir (its latest checkpoint), a checkpoints root or a step dir, or a Hugging Face model directory;
+a model preset name still works (random weights, a baseline). The model preset is read from the checkpoint. Writes RUN_DIR/eval.json:
 pass@1 over eval.k samples (eval.temperature 0.6, eval.top_p 0.95), cons@k, format and
 language_consistency, per task, with the response-length distribution. Exit 2 names a bad input.
 """
@@ -34,6 +34,9 @@ def resolve_model(overrides: list[str]) -> tuple[list[str], Path | None]:
         raise ConfigError(f"model= is missing. {USAGE}")
     if not paths:
         return overrides, None  # a preset name: random weights
+    if ckpt.is_hf_dir(paths[0]):  # a Hugging Face model directory: its architecture, weights and tokenizer
+        given = [o for o in overrides if not o.startswith(("model=", "model.path="))]
+        return given + ["model=hf", f"model.path={paths[0]}"], Path(paths[0])
     step_dir = ckpt.resolve(ckpt.of_run(paths[0]))
     meta = ckpt.read_meta(step_dir)
     preset = meta.get("model")
@@ -67,7 +70,11 @@ def evaluate_checkpoint(overrides: list[str]) -> dict:
     env = P.init_distributed(cfg)
     try:
         policy = build_policy(cfg, with_optimizer=False)
-        meta = ckpt.load(policy, step_dir, with_optimizer=False) if step_dir else {"step": None}
+        meta = {"step": None}
+        if step_dir and ckpt.is_hf_dir(step_dir):
+            ckpt.load_weights(policy, step_dir)
+        elif step_dir:
+            meta = ckpt.load(policy, step_dir, with_optimizer=False)
         engine = colocated.start_engine(cfg, policy, run_dir / "hf_model", tok)
         with engine or contextlib.nullcontext(), RewardPool(SCORES, cfg.reward.timeout_s, cfg.reward.workers) as pool:
             result = evaluate(engine, tok, rows, cfg.eval, pool, cfg.rollout.max_new_tokens)

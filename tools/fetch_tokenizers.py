@@ -3,7 +3,7 @@
     python -m tools.fetch_tokenizers [DEST]     (default .venv/tokenizers; `make setup` runs it)
 
 * deepseek_v3/: DeepSeek-V3/R1's tokenizer (129,280 tokens, MIT), shipped in the litellm wheel, with
-  R1's chat template (`<｜User｜>…<｜Assistant｜><think>\\n`) written into its tokenizer_config.json.
+  DeepSeek-V3's chat template (`<｜User｜>…<｜Assistant｜>`; data.think_prefix adds R1's `<think>\\n`).
 * qwen/: Qwen2.5/Qwen3's byte-level BPE (151,643 ranks, Apache-2.0), shipped as qwen.tiktoken in the
   dashscope wheel, converted to tokenizer.json with transformers' tiktoken converter, Qwen's 26 special
   tokens after it (151,669 tokens; `<think>` 151667) and a ChatML chat template.
@@ -28,7 +28,7 @@ DEEPSEEK_CHAT = (
     "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}"
     "{% elif m['role'] == 'user' %}{{ '<｜User｜>' + m['content'] }}"
     "{% elif m['role'] == 'assistant' %}{{ '<｜Assistant｜>' + m['content'] + eos_token }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<｜Assistant｜><think>\\n' }}{% endif %}"
+    "{% if add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}"
 )
 QWEN_CHAT = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
@@ -101,7 +101,8 @@ def _save(tok, out: Path) -> None:
 def fetch(dest: Path) -> None:
     for name, (requirement, member) in WHEELS.items():
         out = dest / name
-        if (out / "tokenizer.json").exists():
+        template = out / "chat_template.jinja"
+        if template.is_file() and template.read_text() == (DEEPSEEK_CHAT if name == "deepseek_v3" else QWEN_CHAT):
             continue
         with tempfile.TemporaryDirectory() as tmp:
             raw = _from_wheel(requirement, member, Path(tmp))
