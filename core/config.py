@@ -119,7 +119,9 @@ class TrainConfig:
     steps: int = 100
     micro_batch_size: int = 8
     global_batch_size: int = 8
-    seq_length: int = 64
+    # The context: prompt + completion. Stages with rollouts derive it from data.max_prompt_tokens +
+    # rollout.max_new_tokens when that is set (null here: derived; a smaller explicit value is refused).
+    seq_length: Optional[int] = 64
     dtype: str = "fp32"  # fp32 | bf16
     save_every: int = 0  # 0 = only at the end
     log_every: int = 1
@@ -241,6 +243,9 @@ class DataConfig:
     template: str = "auto"
     system_prompt: Optional[str] = None  # data.template=chat: a system turn before the question
     think_prefix: bool = True  # data.template=chat: end the prompt with R1's "<think>\n" after the assistant tag
+    # The longest prompt a rollout stage takes, in tokens (None: whatever seq_length - max_new_tokens leaves);
+    # with it the context is derived: stage.train.seq_length = max_prompt_tokens + rollout.max_new_tokens.
+    max_prompt_tokens: Optional[int] = None
     language: str = "en"  # the reasoning's target language (ISO 639-1) for the language_consistency reward
     # General (non-reasoning) prompts mixed into the RL prompts, scored by reward models (stage=general_rl):
     # greet (the tiny greeting task, rlhf.tasks.general) or None; general_share of all train prompts.

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from core.config import TEACHER_ADVANTAGE, Config, ParallelConfig
 from core.errors import ConfigError
-from core.stages import RL_STAGES
+from core.stages import RL_STAGES, STAGES
 
 
 def _divisors(n: int) -> list[int]:
@@ -140,6 +140,7 @@ def validate(cfg: Config, world_size: int) -> Config:
         raise ConfigError("parallel.sequence_parallel=true needs parallel.tensor > 1. Fix: set it false.")
     if p.recompute not in ("none", "selective", "full"):
         raise ConfigError(f"parallel.recompute={p.recompute!r}: expected none, selective or full.")
+    _context_length(cfg)
     t = cfg.stage.train
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise ConfigError(
@@ -152,6 +153,36 @@ def validate(cfg: Config, world_size: int) -> Config:
         _validate_rl(cfg, dp)
     p.data = dp
     return cfg
+
+
+def _context_length(cfg: Config) -> None:
+    """Rollout stages: stage.train.seq_length (also the engine's max_model_len) from data.max_prompt_tokens +
+    rollout.max_new_tokens, so a 32k-token response budget is one setting; an explicit smaller one is refused."""
+    t, d, r = cfg.stage.train, cfg.data, cfg.rollout
+    rollouts = STAGES.get(cfg.stage.name).loop in ("grpo", "sampling")
+    if rollouts and d.max_prompt_tokens is not None:
+        if d.max_prompt_tokens < 1:
+            raise ConfigError(f"data.max_prompt_tokens={d.max_prompt_tokens}. Fix: a positive token count, or null.")
+        need = d.max_prompt_tokens + r.max_new_tokens
+        if t.seq_length is None:
+            t.seq_length = need
+        elif t.seq_length < need:
+            raise ConfigError(
+                f"stage.train.seq_length={t.seq_length} < data.max_prompt_tokens + rollout.max_new_tokens = "
+                f"{d.max_prompt_tokens} + {r.max_new_tokens} = {need}. Fix: set stage.train.seq_length=null "
+                f"(derived) or >= {need}."
+            )
+    if t.seq_length is None:
+        raise ConfigError(
+            f"stage.train.seq_length=null (stage={cfg.stage.name}) is derived only for rollout stages with "
+            "data.max_prompt_tokens set. Fix: set stage.train.seq_length, or data.max_prompt_tokens."
+        )
+    if t.seq_length > cfg.model.max_position_embeddings:
+        raise ConfigError(
+            f"stage.train.seq_length={t.seq_length} > model.max_position_embeddings="
+            f"{cfg.model.max_position_embeddings}. Fix: shorten the prompts or responses, or use a model with a "
+            "longer context."
+        )
 
 
 def _validate_rl(cfg: Config, dp: int) -> None:

@@ -116,3 +116,12 @@ def test_every_dataclass_field_is_overridable_without_plus():
 
 def test_deepseek_group_routing_must_match_hf():
     bad(["model=tiny_dsv3", "model.moe_router_topk=2"], 1, match=r"must be 2: megatron scores an expert group")
+
+
+def test_rollout_context_is_derived_from_prompt_and_response_budgets():
+    long = ["stage=r1_zero", "model=deepseek_v3_671b", "data.max_prompt_tokens=1024", "rollout.max_new_tokens=32768"]
+    cfg = validate(compose([*long, "stage.train.seq_length=null"]), 1)
+    assert cfg.stage.train.seq_length == 1024 + 32768  # the paper's 32k responses, one setting
+    bad(long, match=r"seq_length=64 < data.max_prompt_tokens \+ rollout.max_new_tokens = 1024 \+ 32768 = 33792")
+    bad(["stage=pretrain", "stage.train.seq_length=null"], match="derived only for rollout stages")
+    bad(["stage=pretrain", "stage.train.seq_length=1024"], match="model.max_position_embeddings=256")
