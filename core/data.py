@@ -185,7 +185,9 @@ def tokenize_sft(
             ids, mask = tokenize_chat(row["messages"], tokenizer, f"sft row {i}")
             prompt = ids[: mask.index(1)]
         else:
-            prompt = bos + tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+            # A chat-rendered prompt (a rollout stage's, kept by rejection sampling) already opens with BOS.
+            own_bos = bos and row["prompt"].startswith(tokenizer.bos_token)
+            prompt = ([] if own_bos else bos) + tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
             response = tokenizer(row["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
             ids = prompt + response
             mask = [0] * len(prompt) + [1] * len(response)

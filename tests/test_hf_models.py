@@ -1,19 +1,24 @@
 """Post-training a real Hugging Face model: `model=hf model.path=DIR` for the qwen2, qwen3, llama and
 deepseek_v3 families, each a locally built directory with its real tokenizer (tests/hf_models.py).
 
-One worker process checks every family's architecture, weight import, logits and export; one R1-Zero run
-(qwen3: chat template, GSM8K-schema JSONL) checks the stage end to end, and its export answers a chat
-prompt in vLLM and transformers alike.
+One worker process checks every family's architecture, weight import, logits and export; the README's
+"Post-train your own model" commands run, smaller, on a Qwen3 directory (R1-Zero with chat prompts from
+GSM8K-schema rows, SFT on chat rows, rejection sampling, SFT, eval on MATH-schema rows, export), and the
+export answers a chat prompt in vLLM and transformers alike.
 """
 
 import json
+import os
+import re
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from core.compose import compose
 from core.errors import ConfigError
-from tests.conftest import ROOT, module_cli, run_worker, train_cli
+from tests.conftest import ROOT, cli_env, run_worker
 from tests.hf_models import FAMILIES, make_hf_model
 
 LOGITS_TOL = 1e-5  # fp32 kernel-order noise against transformers' eager attention: ~5e-7 measured
@@ -78,66 +83,86 @@ def test_unsupported_or_contradicted_architectures_are_refused(workdir, tmp_path
         compose(["model=hf", f"model.path={llama}"])
 
 
-def _gsm8k(path, n):
-    rows = [
-        {"question": f"Tom has {a} apples and buys {a + 3} more. How many?", "answer": f"{a}+{a + 3}\n#### {2 * a + 3}"}
-        for a in range(n)
-    ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+# The README's sizes are a real model's; each command runs here with these replaced and added (run_dir name ->
+# ({key: smaller value}, [extra overrides])), on a tiny Qwen3 directory and a few rows.
+SMALLER = {
+    "r1_zero": (
+        {"data.max_prompt_tokens": 72, "rollout.max_new_tokens": 8},
+        ["data.num_eval=2", "stage.train.steps=2", "stage.rl.prompts_per_step=2", "rollout.n=2", "eval.k=1",
+         "stage.train.micro_batch_size=2", "stage.train.global_batch_size=4"],
+    ),
+    # Memorises one chat row, so that rejection sampling has a verified-correct sample to keep.
+    "cold_start": (
+        {"stage.train.seq_length": 64},
+        ["stage.epochs=null", "stage.train.steps=40", "stage.train.micro_batch_size=4", "stage.train.global_batch_size=4",
+         "stage.train.optim.lr=1e-2", "stage.train.optim.schedule=constant", "stage.train.optim.warmup_steps=0"],
+    ),
+    "rs": (
+        {"data.max_prompt_tokens": 48, "rollout.max_new_tokens": 24},
+        ["data.num_eval=2", "rollout.n=2", "rollout.temperature=0.3"],
+    ),
+    "sft": (
+        {"stage.train.seq_length": 64},
+        ["stage.epochs=null", "stage.train.steps=2", "stage.train.micro_batch_size=2", "stage.train.global_batch_size=2"],
+    ),
+    "eval": ({}, ["eval.k=1", "rollout.max_new_tokens=8", "stage.train.seq_length=64"]),
+    "hf": ({}, []),
+}  # fmt: skip
+
+
+def readme_commands() -> tuple[list[str], list[str]]:
+    """(shell assignments, commands) of the README's "Post-train your own model" block."""
+    block = (ROOT / "README.md").read_text().split("<!-- own-model:begin")[1].split("<!-- own-model:end")[0]
+    lines = [x for x in block.splitlines()[1:] if x.strip() and not x.startswith(("#", "```"))]
+    return [x for x in lines if not x.startswith("python")], [x for x in lines if x.startswith("python")]
+
+
+def smaller(command: str) -> tuple[str, str]:
+    name = re.search(r"(?:run_dir=runs/mine/|runs/mine/)(\w+)\S*\s*(?:\$HF)?$", command).group(1)
+    replace, extra = SMALLER[name]
+    for key, value in replace.items():
+        command, found = re.subn(rf"(?<=\s){re.escape(key)}=\S+", f"{key}={value}", command)
+        assert found == 1, (key, command)
+    return name, " ".join([command, *extra, *(["logger=none"] if "rlhf.train" in command else [])])
+
+
+def _rows(tmp_path):
+    questions = [f"Tom has {a} apples and buys {a + 3} more. How many?" for a in range(4)]
+    gsm8k = [{"question": q, "answer": f"{a}+{a + 3}\n#### {2 * a + 3}"} for a, q in enumerate(questions)]
+    reply = "<think>\n0+3=3</think><answer>3</answer>"
+    chats = [{"messages": [{"role": "user", "content": questions[0]}, {"role": "assistant", "content": reply}]}]
+    math = [{"problem": f"Compute {a}/2.", "solution": f"It is $\\boxed{{\\frac{{{a}}}{{2}}}}$."} for a in range(3)]
+    files = {"DATA": gsm8k, "CHATS": chats, "MATH": math}
+    for name, rows in files.items():
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {name: tmp_path / f"{name}.jsonl" for name in files}
 
 
 @pytest.mark.slow
-def test_r1_zero_on_an_hf_directory_with_chat_prompts_and_a_chat_ready_export(workdir, tmp_path):
+def test_the_readmes_own_model_commands(workdir, tmp_path):
+    """R1-Zero, cold-start SFT on chat rows, rejection sampling, SFT, eval on MATH-schema rows and a chat-ready
+    export, with the README's commands on an HF directory: the model's tokenizer and chat template throughout."""
     hf_dir = make_hf_model("qwen3", workdir / "qwen3")
-    run = tmp_path / "r1_zero"
-    data = _gsm8k(tmp_path / "gsm8k.jsonl", 12)
-    train_cli(
-        "stage=r1_zero", "model=hf", f"model.path={hf_dir}", f"stage.init_from={hf_dir}", "data=jsonl",
-        f"data.train_path={data}", "data.prompt_key=question", "data.answer_format=gsm8k", "data.num_eval=2",
-        "data.template=chat", "stage.train.steps=2", "stage.rl.prompts_per_step=2", "rollout.n=2",
-        "stage.train.micro_batch_size=2", "stage.train.global_batch_size=4", "rollout.max_new_tokens=8",
-        "stage.train.seq_length=80", "eval.k=1", "logger=none", f"run_dir={run}",
-    )  # fmt: skip
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if "rollout/logprob_diff_max" in r]
-    assert len(steps) == 2 and all(r["rollout/logprob_diff_max"] <= 1e-4 for r in steps), steps
-    assert (run / "tokenizer" / "chat_template.jinja").is_file()  # the run dir keeps the model's tokenizer
-    export = tmp_path / "export"
-    module_cli("tools.convert", "export", run / "checkpoints", export, "model=hf", f"model.path={hf_dir}")
+    assignments, commands = readme_commands()
+    assert [smaller(c)[0] for c in commands] == list(SMALLER)
+    files = _rows(tmp_path)
+    given = f"MODEL={hf_dir} " + " ".join(f"{k}={v}" for k, v in files.items())
+    for command in commands:
+        name, command = smaller(command)
+        script = "\n".join(["set -e", given, *assignments[1:], command])
+        env = cli_env(PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")  # `python`: the venv's, as activated
+        proc = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, f"{name}: {command}\n{proc.stdout[-2000:]}\n{proc.stderr[-5000:]}"
+    runs = tmp_path / "runs" / "mine"
+    steps = [r for r in map(json.loads, (runs / "r1_zero" / "metrics.jsonl").read_text().splitlines())]
+    gaps = [r["rollout/logprob_diff_max"] for r in steps if "rollout/logprob_diff_max" in r]
+    assert len(gaps) == 2 and max(gaps) <= 1e-4, gaps  # trainer vs engine log-probs after each step
+    assert (runs / "r1_zero" / "tokenizer" / "chat_template.jinja").is_file()  # the model's tokenizer is kept
+    assert json.loads((runs / "rs" / "dataset.json").read_text())["kept"] >= 1
+    result = json.loads((runs / "eval" / "eval.json").read_text())
+    assert result["n_prompts"] == 3 and result["model_preset"] == "hf"
     out = tmp_path / "chat.json"
-    run_worker([sys.executable, ROOT / "tests" / "dist" / "export_chat_worker.py", export, out], timeout=600)
+    run_worker([sys.executable, ROOT / "tests" / "dist" / "export_chat_worker.py", runs / "hf", out], timeout=600)
     said = json.loads(out.read_text())
     assert said["chat_template"] and said["stop_ids"] == [151643, 151645]
     assert len(said["vllm"]) == 8 and said["vllm"] == said["transformers"], said
-
-
-@pytest.mark.slow
-def test_sft_on_chat_rows_then_eval_on_math_schema_rows(workdir, tmp_path):
-    hf_dir = make_hf_model("qwen3", workdir / "qwen3")
-    chats = tmp_path / "chats.jsonl"
-    turns = [
-        {"role": "system", "content": "Answer briefly."},
-        {"role": "user", "content": "What is 2+3?"},
-        {"role": "assistant", "content": "<think>\n2+3=5</think>\\boxed{5}"},
-    ]
-    chats.write_text("".join(json.dumps({"messages": turns}) + "\n" for _ in range(8)))
-    sft = tmp_path / "sft"
-    train_cli(
-        "stage=sft", "model=hf", f"model.path={hf_dir}", f"stage.init_from={hf_dir}", "data=jsonl",
-        f"data.train_path={chats}", "stage.train.steps=2", "stage.train.micro_batch_size=2",
-        "stage.train.global_batch_size=4", "stage.train.seq_length=64", "logger=none", f"run_dir={sft}",
-    )  # fmt: skip
-    losses = [json.loads(line)["train/loss"] for line in (sft / "metrics.jsonl").read_text().splitlines()]
-    assert losses and all(0 < x < 20 for x in losses)  # log(151,669) = 11.9 at random weights
-    math = tmp_path / "math.jsonl"
-    rows = [{"problem": f"Compute {a}/2.", "solution": f"It is $\\boxed{{\\frac{{{a}}}{{2}}}}$."} for a in range(3)]
-    math.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = tmp_path / "eval"
-    module_cli(
-        "tools.eval", f"model={sft}", "data=jsonl", f"data.train_path={math}", f"data.eval_path={math}",
-        "data.prompt_key=problem", "data.answer_key=solution", "data.answer_format=boxed", "reward.answer=boxed",
-        "eval.k=1", "rollout.max_new_tokens=8", "stage.train.seq_length=64", "logger=none", f"run_dir={out}",
-    )  # fmt: skip
-    result = json.loads((out / "eval.json").read_text())
-    assert result["n_prompts"] == 3 and result["model_preset"] == "hf" and 0.0 <= result["pass@1"] <= 1.0
