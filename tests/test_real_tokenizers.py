@@ -143,3 +143,31 @@ def test_boxed_answers_in_the_reward_and_format():
     assert format_reward("x</think>no box", boxed) == 0.0
     tag = {**boxed, "metadata": {}}
     assert accuracy(good, tag) == 0.0 and accuracy("x</think><answer>1/2</answer>", tag) == 1.0
+
+
+def test_chat_rows_learn_the_assistant_turns_only(tmp_path, qwen):
+    from core.data import load_rows, tokenize_sft
+
+    turns = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "2+3?"},
+        {"role": "assistant", "content": "<think>\n2+3=5</think>\\boxed{5}"},
+        {"role": "user", "content": "and 2+4?"},
+        {"role": "assistant", "content": "6"},
+    ]
+    out = tokenize_sft([{"messages": turns}], qwen, 200)[0]
+    learned = qwen.decode([t for t, m in zip(out["input_ids"], out["loss_mask"]) if m])
+    assert learned == "<think>\n2+3=5</think>\\boxed{5}<|im_end|>\n6<|im_end|>\n"
+    assert qwen.decode(out["input_ids"]) == qwen.apply_chat_template(turns, tokenize=False)
+    with pytest.raises(DataError, match="chat template"):
+        tokenize_sft([{"messages": turns}], build_char_tokenizer(), 200)
+    bad = tmp_path / "chats.jsonl"
+    for row, message in [
+        ({"messages": []}, "non-empty list"),
+        ({"messages": [{"role": "bot", "content": "hi"}]}, r"line 1: messages\[0\].role must be one of"),
+        ({"messages": [{"role": "user", "content": " "}]}, r"messages\[0\].content must be a non-empty string"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant turn"),
+    ]:
+        bad.write_text(json.dumps(row) + "\n")
+        with pytest.raises(DataError, match=message):
+            load_rows(bad, "sft")
