@@ -14,7 +14,7 @@ import torch
 
 from core.data import micro_batches, shuffled_rows
 from parallel import parallelize as P
-from parallel.logprobs import token_entropy, token_logprobs
+from parallel.logprobs import CHUNK_TOKENS, LogprobRequest, head_logprobs
 from parallel.policy import Policy, eval_mode
 from parallel.step import forward_backward, optimizer_step
 from rlhf.losses import LossSettings, rl_loss
@@ -76,17 +76,27 @@ def collect(engine, tok, rows: list[dict], position: int, sampling, pool, rl, se
     return RolloutBatch.of(groups, seq_len, tok.pad_token_id, info), position
 
 
-def _forward(vocab: int, temperature: float, settings: LossSettings | None):
-    """megatron forward step: logits → per-token log-probs; the RL loss when `settings` is given,
-    else (a scoring pass) the log-probs and entropy as data."""
+def _forward(vocab: int, temperature: float, settings: LossSettings | None, chunk_tokens: int = CHUNK_TOKENS):
+    """megatron forward step: per-token log-probs and entropy; the RL loss when `settings` is given,
+    else (a scoring pass) the log-probs and entropy as data.
+
+    The model's last stage applies its output layer `chunk_tokens` tokens at a time (head_logprobs), so
+    a micro-batch's full [b, s, vocab] fp32 logits never exist; earlier stages return hidden states."""
 
     def forward(batch, model):
-        logits = model(batch["tokens"], batch["position_ids"], batch["attention_mask"])
+        request = LogprobRequest(batch["labels"], vocab, temperature, chunk_tokens)
+        out = model(
+            batch["tokens"],
+            batch["position_ids"],
+            batch["attention_mask"],
+            output_processor=head_logprobs,
+            output_processor_context=request,
+        )
 
         def loss_fn(out):
-            logp = token_logprobs(out, batch["labels"], vocab, temperature)
+            logp, token_ent = out
             mask = batch["loss_mask"]
-            ent = (token_entropy(out, vocab, temperature) * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+            ent = (token_ent * mask).sum(-1) / mask.sum(-1).clamp(min=1)
             if settings is None:
                 zero = logp.sum() * 0
                 return zero, torch.tensor(1, dtype=torch.int), {"logp": logp.detach(), "entropy": ent.sum()}
@@ -94,7 +104,7 @@ def _forward(vocab: int, temperature: float, settings: LossSettings | None):
             count = count.to(torch.int)
             return loss_sum, count, {"loss": torch.stack([loss_sum.detach(), count.float()]), "entropy": ent.sum(), **m}
 
-        return logits, loss_fn
+        return out, loss_fn
 
     return forward
 

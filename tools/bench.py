@@ -5,6 +5,7 @@ top-level `ratios` object holds the comparisons beside the raw figures.
     python -m tools.bench rollout --out bench_rollout.json [--base runs/demo/pretrain]
     python -m tools.bench weight_sync --out bench_sync.json [model.hidden_size=512 model.num_layers=8 ...]
     python -m tools.bench grpo_vs_trl --out bench_grpo.json [--base runs/demo/pretrain] [--threads 2]
+    python -m tools.bench logprobs --out bench_logprobs.json [--threads 1]
 """
 
 from __future__ import annotations
@@ -87,6 +88,13 @@ def weight_sync(args: argparse.Namespace) -> dict:
     return run(args)
 
 
+@register("logprobs")
+def logprobs(args: argparse.Namespace) -> dict:
+    from tools.bench_logprobs import logprobs as run
+
+    return run(args)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__)
     parser.add_argument("benchmark", choices=sorted(BENCHMARKS))
@@ -106,7 +114,9 @@ def main(argv=None) -> None:
         ],
     )
     parser.add_argument("--cases4", nargs="*", default=["dsv3_tp2_ep2_sp"])
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (grpo_vs_trl, rollout, weight_sync)")
+    parser.add_argument(
+        "--threads", type=int, default=2, help="torch threads (grpo_vs_trl, rollout, weight_sync, logprobs)"
+    )
     parser.add_argument(
         "--base", help="a pretrain run dir (grpo_vs_trl default: a 300-step pretrain made here; others: random weights)"
     )

@@ -1,0 +1,156 @@
+"""Chunked log-probs and entropy (the output layer applied a chunk of tokens at a time, recomputed in the
+backward) against the full-logits path: values, parameter gradients, the GRPO forward step, and memory."""
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from core.compose import compose
+from parallel.logprobs import LogprobRequest, head_logprobs, token_entropy, token_logprobs
+
+SMALL = ["model.hidden_size=64", "model.ffn_hidden_size=128", "model.num_layers=2", "model.num_attention_heads=2"]
+
+
+def _model(overrides: list[str]):
+    from core import model as model_lib
+    from parallel.policy import runtime_config
+
+    cfg = compose([*SMALL, *overrides])
+    torch.manual_seed(0)
+    model = model_lib.build_gpt(cfg.model, model_lib.transformer_config(cfg.model, **runtime_config(cfg)), False)
+    return cfg, model
+
+
+def _batch(b: int, s: int, vocab: int, seed: int = 0) -> dict:
+    from tests.conftest import lm_batch
+
+    mb = lm_batch(seed, b, s, vocab)[0]
+    mb["loss_mask"][0, : s // 2] = 0  # a prompt: the entropy is averaged over completion tokens only
+    return mb
+
+
+def _naive(model, mb, vocab, temperature):
+    logits = model(mb["tokens"], mb["position_ids"], mb["attention_mask"])
+    return token_logprobs(logits, mb["labels"], vocab, temperature), token_entropy(logits, vocab, temperature)
+
+
+def _chunked(model, mb, vocab, temperature, chunk):
+    request = LogprobRequest(mb["labels"], vocab, temperature, chunk)
+    return model(
+        mb["tokens"],
+        mb["position_ids"],
+        mb["attention_mask"],
+        output_processor=head_logprobs,
+        output_processor_context=request,
+    )
+
+
+@pytest.mark.parametrize(
+    "preset, tied",
+    [("tiny_dense", True), ("tiny_dense", False), ("tiny_dsv3", False)],  # dsv3: MoE and an MTP layer
+)
+def test_chunked_equals_full_logits_with_gradients(P, preset, tied):
+    # vocab 1000 pads to 1024: the padded rows are masked in every chunk.
+    cfg, model = _model([f"model={preset}", "model.vocab_size=1000", f"model.tie_word_embeddings={str(tied).lower()}"])
+    assert model.share_embeddings_and_output_weights is tied
+    vocab, temperature = cfg.model.vocab_size, 0.7
+    mb = _batch(3, 11, vocab)  # 33 tokens in chunks of 8: four full chunks and a partial one
+    coef = torch.randn(3, 11, generator=torch.Generator().manual_seed(1))
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    want_logp, want_ent = _naive(model, mb, vocab, temperature)
+    want_grads = torch.autograd.grad((want_logp * coef).sum(), params)
+    logp, ent = _chunked(model, mb, vocab, temperature, chunk=8)
+    grads = torch.autograd.grad((logp * coef).sum(), params)
+
+    assert logp.shape == ent.shape == (3, 11) and not ent.requires_grad
+    torch.testing.assert_close(logp, want_logp, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ent, want_ent, rtol=0, atol=1e-5)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    for name, g, w in zip(names, grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    head = model.shared_embedding_or_output_weight() if tied else model.output_layer.weight
+    assert float(grads[[p is head for p in params].index(True)].abs().max()) > 0
+
+
+def test_grpo_forward_step_equals_full_logits(P):
+    """rlhf.grpo's forward through megatron's schedule and DDP: scoring pass and update gradients."""
+    from parallel.policy import build_policy, unwrap
+    from parallel.step import forward_backward
+    from rlhf import grpo
+    from rlhf.losses import LossSettings, rl_loss
+
+    policy = build_policy(compose([*SMALL, "model.vocab_size=1000"]))
+    vocab, temperature, s = policy.cfg.model.vocab_size, 0.9, 12
+    mbs = [_batch(2, s, vocab, seed) for seed in (0, 1)]
+    model = unwrap(policy.chunks[0])
+
+    whole = {k: torch.cat([m[k] for m in mbs]) for k in ("tokens", "labels", "loss_mask", "position_ids")}
+    logp, entropy = grpo.logprobs(policy, whole, 2, temperature)
+    with torch.no_grad():
+        naive = [_naive(model, m, vocab, temperature) for m in mbs]
+    torch.testing.assert_close(logp, torch.cat([lp for lp, _ in naive]), rtol=0, atol=1e-5)
+    want_ent = sum(
+        float(((e * m["loss_mask"]).sum(-1) / m["loss_mask"].sum(-1)).sum()) for (_, e), m in zip(naive, mbs)
+    )
+    assert entropy == pytest.approx(want_ent, abs=1e-4)
+
+    g = torch.Generator().manual_seed(2)
+    for m, (lp, _) in zip(mbs, naive):
+        m["old_logp"] = lp + 0.1 * torch.randn(lp.shape, generator=g)
+        m["ref_logp"] = lp + 0.1 * torch.randn(lp.shape, generator=g)
+        m["engine_logp"] = m["old_logp"]
+        m["advantages"] = torch.randn(lp.shape[0], 1, generator=g).expand(lp.shape).contiguous()
+    settings = LossSettings(loss_agg="token_mean", eps_low=0.2, eps_high=0.28, kl="k3", kl_coef=0.05, max_len=s)
+
+    def naive_forward(batch, model):
+        logits = model(batch["tokens"], batch["position_ids"], batch["attention_mask"])
+
+        def loss_fn(out):
+            loss_sum, count, _ = rl_loss(token_logprobs(out, batch["labels"], vocab, temperature), batch, settings)
+            return loss_sum, count.to(torch.int), {"loss": torch.stack([loss_sum.detach(), count.float()])}
+
+        return logits, loss_fn
+
+    def main_grads(forward):
+        data = forward_backward(policy, mbs, forward=forward)
+        return [float(d["loss"][0]) for d in data], {n: p.main_grad.clone() for n, p in model.named_parameters()}
+
+    want_losses, want = main_grads(naive_forward)
+    losses, got = main_grads(grpo._forward(vocab, temperature, settings, chunk_tokens=5))
+    assert losses == pytest.approx(want_losses, abs=1e-5)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def _peak_bytes(fn) -> int:
+    """High-water mark of CPU tensor memory allocated while `fn` runs, from the profiler's allocation
+    (positive) and free (negative) records in time order."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(prof.events(), key=lambda e: e.time_range.start)
+    live = peak = 0
+    for e in events:
+        live += e.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
+def test_chunked_peak_memory_is_a_fraction_of_the_full_logits(P):
+    cfg, model = _model(["model.vocab_size=32000", "model.tie_word_embeddings=false", "model.num_layers=1"])
+    vocab, (b, s) = cfg.model.vocab_size, (2, 128)
+    mb = _batch(b, s, vocab)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step(path):
+        def run():
+            logp, ent = path()
+            torch.autograd.grad(logp.sum(), params)
+
+        return run
+
+    naive = _peak_bytes(step(lambda: _naive(model, mb, vocab, 1.0)))
+    chunked = _peak_bytes(step(lambda: _chunked(model, mb, vocab, 1.0, chunk=32)))
+    logits_fp32 = b * s * vocab * 4  # 32.8 MB; the weight grad (8.2 MB) is the same on both paths
+    assert naive > 3 * logits_fp32, "the measurement must see the full path's logits and their copies"
+    assert chunked < logits_fp32 and chunked < naive / 4, (chunked, naive)
