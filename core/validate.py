@@ -172,6 +172,11 @@ def _context_length(cfg: Config) -> None:
                 f"{d.max_prompt_tokens} + {r.max_new_tokens} = {need}. Fix: set stage.train.seq_length=null "
                 f"(derived) or >= {need}."
             )
+    if rollouts and r.temperature == 0 and r.n > 1:
+        raise ConfigError(
+            f"rollout.temperature=0 (greedy) with rollout.n={r.n}: every sample of a prompt would be the same, "
+            "and vLLM refuses it. Fix: rollout.n=1 for greedy decoding, or a temperature above 0."
+        )
     if t.seq_length is None:
         raise ConfigError(
             f"stage.train.seq_length=null (stage={cfg.stage.name}) is derived only for rollout stages with "

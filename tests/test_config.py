@@ -125,3 +125,7 @@ def test_rollout_context_is_derived_from_prompt_and_response_budgets():
     bad(long, match=r"seq_length=64 < data.max_prompt_tokens \+ rollout.max_new_tokens = 1024 \+ 32768 = 33792")
     bad(["stage=pretrain", "stage.train.seq_length=null"], match="derived only for rollout stages")
     bad(["stage=pretrain", "stage.train.seq_length=1024"], match="model.max_position_embeddings=256")
+
+
+def test_greedy_sampling_of_several_samples_is_refused():
+    bad(["stage=rejection_sampling", "rollout.temperature=0", "rollout.n=2"], match="rollout.n=1 for greedy")
