@@ -137,7 +137,7 @@ def run_tokenizer(cfg, weights_from=None, run_dir: str | os.PathLike | None = No
 
 
 def write_tokenizer(tok, path: str | os.PathLike) -> None:
-    """The tokenizer files, plus generation_config.json's stop ids when there are extra ones; written to a
+    """The tokenizer files and generation_config.json (save_tokenizer_files), written to a
     temporary directory renamed into place, so a reader never sees half of it."""
     path = Path(path)
     tmp = path.with_name(f".tmp.{path.name}.{os.getpid()}")
