@@ -120,8 +120,12 @@ def run_tokenizer(cfg, weights_from=None, run_dir: str | os.PathLike | None = No
     if sources:
         source, where = sources[0]
         tok = read_tokenizer(where, source)
+        # The same directory named twice (model.path=DIR stage.init_from=DIR) is read once.
+        seen = {where.resolve()}
         for what, other in sources[1:]:
-            require_same(tok, source, other, what)
+            if other.resolve() not in seen:
+                seen.add(other.resolve())
+                require_same(tok, source, other, what)
     else:
         source, tok = "data.tokenizer=char (the demo's character tokenizer)", build_char_tokenizer()
         tok.generation_eos_ids = []

@@ -121,7 +121,8 @@ def _deepseek(p, hf_cfg, rope_type: str, path) -> dict:
         getattr(hf_cfg, "topk_method", "noaux_tc") != "noaux_tc"
         or getattr(hf_cfg, "scoring_func", "sigmoid") != "sigmoid"
     ):
-        _refuse(path, "topk_method/scoring_func", (hf_cfg.topk_method, hf_cfg.scoring_func), "noaux_tc with sigmoid.")
+        found = (getattr(hf_cfg, "topk_method", None), getattr(hf_cfg, "scoring_func", None))
+        _refuse(path, "topk_method/scoring_func", found, "noaux_tc with sigmoid.")
     freq = list(p.moe_layer_freq)
     return dict(
         multi_latent_attention=True,
