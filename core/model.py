@@ -7,6 +7,7 @@ as opaque arguments from `parallel.parallelize`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any
@@ -160,6 +161,27 @@ def build_gpt(
         mtp_block_spec=mtp,
         vp_stage=vp_stage,
     )
+
+
+@contextlib.contextmanager
+def without_mtp(model: GPTModel):
+    """The model's forward without its multi-token-prediction layers, for the RL losses.
+
+    GPTModel runs its MTP block in every training or scoring forward, and when no labels are passed
+    (an RL forward) adds a next-next-token cross-entropy on the rolled inputs, prompts and padding
+    included, to the backward. That is a pretraining objective: in a GRPO step it would pollute the
+    policy gradient, and it costs an extra layer and a full-vocabulary logit tensor. The MTP weights
+    are kept (checkpoints, exports) and are not trained by RL (build_policy(train_mtp=False))."""
+    if not model.config.mtp_num_layers:
+        yield
+        return
+    # Both are read at call time: mtp_process runs the block, config.mtp_num_layers its loss.
+    saved = model.mtp_process, model.config.mtp_num_layers
+    model.mtp_process, model.config.mtp_num_layers = False, None
+    try:
+        yield
+    finally:
+        model.mtp_process, model.config.mtp_num_layers = saved
 
 
 class ScalarHead(torch.nn.Module):

@@ -78,7 +78,11 @@ class Policy:
     export_plan: Any = field(default=None, repr=False, compare=False)  # hf_bridge.export_hf's cached tasks
 
 
-def build_policy(cfg: Config, with_optimizer: bool = True, head: str = "lm") -> Policy:
+def build_policy(cfg: Config, with_optimizer: bool = True, head: str = "lm", train_mtp: bool = True) -> Policy:
+    """The model chunks this rank holds, wrapped for data parallelism, with the optimizer and LR schedule.
+
+    train_mtp=False (the RL stages, whose forward skips them: core.model.without_mtp) keeps the
+    multi-token-prediction layers' weights frozen, so weight decay does not move them either."""
     config = model_lib.transformer_config(cfg.model, **runtime_config(cfg))
     use_te = use_transformer_engine(cfg.parallel.transformer_impl)
     if head == "scalar" and cfg.parallel.sequence_parallel:
@@ -94,6 +98,8 @@ def build_policy(cfg: Config, with_optimizer: bool = True, head: str = "lm") -> 
         post_process=ps.is_pipeline_last_stage(ignore_virtual=True),
         pp_rank=ps.get_pipeline_model_parallel_rank(),
     )
+    if not train_mtp and getattr(model, "mtp_process", False):
+        model.mtp.requires_grad_(False)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     p = cfg.parallel

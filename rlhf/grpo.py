@@ -13,9 +13,10 @@ from statistics import mean
 import torch
 
 from core.data import micro_batches, shuffled_rows
+from core.model import without_mtp
 from parallel import parallelize as P
 from parallel.logprobs import CHUNK_TOKENS, LogprobRequest, head_logprobs
-from parallel.policy import Policy, eval_mode
+from parallel.policy import Policy, eval_mode, unwrap
 from parallel.step import forward_backward, optimizer_step
 from rlhf.losses import LossSettings, rl_loss
 from rlhf.rollout import RolloutBatch, Sample, generate_groups
@@ -81,17 +82,19 @@ def _forward(vocab: int, temperature: float, settings: LossSettings | None, chun
     else (a scoring pass) the log-probs and entropy as data.
 
     The model's last stage applies its output layer `chunk_tokens` tokens at a time (head_logprobs), so
-    a micro-batch's full [b, s, vocab] fp32 logits never exist; earlier stages return hidden states."""
+    a micro-batch's full [b, s, vocab] fp32 logits never exist; earlier stages return hidden states.
+    Multi-token-prediction layers take no part (without_mtp)."""
 
     def forward(batch, model):
         request = LogprobRequest(batch["labels"], vocab, temperature, chunk_tokens)
-        out = model(
-            batch["tokens"],
-            batch["position_ids"],
-            batch["attention_mask"],
-            output_processor=head_logprobs,
-            output_processor_context=request,
-        )
+        with without_mtp(unwrap(model)):
+            out = model(
+                batch["tokens"],
+                batch["position_ids"],
+                batch["attention_mask"],
+                output_processor=head_logprobs,
+                output_processor_context=request,
+            )
 
         def loss_fn(out):
             logp, token_ent = out

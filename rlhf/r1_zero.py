@@ -53,7 +53,7 @@ def train(cfg: Config, rank0: bool) -> dict:
     tok = run_tokenizer(cfg, run_dir=run_dir, write=rank0)
     train_rows, eval_rows = (load_prompts(cfg.data, split, tok, cfg.reward.answer) for split in ("train", "eval"))
     refuse_judged(train_rows + eval_rows, f"stage={cfg.stage.name}")
-    policy = build_policy(cfg)
+    policy = build_policy(cfg, train_mtp=False)  # RL does not train MTP: core.model.without_mtp
     position, evals = start_from(cfg, policy, run_dir)
     ref = reference(cfg, policy, run_dir) if rl.kl != "none" and rl.kl_coef > 0 else None  # β=0: no KL term
     teacher = ckpt.load_frozen(cfg, rl.teacher, "lm", "stage.rl.teacher", tok)[0] if rl.teacher else None

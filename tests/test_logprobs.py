@@ -73,12 +73,25 @@ def test_chunked_equals_full_logits_with_gradients(P, preset, tied):
     assert float(grads[[p is head for p in params].index(True)].abs().max()) > 0
 
 
+def _rl_fields(mbs: list[dict], logps: list[torch.Tensor], s: int):
+    """Old, reference and engine log-probs near `logps`, and random group advantages: a GRPO batch."""
+    from rlhf.losses import LossSettings
+
+    g = torch.Generator().manual_seed(2)
+    for m, lp in zip(mbs, logps):
+        m["old_logp"] = lp + 0.1 * torch.randn(lp.shape, generator=g)
+        m["ref_logp"] = lp + 0.1 * torch.randn(lp.shape, generator=g)
+        m["engine_logp"] = m["old_logp"]
+        m["advantages"] = torch.randn(lp.shape[0], 1, generator=g).expand(lp.shape).contiguous()
+    return LossSettings(loss_agg="token_mean", eps_low=0.2, eps_high=0.28, kl="k3", kl_coef=0.05, max_len=s)
+
+
 def test_grpo_forward_step_equals_full_logits(P):
     """rlhf.grpo's forward through megatron's schedule and DDP: scoring pass and update gradients."""
     from parallel.policy import build_policy, unwrap
     from parallel.step import forward_backward
     from rlhf import grpo
-    from rlhf.losses import LossSettings, rl_loss
+    from rlhf.losses import rl_loss
 
     policy = build_policy(compose([*SMALL, "model.vocab_size=1000"]))
     vocab, temperature, s = policy.cfg.model.vocab_size, 0.9, 12
@@ -95,13 +108,7 @@ def test_grpo_forward_step_equals_full_logits(P):
     )
     assert entropy == pytest.approx(want_ent, abs=1e-4)
 
-    g = torch.Generator().manual_seed(2)
-    for m, (lp, _) in zip(mbs, naive):
-        m["old_logp"] = lp + 0.1 * torch.randn(lp.shape, generator=g)
-        m["ref_logp"] = lp + 0.1 * torch.randn(lp.shape, generator=g)
-        m["engine_logp"] = m["old_logp"]
-        m["advantages"] = torch.randn(lp.shape[0], 1, generator=g).expand(lp.shape).contiguous()
-    settings = LossSettings(loss_agg="token_mean", eps_low=0.2, eps_high=0.28, kl="k3", kl_coef=0.05, max_len=s)
+    settings = _rl_fields(mbs, [lp for lp, _ in naive], s)
 
     def naive_forward(batch, model):
         logits = model(batch["tokens"], batch["position_ids"], batch["attention_mask"])
@@ -121,6 +128,50 @@ def test_grpo_forward_step_equals_full_logits(P):
     assert losses == pytest.approx(want_losses, abs=1e-5)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_the_rl_forward_neither_computes_nor_trains_multi_token_prediction(P):
+    """DeepSeek-V3's MTP layer adds a next-next-token cross-entropy to any forward without labels; in a GRPO
+    step it must not: the policy gradient does not depend on the MTP weights, and an update leaves them."""
+    from parallel.policy import build_policy, unwrap
+    from parallel.step import forward_backward, optimizer_step
+    from rlhf import grpo
+
+    overrides = ["model=tiny_dsv3", "model.vocab_size=1000", "model.num_layers=2", "stage.train.optim.lr=1e-2"]
+    optim = ["stage.train.optim.warmup_steps=0", "stage.train.optim.weight_decay=0.1"]
+    policy = build_policy(compose([*overrides, *optim]), train_mtp=False)
+    model, vocab, s = unwrap(policy.chunks[0]), policy.cfg.model.vocab_size, 10
+    mtp = {n for n, _ in model.named_parameters() if n.startswith("mtp.")}
+    assert mtp and all(not p.requires_grad for n, p in model.named_parameters() if n in mtp)
+    mbs = [_batch(2, s, vocab, seed) for seed in (0, 1)]
+    whole = {k: torch.cat([m[k] for m in mbs]) for k in ("tokens", "labels", "loss_mask", "position_ids")}
+    settings = _rl_fields(mbs, list(grpo.logprobs(policy, whole, 2, 1.0)[0].split(2)), s)
+
+    def grads(forward):
+        forward_backward(policy, mbs, forward=forward)
+        return {n: p.main_grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def with_mtp_loss(batch, m):  # the forward megatron runs unless told otherwise: its MTP loss included
+        logits = m(batch["tokens"], batch["position_ids"], batch["attention_mask"])
+        loss_sum, count, _ = grpo.rl_loss(token_logprobs(logits, batch["labels"], vocab, 1.0), batch, settings)
+        return logits, lambda out: (loss_sum, count.to(torch.int), {})
+
+    rl = grpo._forward(vocab, 1.0, settings)
+    before, polluted = grads(rl), grads(with_mtp_loss)
+    with torch.no_grad():
+        for p in model.mtp.parameters():
+            p.mul_(3.0)
+    after, polluted_after = grads(rl), grads(with_mtp_loss)
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")
+    # The check can fail: with the MTP loss in, the same change of MTP weights moves the trunk's gradient.
+    assert any(not torch.equal(polluted[n], polluted_after[n]) for n in before)
+
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grads(rl)
+    assert optimizer_step(policy, 1.0)["update_ok"]
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, weights[n])}
+    assert moved and not moved & mtp, sorted(moved & mtp)
 
 
 def _peak_bytes(fn) -> int:
