@@ -194,8 +194,9 @@ def resolve(path: str | os.PathLike) -> Path:
 
 
 def load_frozen(cfg, path: str | os.PathLike, head: str, what: str, tok) -> tuple[Policy, dict]:
-    """Collective. Another model for scoring (a reward model, a distillation teacher): built at this run's
-    parallel layout but with the preset its checkpoint recorded, weights only. `what` names the config key
+    """Collective. Another model for scoring (a reward model, a distillation teacher, a judge): built at this
+    run's parallel layout but with the architecture its checkpoint recorded, weights only; or an HF model
+    directory (a language model), imported. `what` names the config key
     in errors; a model trained with another tokenizer than `tok` (this run's) is refused. Returns the model
     and the checkpoint's metadata."""
     from core.errors import ConfigError
@@ -203,6 +204,8 @@ def load_frozen(cfg, path: str | os.PathLike, head: str, what: str, tok) -> tupl
     from parallel.policy import build_policy
 
     require_same(tok, "this run", tokenizer_dir_of(path), f"{what}={path}")
+    if is_hf_dir(path):
+        return _load_frozen_hf(cfg, path, head, what), {"head": head, "imported_from": str(path)}
     step_dir = resolve(of_run(path))
     meta = read_meta(step_dir)
     saved = meta.get("head", "lm")
@@ -216,6 +219,26 @@ def load_frozen(cfg, path: str | os.PathLike, head: str, what: str, tok) -> tupl
     model = build_policy(dataclasses.replace(cfg, model=model_cfg), with_optimizer=False, head=head)
     load(model, step_dir, with_optimizer=False)
     return model, meta
+
+
+def _load_frozen_hf(cfg, path, head: str, what: str) -> Policy:
+    """An HF model directory as a frozen language model (a teacher, a judge): its config.json's architecture,
+    its weights imported through megatron-bridge at this run's layout."""
+    from core.config import ModelConfig
+    from core.errors import ConfigError
+    from parallel import hf_bridge
+    from parallel.hf_arch import merge_model
+    from parallel.policy import build_policy
+
+    if head != "lm":
+        raise ConfigError(
+            f"{what}={path} is a Hugging Face model directory, a language model; a reward model here is a run "
+            "of stage=reward_model (its scalar head). Fix: train one with stage=reward_model and name its run dir."
+        )
+    model_cfg = ModelConfig(**merge_model(str(path), {"name": "hf", "path": str(path)}))
+    model = build_policy(dataclasses.replace(cfg, model=model_cfg), with_optimizer=False, head=head)
+    hf_bridge.import_hf(model, path)
+    return model
 
 
 def saved_model_config(meta: dict, current):

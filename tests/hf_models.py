@@ -11,6 +11,7 @@ smallest vLLM's CPU backend serves: head_dim 32 (MLA: DeepSeek's real latent siz
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -108,3 +109,16 @@ def make_hf_model(family: str, out: Path, seed: int = 0) -> Path:
     for f in tok_dir.iterdir():  # the tokenizer files as the model ships them (generation_config.json too)
         shutil.copy(f, out / f.name)
     return out
+
+
+def write_rows(out: Path) -> dict[str, Path]:
+    """A few rows in public layouts, as JSONL files in `out`: GSM8K (DATA), chat SFT rows (CHATS), MATH (MATH)."""
+    questions = [f"Tom has {a} apples and buys {a + 3} more. How many?" for a in range(4)]
+    gsm8k = [{"question": q, "answer": f"{a}+{a + 3}\n#### {2 * a + 3}"} for a, q in enumerate(questions)]
+    reply = "<think>\n0+3=3</think><answer>3</answer>"
+    chats = [{"messages": [{"role": "user", "content": questions[0]}, {"role": "assistant", "content": reply}]}]
+    math = [{"problem": f"Compute {a}/2.", "solution": f"It is $\\boxed{{\\frac{{{a}}}{{2}}}}$."} for a in range(3)]
+    files = {"DATA": gsm8k, "CHATS": chats, "MATH": math}
+    for name, rows in files.items():
+        (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {name: out / f"{name}.jsonl" for name in files}

@@ -19,7 +19,7 @@ import pytest
 from core.compose import compose
 from core.errors import ConfigError
 from tests.conftest import ROOT, cli_env, run_worker
-from tests.hf_models import FAMILIES, make_hf_model
+from tests.hf_models import FAMILIES, make_hf_model, write_rows
 
 LOGITS_TOL = 1e-5  # fp32 kernel-order noise against transformers' eager attention: ~5e-7 measured
 
@@ -42,6 +42,8 @@ def test_a_model_directory_builds_imports_and_exports(results, family):
     assert r["model_family"] == family and r["vocab_size"] == r["tokenizer_len"]  # 151,669 or 129,280
     assert r["never_written"] == [], "megatron tensors the directory's weights never wrote"
     assert r["logits_max_diff"] <= LOGITS_TOL, r
+    assert r["frozen_logits_max_diff"] <= LOGITS_TOL, r  # stage.rl.teacher / stage.sampling.judge = DIR
+    assert "reward.models.helpful.path=" in r["rm_refusal"] and "stage=reward_model" in r["rm_refusal"]
     assert r["export_logits_max_diff"] <= LOGITS_TOL, r
     assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= set(r["export_files"])
     assert "chat_template.jinja" in r["export_files"] and r["export_stop_ids"] == r["stop_ids"]
@@ -83,13 +85,18 @@ def test_unsupported_or_contradicted_architectures_are_refused(workdir, tmp_path
         compose(["model=hf", f"model.path={llama}"])
 
 
+# Two small GRPO steps. Random weights never earn the accuracy or format reward; the language-consistency
+# reward varies between samples, so the steps move the weights and the engine must follow them.
+R1_ZERO_STEPS = ["data.num_eval=2", "stage.train.steps=2", "stage.rl.prompts_per_step=2", "rollout.n=2", "eval.k=1",
+                 "stage.train.micro_batch_size=2", "stage.train.global_batch_size=4",
+                 "+reward.weights.language_consistency=1.0"]  # fmt: skip
+
 # The README's sizes are a real model's; each command runs here with these replaced and added (run_dir name ->
 # ({key: smaller value}, [extra overrides])), on a tiny Qwen3 directory and a few rows.
 SMALLER = {
     "r1_zero": (
         {"data.max_prompt_tokens": 72, "rollout.max_new_tokens": 8},
-        ["data.num_eval=2", "stage.train.steps=2", "stage.rl.prompts_per_step=2", "rollout.n=2", "eval.k=1",
-         "stage.train.micro_batch_size=2", "stage.train.global_batch_size=4"],
+        R1_ZERO_STEPS,
     ),
     # Memorises one chat row, so that rejection sampling has a verified-correct sample to keep.
     "cold_start": (
@@ -126,18 +133,6 @@ def smaller(command: str) -> tuple[str, str]:
     return name, " ".join([command, *extra, *(["logger=none"] if "rlhf.train" in command else [])])
 
 
-def _rows(tmp_path):
-    questions = [f"Tom has {a} apples and buys {a + 3} more. How many?" for a in range(4)]
-    gsm8k = [{"question": q, "answer": f"{a}+{a + 3}\n#### {2 * a + 3}"} for a, q in enumerate(questions)]
-    reply = "<think>\n0+3=3</think><answer>3</answer>"
-    chats = [{"messages": [{"role": "user", "content": questions[0]}, {"role": "assistant", "content": reply}]}]
-    math = [{"problem": f"Compute {a}/2.", "solution": f"It is $\\boxed{{\\frac{{{a}}}{{2}}}}$."} for a in range(3)]
-    files = {"DATA": gsm8k, "CHATS": chats, "MATH": math}
-    for name, rows in files.items():
-        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return {name: tmp_path / f"{name}.jsonl" for name in files}
-
-
 @pytest.mark.slow
 def test_the_readmes_own_model_commands(workdir, tmp_path):
     """R1-Zero, cold-start SFT on chat rows, rejection sampling, SFT, eval on MATH-schema rows and a chat-ready
@@ -145,7 +140,7 @@ def test_the_readmes_own_model_commands(workdir, tmp_path):
     hf_dir = make_hf_model("qwen3", workdir / "qwen3")
     assignments, commands = readme_commands()
     assert [smaller(c)[0] for c in commands] == list(SMALLER)
-    files = _rows(tmp_path)
+    files = write_rows(tmp_path)
     given = f"MODEL={hf_dir} " + " ".join(f"{k}={v}" for k, v in files.items())
     for command in commands:
         name, command = smaller(command)
@@ -155,14 +150,26 @@ def test_the_readmes_own_model_commands(workdir, tmp_path):
         assert proc.returncode == 0, f"{name}: {command}\n{proc.stdout[-2000:]}\n{proc.stderr[-5000:]}"
     runs = tmp_path / "runs" / "mine"
     steps = [r for r in map(json.loads, (runs / "r1_zero" / "metrics.jsonl").read_text().splitlines())]
-    gaps = [r["rollout/logprob_diff_max"] for r in steps if "rollout/logprob_diff_max" in r]
-    assert len(gaps) == 2 and max(gaps) <= 1e-4, gaps  # trainer vs engine log-probs after each step
+    assert_engine_follows(steps)
     assert (runs / "r1_zero" / "tokenizer" / "chat_template.jinja").is_file()  # the model's tokenizer is kept
     assert json.loads((runs / "rs" / "dataset.json").read_text())["kept"] >= 1
     result = json.loads((runs / "eval" / "eval.json").read_text())
     assert result["n_prompts"] == 3 and result["model_preset"] == "hf"
     out = tmp_path / "chat.json"
-    run_worker([sys.executable, ROOT / "tests" / "dist" / "export_chat_worker.py", runs / "hf", out], timeout=600)
-    said = json.loads(out.read_text())
-    assert said["chat_template"] and said["stop_ids"] == [151643, 151645]
+    run_worker([sys.executable, ROOT / "tests" / "dist" / "export_chat_worker.py", out, runs / "hf"], timeout=600)
+    assert_chats_alike(json.loads(out.read_text())[str(runs / "hf")], stop_ids=[151643, 151645])
+
+
+def assert_engine_follows(steps: list[dict]) -> None:
+    """Each GRPO step moved the weights, and the engine's log-probs of its samples matched the trainer's."""
+    trained = [r for r in steps if "rollout/logprob_diff_max" in r]
+    assert len(trained) == 2 and all(r["train/grad_norm"] > 0 and not r["train/skipped"] for r in trained), trained
+    gaps = [r["rollout/logprob_diff_max"] for r in trained]
+    assert max(gaps) <= 1e-4, gaps  # step 2's samples came from the engine after step 1's weight sync
+
+
+def assert_chats_alike(said: dict, stop_ids: list[int]) -> None:
+    """An export answered a chat prompt with the same greedy tokens (and log-probs) in vLLM and transformers."""
+    assert said["chat_template"] and said["stop_ids"] == stop_ids, said
     assert len(said["vllm"]) == 8 and said["vllm"] == said["transformers"], said
+    assert said["logprob_gap"] <= 1e-4, said

@@ -4,7 +4,8 @@
 
 Per family: build the directory (tests/hf_models.py); compose model=hf (the architecture through
 megatron-bridge); NaN-fill the policy, import the directory's weights (stage.init_from's path); logits of a
-chat-rendered prompt against transformers; save_hf with the run tokenizer, then transformers loads that
+chat-rendered prompt against transformers; the same as a frozen teacher (load_frozen) of a run of another
+model; save_hf with the run tokenizer, then transformers loads that
 export and gives the same logits, and the export carries the tokenizer files, chat template and stop ids.
 """
 
@@ -20,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import parallel  # noqa: E402,F401
 from core.compose import compose  # noqa: E402
 from core.data import causal_mask  # noqa: E402
+from core.errors import ConfigError  # noqa: E402
 from core.run_tokenizer import run_tokenizer, stop_token_ids  # noqa: E402
 from parallel import checkpoint as ckpt  # noqa: E402
 from parallel import hf_bridge  # noqa: E402
@@ -69,6 +71,17 @@ def run_family(family: str, workdir: Path) -> dict:
         ours = forward_backward(policy, [mb], forward_only=True, forward=logits_forward)[0]["logits"]
     ref = _hf_logits(hf_dir, tokens)
     vocab = cfg.model.vocab_size
+    # The directory as a frozen teacher or judge for a run of another model (any preset): its own architecture.
+    frozen, _ = ckpt.load_frozen(compose(["logger=none"]), hf_dir, "lm", "stage.rl.teacher", tok)
+    for c in frozen.chunks:
+        c.eval()
+    with torch.no_grad():
+        as_frozen = forward_backward(frozen, [mb], forward_only=True, forward=logits_forward)[0]["logits"]
+    try:
+        ckpt.load_frozen(cfg, hf_dir, "scalar", "reward.models.helpful.path", tok)
+        rm_refusal = None
+    except ConfigError as e:
+        rm_refusal = str(e)
     export = workdir / f"{family}_export"
     hf_bridge.save_hf(policy, export, tokenizer=tok, include_mtp=False)
     gen = json.loads((export / "generation_config.json").read_text())
@@ -82,6 +95,8 @@ def run_family(family: str, workdir: Path) -> dict:
         never_written=never_written,
         logits_max_diff=float((ours[..., :vocab].float() - ref).abs().max()),
         logits_scale=float(ref.abs().max()),
+        rm_refusal=rm_refusal,
+        frozen_logits_max_diff=float((as_frozen[..., :vocab].float() - ref).abs().max()),
         export_logits_max_diff=float((_hf_logits(export, tokens) - ref).abs().max()),
         export_files=sorted(f.name for f in export.iterdir()),
         export_stop_ids=sorted(gen["eos_token_id"]),
