@@ -32,6 +32,7 @@ LONGEST_FIRST = (
     "test_equivalence",
     "test_on_policy_distill",
     "test_hf_models",
+    "test_hf_rl",
     "test_bad_inputs",
     "test_hf_bridge",
     "test_convert",
