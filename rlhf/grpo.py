@@ -105,7 +105,10 @@ def _forward(vocab: int, temperature: float, settings: LossSettings | None, chun
                 return zero, torch.tensor(1, dtype=torch.int), {"logp": logp.detach(), "entropy": ent.sum()}
             loss_sum, count, m = rl_loss(logp, batch, settings)
             count = count.to(torch.int)
-            return loss_sum, count, {"loss": torch.stack([loss_sum.detach(), count.float()]), "entropy": ent.sum(), **m}
+            data = {"loss": torch.stack([loss_sum.detach(), count.float()]), "entropy": ent.sum(), **m}
+            if "old_logp" not in batch:  # an on-policy update: these are the old log-probs (rl_loss)
+                data["logp"] = logp.detach()
+            return loss_sum, count, data
 
         return out, loss_fn
 
@@ -128,8 +131,16 @@ def logprobs(policy: Policy, batch: dict, micro: int, temperature: float) -> tup
 def update(
     policy: Policy, batch: dict, settings: LossSettings, minibatches: int, micro: int, temperature: float
 ) -> dict:
-    """rl.minibatches optimizer steps over disjoint shares of the batch; returns averaged metrics."""
+    """rl.minibatches optimizer steps over disjoint shares of the batch; returns averaged metrics.
+
+    A batch without old_logp is updated exactly on-policy (one minibatch: the weights that score the
+    samples are those that will be updated), so the update's own forward gives the old log-probs; they
+    come back as "old_logp" (on the last pipeline stage; zeros elsewhere), for the step's metrics."""
     n = batch["tokens"].shape[0]
+    if "old_logp" not in batch and minibatches != 1:
+        raise ValueError(
+            f"{minibatches} minibatches update off-policy after the first: old log-probs must be computed first"
+        )
     if n % minibatches or (n // minibatches) % micro:
         raise ValueError(
             f"{n} samples do not split into {minibatches} minibatches of micro-batches of {micro}. "
@@ -150,4 +161,6 @@ def update(
         if all(s[k] is not None and math.isfinite(s[k]) for s in steps)
     }
     out["update_ok"] = all(s["update_ok"] for s in steps)
+    if "old_logp" not in batch:
+        out["old_logp"] = torch.cat([d["logp"] for d in data]) if data else torch.zeros_like(batch["loss_mask"])
     return out

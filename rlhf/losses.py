@@ -96,11 +96,14 @@ def check_names(rl) -> None:
 
 def rl_loss(logp, batch: dict, s: LossSettings):
     """Token log-probs of the current policy ([b, t], masked by batch["loss_mask"]) → (loss_sum, count,
-    metric sums). `batch` holds per-token old_logp, advantages, and ref_logp / engine_logp when used."""
+    metric sums). `batch` holds per-token advantages, and old_logp, ref_logp / engine_logp when used. Without
+    old_logp the update is exactly on-policy: the current log-probs, detached, are the clipping anchor (ratio 1,
+    the gradient of the ratio still flows), which saves the scoring pass that would compute the same values."""
     mask = batch["loss_mask"].float()
-    pg, clipped = POLICY_LOSSES[s.loss](logp, batch["old_logp"], batch["advantages"], s.eps_low, s.eps_high)
+    old = batch["old_logp"] if "old_logp" in batch else logp.detach()
+    pg, clipped = POLICY_LOSSES[s.loss](logp, old, batch["advantages"], s.eps_low, s.eps_high)
     if s.tis_cap > 0:
-        pg = pg * torch.exp(batch["old_logp"] - batch["engine_logp"]).clamp(max=s.tis_cap)
+        pg = pg * torch.exp(old - batch["engine_logp"]).clamp(max=s.tis_cap)
     total = pg
     kl = None
     if s.kl != "none" and "ref_logp" in batch:

@@ -93,10 +93,14 @@ def train(cfg: Config, rank0: bool) -> dict:
             colocated.rest(engine)  # rollout and reward done: the engine's memory goes to training
             clock.lap("rollout")
             batch.advantages = estimate(batch, context)
-            if batch.old_logp is None:  # the clipping anchor (the teacher estimator fills it already)
+            # The clipping anchor: the teacher estimator fills it already; one minibatch is exactly on-policy,
+            # so the update's own forward gives it (grpo.update), one pass fewer.
+            if batch.old_logp is None and rl.minibatches > 1:
                 batch.old_logp = logprobs_of(policy, batch)
             batch.ref_logp = logprobs_of(ref, batch) if ref is not None else None
             stats = grpo.update(policy, batch.tensors(), settings, rl.minibatches, t.micro_batch_size, r.temperature)
+            if batch.old_logp is None:
+                batch.old_logp = stats.pop("old_logp")
             clock.lap("train")
             sync = colocated.sync(policy, engine, r.sync_bucket_bytes)
             refresh_reference(cfg, step, policy, ref)

@@ -1,6 +1,8 @@
 """Chunked log-probs and entropy (the output layer applied a chunk of tokens at a time, recomputed in the
 backward) against the full-logits path: values, parameter gradients, the GRPO forward step, and memory."""
 
+import dataclasses
+
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -128,6 +130,46 @@ def test_grpo_forward_step_equals_full_logits(P):
     assert losses == pytest.approx(want_losses, abs=1e-5)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_an_on_policy_update_needs_no_old_logprob_pass(P):
+    """One minibatch per rollout batch: the update's own forward gives the old log-probs, so the scoring pass
+    is skipped, with the same loss, metrics and gradients as when it runs."""
+    from parallel.policy import build_policy, unwrap
+    from parallel.step import forward_backward
+    from rlhf import grpo
+
+    policy = build_policy(compose([*SMALL, "model.vocab_size=1000"]))
+    model, vocab, s, temperature = unwrap(policy.chunks[0]), policy.cfg.model.vocab_size, 10, 0.9
+    mbs = [_batch(2, s, vocab, seed) for seed in (0, 1)]
+    whole = {k: torch.cat([m[k] for m in mbs]) for k in ("tokens", "labels", "loss_mask", "position_ids")}
+    old = grpo.logprobs(policy, whole, 2, temperature)[0]
+    settings = _rl_fields(mbs, list(old.split(2)), s)
+    settings = dataclasses.replace(settings, tis_cap=2.0)  # the anchor feeds the engine correction too
+    for m, lp in zip(mbs, old.split(2)):
+        m["old_logp"] = lp
+    skipped = [{k: v for k, v in m.items() if k != "old_logp"} for m in mbs]
+
+    def run(batches):
+        data = forward_backward(policy, batches, forward=grpo._forward(vocab, temperature, settings))
+        return data, {n: p.main_grad.clone() for n, p in model.named_parameters()}
+
+    (want, want_grads), (got, got_grads) = run(mbs), run(skipped)
+    for w, g in zip(want, got):
+        for key in ("loss", "clip_frac", "kl", "entropy"):
+            torch.testing.assert_close(g[key], w[key], rtol=0, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
+    torch.testing.assert_close(torch.cat([g["logp"] for g in got]), old, rtol=0, atol=1e-6)
+    assert all(float(w["clip_frac"]) == 0 for w in want)  # ratio 1: nothing clipped, as on-policy must be
+    for name in want_grads:
+        torch.testing.assert_close(
+            got_grads[name], want_grads[name], rtol=0, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}"
+        )
+
+    batch = {k: torch.cat([m[k] for m in skipped]) for k in skipped[0] if k != "attention_mask"}
+    stats = grpo.update(policy, batch, settings, 1, 2, temperature)
+    torch.testing.assert_close(stats["old_logp"], old, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="old log-probs must be computed first"):
+        grpo.update(policy, batch, settings, 2, 2, temperature)
 
 
 def test_the_rl_forward_neither_computes_nor_trains_multi_token_prediction(P):
