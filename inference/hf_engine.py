@@ -1,4 +1,7 @@
-"""transformers' generate as the reference engine: slow, simple, and the baseline vLLM is checked against."""
+"""transformers as the reference engine: the baseline vLLM is checked against and compared with.
+
+All samples of a call decode as one batch with a KV cache, as transformers' batched `generate` (and TRL's
+default GRPO rollout) does, so `tools.bench rollout`'s ours_over_hf compares with what people run."""
 
 from __future__ import annotations
 
@@ -27,38 +30,37 @@ class HFEngine(Engine):
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], sampling: Sampling) -> Rollout:
+        """All prompts × n samples decoded together: one left-padded batch, one KV cache, one forward per
+        new token (as transformers' batched `generate`), until every row has stopped."""
         if not prompts:
             return Rollout(completions=[])
         prompts, truncated = self.fit_prompts(prompts, sampling, self.overlong_prompt)
         gen = torch.Generator().manual_seed(self.seed if sampling.seed is None else sampling.seed)
-        out = []
-        for prompt in prompts:
-            out.append([self._sample(prompt, sampling, gen) for _ in range(sampling.n)])
-        return Rollout(completions=out, truncated_prompts=truncated)
-
-    def _sample(self, prompt: list[int], s: Sampling, gen: torch.Generator) -> Completion:
-        ids = torch.tensor([prompt])
-        tokens, logprobs, past = [], [], None
-        for _ in range(s.max_new_tokens):
-            out = self.model(ids if past is None else ids[:, -1:], past_key_values=past, use_cache=True)
+        rows = [p for p in prompts for _ in range(sampling.n)]
+        width = max(map(len, rows))
+        ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        stops = torch.tensor(sorted(sampling.stop_token_ids), dtype=torch.long)
+        tokens, logprobs = [], []
+        done = torch.zeros(len(rows), dtype=torch.bool)
+        past, step_ids = None, ids
+        for _ in range(sampling.max_new_tokens):
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1] :]
+            out = self.model(
+                step_ids, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True
+            )
             past = out.past_key_values
-            logits = out.logits[0, -1].float()
-            logp = torch.log_softmax(logits / (s.temperature or 1.0), -1)  # vLLM's processed_logprobs
-            if s.temperature == 0:
-                token = int(logp.argmax())
-            else:
-                probs = logp.exp()
-                if s.top_p < 1.0:
-                    sorted_p, order = probs.sort(descending=True)
-                    keep = sorted_p.cumsum(-1) - sorted_p < s.top_p
-                    probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-                token = int(torch.multinomial(probs, 1, generator=gen))
+            token, logp = _sample(out.logits[:, -1].float(), sampling, gen)
             tokens.append(token)
-            logprobs.append(float(logp[token]))
-            ids = torch.cat([ids, torch.tensor([[token]])], 1)
-            if token in s.stop_token_ids:
-                return Completion(tokens, logprobs, "stop")
-        return Completion(tokens, logprobs, "length")
+            logprobs.append(logp)
+            done |= torch.isin(token, stops)
+            if bool(done.all()):
+                break
+            step_ids = token[:, None]
+            mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=mask.dtype)], 1)
+        completions = [_completion(i, tokens, logprobs, stops) for i in range(len(rows))]
+        out = [completions[i * sampling.n : (i + 1) * sampling.n] for i in range(len(prompts))]
+        return Rollout(completions=out, truncated_prompts=truncated)
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         self.model.load_state_dict(dict(named_tensors), strict=True)  # the full state, tied head included
@@ -67,3 +69,28 @@ class HFEngine(Engine):
         # In-process, so no process can exit under it: it is dead once its model is gone (deleted, or
         # freed after an out-of-memory error); restart() loads it again from model_dir.
         return None if getattr(self, "model", None) is not None else "its model is gone"
+
+
+def _sample(logits: torch.Tensor, s: Sampling, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next token per row and its log-prob at the sampling temperature, before top-p (vLLM's
+    processed_logprobs, which the trainer recomputes)."""
+    logp = torch.log_softmax(logits / (s.temperature or 1.0), -1)
+    if s.temperature == 0:
+        token = logp.argmax(-1)
+    else:
+        probs = logp.exp()
+        if s.top_p < 1.0:
+            sorted_p, order = probs.sort(-1, descending=True)
+            keep = sorted_p.cumsum(-1) - sorted_p < s.top_p
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
+        token = torch.multinomial(probs, 1, generator=gen)[:, 0]
+    return token, logp.gather(-1, token[:, None])[:, 0]
+
+
+def _completion(row: int, tokens: list[torch.Tensor], logprobs: list[torch.Tensor], stops: torch.Tensor) -> Completion:
+    """Row `row`'s tokens up to and including its first stop token ("stop"), or all of them ("length")."""
+    ids = [int(t[row]) for t in tokens]
+    for i, t in enumerate(ids):
+        if t in stops:
+            return Completion(ids[: i + 1], [float(lp[row]) for lp in logprobs[: i + 1]], "stop")
+    return Completion(ids, [float(lp[row]) for lp in logprobs], "length")

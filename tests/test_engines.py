@@ -79,6 +79,24 @@ def test_sampled_logprobs_are_the_policys_and_seeded(engines):
             assert max(abs(a - b) for a, b in zip(c.logprobs, ref)) < 1e-4
 
 
+def test_the_hf_engine_decodes_all_samples_as_one_padded_batch(engines):
+    """Prompts of different lengths, left-padded into one batch: each sample's log-probs are the model's for
+    its own prefix, and a row ends at its first stop token while the others go on."""
+    _, hf = engines
+    s = Sampling(n=3, temperature=1.0, top_p=0.9, max_new_tokens=10, seed=5)
+    free = hf.generate(PROMPTS, s)
+    first = [c.token_ids[2] for p in free.completions for c in p]  # a token some samples produce third
+    stop = max(set(first), key=first.count)
+    stopped = hf.generate(PROMPTS, Sampling(**{**s.__dict__, "stop_token_ids": (stop,)}))
+    ends = [c for p in stopped.completions for c in p]
+    assert any(c.finish_reason == "stop" for c in ends)  # the same seed draws the same tokens up to the stop
+    for prompt, samples in zip(PROMPTS, stopped.completions):
+        for c in samples:
+            assert (c.finish_reason == "stop") == (stop in c.token_ids) and c.token_ids.count(stop) <= 1
+            assert len(c.token_ids) == 10 if c.finish_reason == "length" else c.token_ids[-1] == stop
+            assert max(abs(a - b) for a, b in zip(c.logprobs, teacher_forced(hf, prompt, c.token_ids))) < 1e-4
+
+
 def test_update_weights_changes_what_the_engine_serves(engines):
     vllm, hf = engines
     greedy = Sampling(temperature=0.0, max_new_tokens=8)

@@ -91,10 +91,12 @@ def rollout(args) -> dict:
     t_ours, t_bare = _median_time(ours, args.steps), _median_time(bare, args.steps)
     engine.shutdown()
     hf = build_engine("hf", model_dir=str(hf_dir), max_model_len=cfg.stage.train.seq_length)
+    hf_tokens = sum(len(s.completion_ids) for g in generate_groups(hf, tok, rows, sampling)[0] for s in g)
     t_hf = _median_time(lambda: generate_groups(hf, tok, rows, sampling), max(1, args.steps // 3))
     figures = {
         "samples": samples,
         "completion_tokens": tokens,
+        "hf_completion_tokens": hf_tokens,  # sampled by another RNG: equal work only on average
         "threads": args.threads,
         "ours_s": t_ours,
         "bare_vllm_s": t_bare,
