@@ -2,7 +2,7 @@
 
 rollout: the same prompts, sampling and thread count through our engine path (token ids in, samples
 with log-probs out), through bare vLLM (`LLM.generate` on the same engine object), and through the
-transformers reference engine. weight_sync: one trainer → engine sync vs one GRPO training step.
+transformers reference engine. weight_sync: one trainer → engine sync vs one GRPO update and vs a whole step.
 """
 
 from __future__ import annotations
@@ -109,12 +109,18 @@ def rollout(args) -> dict:
 
 
 def weight_sync(args) -> dict:
+    """One sync against one GRPO update (sync_over_update) and against a whole step (sync_over_step): the
+    rollout of a step's prompts × n, the old and reference log-prob passes, the update and the sync (reward
+    scoring, evaluation and checkpoints, which a step may add, left out: the ratio is an upper bound)."""
     import torch
 
+    from core.run_tokenizer import stop_token_ids
     from inference.engine import build_engine
     from parallel.weight_sync import sync_weights
     from rlhf import grpo
     from rlhf.losses import LossSettings
+    from rlhf.prompts import load_prompts
+    from rlhf.rollout import generate_groups, sampling
 
     cfg, policy, tok, hf_dir = _setup(args.threads, args.base, args.overrides)
     r, rl, t = cfg.rollout, cfg.stage.rl, cfg.stage.train
@@ -135,12 +141,20 @@ def weight_sync(args) -> dict:
     t_step = _median_time(
         lambda: grpo.update(policy, batch, settings, rl.minibatches, t.micro_batch_size, 1.0), args.steps
     )
+    t_score = 2 * _median_time(lambda: grpo.logprobs(policy, batch, t.micro_batch_size, 1.0), args.steps)
+    rows = load_prompts(cfg.data, "train", tok, cfg.reward.answer)[: rl.prompts_per_step]
+    how = sampling(r, cfg.seed, 0, stop_token_ids(tok))
+    t_rollout = _median_time(lambda: generate_groups(engine, tok, rows, how), args.steps)
     stats = sync_weights(policy, engine, r.sync_bucket_bytes)
     t_sync = _median_time(lambda: sync_weights(policy, engine, r.sync_bucket_bytes), args.steps)
     engine.shutdown()
+    t_whole = t_rollout + t_score + t_step + t_sync
     figures = {
         "sync_s": t_sync,
         "train_step_s": t_step,
+        "scoring_passes_s": t_score,  # old and reference log-probs
+        "rollout_s": t_rollout,
+        "whole_step_s": t_whole,
         "tensors": stats["tensors"],
         "bytes": stats["bytes"],
         "buckets": stats["buckets"],
@@ -150,4 +164,4 @@ def weight_sync(args) -> dict:
         "parameters": sum(p.numel() for c in policy.chunks for p in c.parameters()),
         "overrides": args.overrides,
     }
-    return {"figures": figures, "ratios": {"sync_over_step": t_sync / t_step}}
+    return {"figures": figures, "ratios": {"sync_over_update": t_sync / t_step, "sync_over_step": t_sync / t_whole}}
