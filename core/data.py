@@ -362,3 +362,34 @@ def shuffled_rows(position: int, count: int, seed: int, num_rows: int) -> list[i
 @functools.lru_cache(maxsize=2)  # called every step: keep the current epoch's (and the next) permutation
 def _permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def trimmed_micro_batches(
+    data: dict[str, torch.Tensor], rows: list[int], micro: int, multiple: int = 1
+) -> tuple[list[dict], list[list[int]]]:
+    """`rows` longest first in micro-batches of `micro`, each cut to its longest row (through its last
+    loss position, rounded up to `multiple`: the tensor-parallel size under sequence parallelism) instead
+    of the batch's padded width, so short completions are not computed at the longest one's length.
+    Returns the micro-batches and the rows each holds, to put per-row outputs back (scatter_rows)."""
+    width = data["loss_mask"].shape[1]
+    scored = data["loss_mask"][rows] > 0
+    last = torch.where(scored, torch.arange(width), torch.zeros((), dtype=torch.long)).amax(-1) + 1
+    length = dict(zip(rows, last.tolist()))
+    order = sorted(rows, key=lambda r: -length[r])  # stable: equal lengths keep their order
+    out, parts = [], []
+    for i in range(0, len(order), micro):
+        part = order[i : i + micro]
+        cut = min(width, -(-max(length[r] for r in part) // multiple) * multiple)
+        sliced = {k: v[:, :cut] if v.dim() >= 2 and v.shape[1] == width else v for k, v in data.items()}
+        out += micro_batches(sliced, part, micro)
+        parts.append(part)
+    return out, parts
+
+
+def scatter_rows(pieces: list[torch.Tensor], parts: list[list[int]], like: torch.Tensor) -> torch.Tensor:
+    """Per-micro-batch outputs [rows, cut] back into one [all rows, width] tensor shaped as `like` (zeros
+    past each cut and in rows no piece holds)."""
+    out = torch.zeros_like(like)
+    for piece, part in zip(pieces, parts):
+        out[torch.tensor(part), : piece.shape[1]] = piece.to(out.dtype)
+    return out

@@ -45,6 +45,9 @@ def architecture(m: ModelConfig) -> dict[str, Any]:
         init_method_std=m.init_method_std,
         hidden_dropout=0.0,
         attention_dropout=0.0,
+        # The only dispatcher megatron allows with variable sequence lengths (RL micro-batches trimmed to
+        # their longest row under pipeline parallelism); its validation asks it of dense models too.
+        moe_token_dispatcher_type="alltoall",
     )
     if m.multi_latent_attention:
         arch.update(
@@ -78,7 +81,6 @@ def architecture(m: ModelConfig) -> dict[str, Any]:
             moe_router_load_balancing_type="seq_aux_loss" if m.moe_aux_loss_coeff else "none",
             moe_aux_loss_coeff=m.moe_aux_loss_coeff,
             moe_router_dtype="fp32",
-            moe_token_dispatcher_type="alltoall",
             moe_layer_freq=[0] * m.first_k_dense_replace + [1] * (m.num_layers - m.first_k_dense_replace),
         )
     if m.mtp_num_layers:

@@ -49,6 +49,9 @@ def runtime_config(cfg: Config) -> dict[str, Any]:
         moe_permute_fusion=False,
         moe_grouped_gemm=False,
         deterministic_mode=not on_gpu,
+        # RL micro-batches are cut to their longest row (core.data.trimmed_micro_batches): pipeline stages
+        # exchange each one's shape instead of assuming seq_length.
+        variable_seq_lengths=p.pipeline > 1,
     )
     for name in ("num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage"):
         if getattr(p, name) is not None:  # an uneven pipeline split (DeepSeek-V3's 61 layers at PP 12 or 16)

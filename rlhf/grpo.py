@@ -12,7 +12,7 @@ from statistics import mean
 
 import torch
 
-from core.data import micro_batches, shuffled_rows
+from core.data import scatter_rows, shuffled_rows, trimmed_micro_batches
 from core.model import without_mtp
 from parallel import parallelize as P
 from parallel.logprobs import CHUNK_TOKENS, LogprobRequest, head_logprobs
@@ -119,13 +119,19 @@ def _forward(vocab: int, temperature: float, settings: LossSettings | None, chun
 def logprobs(policy: Policy, batch: dict, micro: int, temperature: float) -> tuple[torch.Tensor, float]:
     """Per-token log-probs of every row under `policy` (on the last pipeline stage; zeros elsewhere)
     and the summed per-sequence entropy."""
-    rows = list(range(batch["tokens"].shape[0]))
+    mbs, parts = _trimmed(policy, batch, list(range(batch["tokens"].shape[0])), micro)
     with eval_mode(policy):
         fwd = _forward(policy.cfg.model.vocab_size, temperature, None)
-        data = forward_backward(policy, micro_batches(batch, rows, micro), forward_only=True, forward=fwd)
+        data = forward_backward(policy, mbs, forward_only=True, forward=fwd)
     entropy = P.reduce_sums(data, ["entropy"])["entropy"]
     # Only the last pipeline stage computes log-probs, and only it reads them; zeros keep shapes elsewhere.
-    return (torch.cat([d["logp"] for d in data]) if data else torch.zeros_like(batch["loss_mask"])), entropy
+    return scatter_rows([d["logp"] for d in data], parts, batch["loss_mask"]), entropy
+
+
+def _trimmed(policy: Policy, batch: dict, rows: list[int], micro: int):
+    """`rows` in length-sorted micro-batches, each only as long as its longest row (core.data)."""
+    p = policy.cfg.parallel
+    return trimmed_micro_batches(batch, rows, micro, multiple=p.tensor if p.sequence_parallel else 1)
 
 
 def update(
@@ -150,7 +156,8 @@ def update(
     fwd = _forward(policy.cfg.model.vocab_size, temperature, settings)
     for k in range(minibatches):
         policy.optimizer.zero_grad()
-        data = forward_backward(policy, micro_batches(batch, list(range(k * size, (k + 1) * size)), micro), forward=fwd)
+        mbs, parts = _trimmed(policy, batch, list(range(k * size, (k + 1) * size)), micro)
+        data = forward_backward(policy, mbs, forward=fwd)
         sums = P.reduce_sums(data, ["entropy", "clip_frac", "kl", "sequences"])
         step = optimizer_step(policy, P.reduce_loss(data))
         seqs = sums.pop("sequences") or 1
@@ -161,6 +168,6 @@ def update(
         if all(s[k] is not None and math.isfinite(s[k]) for s in steps)
     }
     out["update_ok"] = all(s["update_ok"] for s in steps)
-    if "old_logp" not in batch:
-        out["old_logp"] = torch.cat([d["logp"] for d in data]) if data else torch.zeros_like(batch["loss_mask"])
+    if "old_logp" not in batch:  # one minibatch: `data` and `parts` cover every row
+        out["old_logp"] = scatter_rows([d["logp"] for d in data], parts, batch["loss_mask"])
     return out

@@ -89,6 +89,28 @@ def lm_batch(seed: int = 0, b: int = 4, s: int = 16, vocab: int = 100) -> list[d
     ]
 
 
+def grpo_batch(vocab: int, s: int = 16, ends=(5, 16, 8, 11, 7, 13), prompt: int = 3, seed: int = 0) -> dict:
+    """A GRPO batch of len(ends) rows right-padded to `s`: a prompt, then a completion whose last scored
+    position is ends[i] - 1, then padding; with old/ref/engine log-probs and advantages."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(ends)
+    tokens = torch.randint(1, vocab, (n, s), generator=g)
+    loss_mask = torch.zeros(n, s)
+    for r, end in enumerate(ends):
+        tokens[r, end + 1 :] = 0
+        loss_mask[r, prompt - 1 : end] = 1
+    batch = {
+        "tokens": tokens,
+        "labels": torch.roll(tokens, -1, 1),
+        "loss_mask": loss_mask,
+        "position_ids": torch.arange(s).expand(n, s),
+        "advantages": torch.randn(n, 1, generator=g).expand(n, s).contiguous(),
+    }
+    for key in ("old_logp", "ref_logp", "engine_logp"):
+        batch[key] = -torch.rand(n, s, generator=g)
+    return batch
+
+
 def cli_env(**extra) -> dict:
     """The environment of a subprocess started from a test: the repo importable, one thread per process."""
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **extra)

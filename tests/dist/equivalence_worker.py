@@ -49,6 +49,10 @@ CASES = {
 SAVES_FOR = {"dense_tp2": "dense_tp2_to_tp1", "dsv3_tp2_ep2_sp": "dsv3_pp2_ep2_from_tp2_ep2"}
 LOADS_FROM = {v: k for k, v in SAVES_FOR.items()}
 BATCH, SEQ, MICRO = 4, 16, 2
+# Layouts that also run GRPO on rows of different lengths in trimmed micro-batches (rlhf.grpo), against the
+# reference's micro-batches padded to the batch's width: log-probs, the loss and its gradients.
+GRPO_CASES = ("dense_tp2", "dense_pp2", "dsv3_tp2_sp")
+GRPO_SETTINGS = dict(loss_agg="seq_mean_token_mean", eps_low=0.2, eps_high=0.28, kl="k3", kl_coef=0.05, max_len=16)
 BENCH_STEPS = int(os.environ.get("R1_BENCH_STEPS", "0"))
 
 
@@ -111,6 +115,28 @@ def save_grads(policy, path: Path) -> None:
         p.data.copy_(saved[name])
 
 
+def grpo_run(policy, out: Path, trimmed: bool) -> dict:
+    """GRPO log-probs (masked) and one loss backward on tests.conftest's grpo_batch; grads saved to out."""
+    from core.data import micro_batches as padded_micro_batches
+    from rlhf import grpo
+    from rlhf.losses import LossSettings
+    from tests.conftest import grpo_batch
+
+    vocab = policy.cfg.model.vocab_size
+    batch, rows = grpo_batch(vocab), list(range(6))
+    if trimmed:
+        logp = grpo.logprobs(policy, batch, MICRO, 1.0)[0]
+        mbs = grpo._trimmed(policy, batch, rows, MICRO)[0]
+    else:
+        data = forward_backward(policy, padded_micro_batches(batch, rows, MICRO), forward_only=True,
+                                forward=grpo._forward(vocab, 1.0, None))
+        logp = torch.cat([d["logp"] for d in data])
+        mbs = padded_micro_batches(batch, rows, MICRO)
+    data = forward_backward(policy, mbs, forward=grpo._forward(vocab, 1.0, LossSettings(**GRPO_SETTINGS)))
+    save_grads(policy, out / "grpo_grads")
+    return {"logp": logp * batch["loss_mask"], "loss": P.reduce_loss(data)}
+
+
 def reference(workdir: Path) -> None:
     for model in MODELS:
         out = workdir / model
@@ -129,17 +155,23 @@ def reference(workdir: Path) -> None:
         if BENCH_STEPS:
             step_s = statistics.median(timed_step(policy, rows) for _ in range(BENCH_STEPS))
         torch.save({"loss": loss, "logits": logits, "step_s": step_s}, out / "outputs.pt")
+        policy = setup(model, [])  # GRPO from the initial weights, as the cases run it
+        ckpt.load(policy, out / "init", with_optimizer=False)
+        torch.save(grpo_run(policy, out, trimmed=False), out / "grpo.pt")
     P.shutdown()
 
 
-def _max_diff_at_tp1(model: str, a: Path, b: Path) -> float:
-    """Loads two weights-only checkpoints into a TP1 model and returns the max abs difference."""
+def _max_diff_at_tp1(model: str, a: Path, b: Path, skip: str | None = None) -> float:
+    """Loads two weights-only checkpoints into a TP1 model and returns the max abs difference (of the
+    tensors whose name does not contain `skip`)."""
     policy = setup(model, ["stage.train.micro_batch_size=1"])  # no batch runs; any DP size must validate
     ckpt.load(policy, a, with_optimizer=False)
     ref = {k: v.clone() for k, v in unwrap(policy.chunks[0]).state_dict().items() if torch.is_tensor(v)}
     ckpt.load(policy, b, with_optimizer=False)
     got = unwrap(policy.chunks[0]).state_dict()
-    return max(float((got[k].float() - v.float()).abs().max()) for k, v in ref.items() if v.numel())
+    return max(
+        float((got[k].float() - v.float()).abs().max()) for k, v in ref.items() if v.numel() and not (skip and skip in k)
+    )
 
 
 def timed_step(policy, rows) -> float:
@@ -176,6 +208,18 @@ def run_case(name: str, workdir: Path) -> dict:
     result["logits_max_diff"] = _all_max(diff)
     if name in LOADS_FROM:
         return result
+    if name in GRPO_CASES:
+        want, got = torch.load(ref_dir / "grpo.pt"), grpo_run(policy, case_dir, trimmed=True)
+        last = P.is_last_pipeline_stage()
+        result["grpo_logp_diff"] = _all_max(float((got["logp"] - want["logp"]).abs().max()) if last else 0.0)
+        result["grpo_loss_diff"] = abs(got["loss"] - want["loss"])
+        # The aux-loss-free expert bias (a buffer, saved beside the grads) is updated from the tokens routed
+        # to each expert, padding included: fewer padded tokens move it differently, by design.
+        result["grpo_grads_max_diff"] = _max_diff_at_tp1(
+            model, ref_dir / "grpo_grads", case_dir / "grpo_grads", skip="expert_bias"
+        )
+        policy = setup(model, overrides)  # _max_diff_at_tp1 left a TP1 layout
+        ckpt.load(policy, start, with_optimizer=False)
     if name in SAVES_FOR:
         ckpt.save(policy, case_dir / "saved", with_optimizer=False)
 
