@@ -146,7 +146,7 @@ def grpo_vs_trl(args) -> dict:
 _CFG = """
 import json, dataclasses, torch
 import parallel
-from core.config import compose
+from core.compose import compose
 from parallel import parallelize as P
 from parallel.policy import build_policy
 cfg = compose(["stage=r1_zero", "logger=none"])
