@@ -38,6 +38,9 @@ def step_metrics(step: int, batch, stats: dict, sync: dict, clock: StepClock) ->
         "reward": sum(s.reward for s in samples),
         "length": float(lengths.sum()),
         "tokens": float(mask.sum()),
+        # What a step computes on, padding excluded: the prompt and completion of every sample
+        "sequence_tokens": sum(len(s.prompt_ids) + len(s.completion_ids) for s in samples),
+        "sequence_tokens_sq": sum((len(s.prompt_ids) + len(s.completion_ids)) ** 2 for s in samples),
         "diff": float(diff.sum()),
         "seq_ratio": float(torch.exp(seq_log_ratio).sum()),
         "finish_length": sum(s.finish_reason == "length" for s in samples),
@@ -85,6 +88,8 @@ def step_metrics(step: int, batch, stats: dict, sync: dict, clock: StepClock) ->
         "perf/rollout_s": clock.phases.get("rollout", 0.0),
         "perf/train_s": clock.phases.get("train", 0.0),
         "perf/cpu_s": time.process_time() - clock.cpu_start,
+        "perf/sequence_tokens": g["sequence_tokens"],  # model-FLOP counts (tools.bench): unpadded tokens
+        "perf/sequence_tokens_sq": g["sequence_tokens_sq"],  # and the causal attention's Σ length²
         "sync/seconds": sync["seconds"],
         "sync/mb": sync["bytes"] / 2**20,
     }

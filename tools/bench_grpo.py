@@ -36,13 +36,18 @@ def matmul_peak(threads: int, n: int = 1024, seconds: float = 2.0) -> float:
     return best
 
 
-def train_flops(cfg: dict, params: int) -> float:
-    """Matmul FLOPs of one step's train phase: forward-only passes (old log-probs, and the reference
-    when a KL estimator is on) at 2·P per token, the updates at 6·P per token, over the padded batch."""
-    rl, train = cfg["stage"]["rl"], cfg["stage"]["train"]
-    tokens = rl["prompts_per_step"] * cfg["rollout"]["n"] * train["seq_length"]
-    forward_only = 1 + (rl["kl"] != "none" and rl["kl_coef"] > 0)
-    return (2 * forward_only + 6) * params * tokens
+def model_flops(cfg: dict, params: int, row: dict) -> dict:
+    """Model FLOPs of one step (its metrics row), on the tokens it holds, padding excluded: 2·P per token of
+    a forward pass and 6·P of a trained one, plus causal attention, 2·layers·hidden·L² per length-L
+    sequence forward (QKᵀ and AV over the L(L+1)/2 visible pairs), 3× that trained. The train phase runs
+    the forward-only passes (old log-probs unless one minibatch makes the update on-policy, the
+    reference when a KL estimator is on) and the update; generation is one forward over each sample."""
+    rl, m = cfg["stage"]["rl"], cfg["model"]
+    tokens, squares = row["perf/sequence_tokens"], row["perf/sequence_tokens_sq"]
+    attention = 2 * m["num_layers"] * m["hidden_size"] * squares
+    scoring = (rl["minibatches"] > 1) + (rl["kl"] != "none" and rl["kl_coef"] > 0)
+    forward = 2 * params * tokens + attention
+    return {"train": (scoring + 3) * forward, "generation": forward}
 
 
 def grpo_vs_trl(args) -> dict:
@@ -111,7 +116,7 @@ def grpo_vs_trl(args) -> dict:
         trl = json.loads((Path(tmp) / "trl.json").read_text())
     med = lambda key: statistics.median(r[key] for r in rows)  # noqa: E731
     samples = rl["prompts_per_step"] * rollout["n"]
-    flops = train_flops(cfg, cfg["params"])
+    flops = {k: statistics.median(model_flops(cfg, cfg["params"], r)[k] for r in rows) for k in ("train", "generation")}
     peak = matmul_peak(threads)
     ours_fig = {
         "median_step_s": med("perf/step_s"),
@@ -121,8 +126,11 @@ def grpo_vs_trl(args) -> dict:
         "train_s": med("perf/train_s"),
         "sync_s": med("sync/seconds"),
         "mean_completion_tokens": statistics.mean(r["response_length/mean"] for r in rows),
-        "train_flops": flops,
-        "train_flops_per_s": flops / med("perf/train_s"),
+        "train_flops": flops["train"],
+        "train_flops_per_s": flops["train"] / med("perf/train_s"),
+        "step_flops": flops["train"] + flops["generation"],
+        "step_flops_per_s": (flops["train"] + flops["generation"]) / med("perf/step_s"),
+        "sequence_tokens": med("perf/sequence_tokens"),
     }
     return {
         "figures": {
@@ -137,7 +145,8 @@ def grpo_vs_trl(args) -> dict:
         "ratios": {
             "ours_over_trl": ours_fig["samples_per_s"] / trl["samples_per_s"],
             "ours_over_trl_cpu": trl["median_cpu_s"] / ours_fig["median_cpu_s"],
-            "mfu": ours_fig["train_flops_per_s"] / peak,
+            "train_mfu": ours_fig["train_flops_per_s"] / peak,
+            "step_mfu": ours_fig["step_flops_per_s"] / peak,
         },
     }
 
