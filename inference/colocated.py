@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from core.config import Config
+from core.ledger import phase
 from inference.engine import Engine, build_engine
 from parallel import hf_bridge
 from parallel import parallelize as P
@@ -44,6 +45,7 @@ def start_engine(cfg: Config, policy, hf_dir: Path, tok) -> Engine | None:
     return engine
 
 
+@phase("generation")  # the engine releasing what it generated with
 def rest(engine: Engine | None) -> None:
     """After a step's generation: the engine's memory goes to the trainer until the next sync."""
     if engine is not None:
@@ -52,9 +54,10 @@ def rest(engine: Engine | None) -> None:
 
 def sync(policy, engine: Engine | None, bucket_bytes: int) -> dict:
     """Collective (every rank exports): the policy's weights to the engine, woken around the update."""
-    if engine is not None:
-        engine.wake_up(tags=["weights"])
-    stats = sync_weights(policy, engine, bucket_bytes)
-    if engine is not None:
-        engine.wake_up(tags=["kv_cache"])
+    with phase("sync_load"):  # the engine's own time; sync_weights times the export and buckets apart
+        if engine is not None:
+            engine.wake_up(tags=["weights"])
+        stats = sync_weights(policy, engine, bucket_bytes)
+        if engine is not None:
+            engine.wake_up(tags=["kv_cache"])
     return stats

@@ -13,6 +13,7 @@ from typing import Iterable, Iterator
 
 import torch
 
+from core.ledger import timed
 from parallel.hf_bridge import export_hf
 
 
@@ -36,7 +37,8 @@ def sync_weights(policy, engine, bucket_bytes: int) -> dict:
     stats = {"tensors": 0, "bytes": 0, "buckets": 0}
 
     def stream():
-        for bucket in buckets(export_hf(policy), bucket_bytes):
+        exported = timed(export_hf(policy), "sync_export")
+        for bucket in timed(buckets(exported, bucket_bytes), "sync_transfer"):
             stats["buckets"] += 1
             for name, t in bucket:
                 stats["tensors"] += 1

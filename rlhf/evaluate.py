@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from statistics import mean
 
+from core.ledger import phase
 from core.run_tokenizer import stop_token_ids
 from inference.engine import Sampling
 from parallel import parallelize as P
@@ -19,6 +20,7 @@ from rlhf.tasks import TASKS
 SCORES = {"accuracy": 1.0, "format": 1.0, "language_consistency": 1.0}  # the reward pool evaluate() needs
 
 
+@phase("eval")
 def evaluate(engine, tok, rows: list[dict], ecfg, pool, max_new_tokens: int) -> dict:
     """Metrics over this DP rank's strided share of `rows`, gathered over DP; `engine` None → no share
     generated here (model-parallel peers of an engine rank), the records come from the others."""

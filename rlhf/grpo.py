@@ -13,6 +13,7 @@ from statistics import mean
 import torch
 
 from core.data import scatter_rows, shuffled_rows, trimmed_micro_batches
+from core.ledger import phase
 from core.model import without_mtp
 from parallel import parallelize as P
 from parallel.logprobs import CHUNK_TOKENS, LogprobRequest, head_logprobs
@@ -22,12 +23,14 @@ from rlhf.losses import LossSettings, rl_loss
 from rlhf.rollout import RolloutBatch, Sample, generate_groups
 
 
+@phase("generation")
 def generate_and_share(engine, tok, rows: list[dict], sampling) -> tuple[list[list[Sample]], int]:
     """Rollouts on the replica's engine rank, shared with its tensor/pipeline-parallel peers, which
     must train on the same samples."""
     return P.share_model_parallel(generate_groups(engine, tok, rows, sampling) if engine is not None else None)
 
 
+@phase("reward")
 def score(groups: list[list[Sample]], pool, rl, max_new_tokens: int) -> dict:
     """Sets each sample's rewards (weighted total in .reward); returns per-reward counts for metrics."""
     flat = [s for g in groups for s in g]
@@ -134,6 +137,7 @@ def _trimmed(policy: Policy, batch: dict, rows: list[int], micro: int):
     return trimmed_micro_batches(batch, rows, micro, multiple=p.tensor if p.sequence_parallel else 1)
 
 
+@phase("update")
 def update(
     policy: Policy, batch: dict, settings: LossSettings, minibatches: int, micro: int, temperature: float
 ) -> dict:

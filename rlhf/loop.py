@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from core.config import Config
+from core.ledger import Ledger, activated, phase
 from parallel import checkpoint as ckpt
 from parallel import parallelize as P
 from rlhf.guard import NonFiniteGuard
@@ -58,6 +59,7 @@ class LoopShell(contextlib.ExitStack):
         super().__enter__()
         self.tracker = self.enter_context(Tracker(self.cfg, self.cfg.run_dir, self.rank0))
         self.tracker.trim(self.start)  # a resumed run drops the steps its checkpoint never saw
+        self.ledger = self.enter_context(activated(Ledger()))  # the steps' time/ entries (core.ledger)
         self.enter_context(self.bar)
         self.watch = self.enter_context(PreemptionWatch())
         return self
@@ -66,11 +68,14 @@ class LoopShell(contextlib.ExitStack):
         return range(self.start + 1, self.last + 1)
 
     def end_step(self, step: int, row: dict, update_ok: bool, loss) -> None:
-        """Collective: logs the step's metrics row, then checkpoints on stage.train.save_every, at the last
-        step and when preempted (raising Preempted after the save)."""
-        self.tracker.log(row)
-        self.bar.advance(step, row)
-        self.guard.update(update_ok, step, loss)
+        """Collective: logs the step's metrics row with its time ledger, then checkpoints on
+        stage.train.save_every, at the last step and when preempted (raising Preempted after the save).
+        Writing the row and the checkpoint are timed in the next step's row (core.ledger)."""
+        row.update(self.ledger.close_window())
+        with phase("tracking"):
+            self.tracker.log(row)
+            self.bar.advance(step, row)
+            self.guard.update(update_ok, step, loss)
         preempted = self.watch.requested()
         every = self.cfg.stage.train.save_every
         if preempted or (every and step % every == 0) or step == self.last:
@@ -80,7 +85,8 @@ class LoopShell(contextlib.ExitStack):
 
     def save(self) -> None:
         """Collective: a checkpoint of the policy now."""
-        ckpt.save(self.policy, self.root, extra=self.extra(), keep=self.cfg.stage.train.keep_checkpoints)
+        with phase("checkpoint"):
+            ckpt.save(self.policy, self.root, extra=self.extra(), keep=self.cfg.stage.train.keep_checkpoints)
 
     def summary(self, values: dict) -> None:
         self.tracker.summary(values)

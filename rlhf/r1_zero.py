@@ -20,6 +20,7 @@ import torch
 
 import parallel  # noqa: F401  (CPU compatibility layer before megatron loads)
 from core.config import Config
+from core.ledger import phase
 from core.run_tokenizer import run_tokenizer, stop_token_ids
 from inference import colocated
 from parallel import checkpoint as ckpt
@@ -35,7 +36,7 @@ from rlhf.prompts import load_prompts
 from rlhf.rewards import RewardPool
 from rlhf.rewards.compose import training_rewards
 from rlhf.rollout import sampling
-from rlhf.step_metrics import StepClock, step_metrics
+from rlhf.step_metrics import step_metrics
 
 log = logging.getLogger("r1stack.r1_zero")
 
@@ -60,7 +61,8 @@ def train(cfg: Config, rank0: bool) -> dict:
     engine = colocated.start_engine(cfg, policy, run_dir / "hf_init", tok)
     settings = LossSettings.from_config(rl, r.max_new_tokens)
     estimate = ADVANTAGES.get(rl.advantage)
-    logprobs_of = lambda model, batch: _logprobs(model, batch, cfg)  # noqa: E731
+    passes = {id(policy): "old", id(ref): "ref", id(teacher): "teacher"}  # each pass's phase in the step's time
+    logprobs_of = lambda model, batch: _logprobs(model, batch, cfg, passes[id(model)])  # noqa: E731
     context = AdvantageContext(policy, teacher, logprobs_of)
     with (
         engine or contextlib.nullcontext(),
@@ -87,12 +89,11 @@ def train(cfg: Config, rank0: bool) -> dict:
         if "base" not in evals:
             evals["base"] = evaluate(engine, tok, eval_rows, cfg.eval, eval_pool, r.max_new_tokens)
         for step in shell.steps():
-            clock = StepClock()
             how = sampling(r, cfg.seed, step, stop_token_ids(tok))
             batch, position = grpo.collect(engine, tok, train_rows, position, how, pool, rl, t.seq_length)
             colocated.rest(engine)  # rollout and reward done: the engine's memory goes to training
-            clock.lap("rollout")
-            batch.advantages = estimate(batch, context)
+            with phase("advantage"):
+                batch.advantages = estimate(batch, context)
             # The clipping anchor: the teacher estimator fills it already; one minibatch is exactly on-policy,
             # so the update's own forward gives it (grpo.update), one pass fewer.
             if batch.old_logp is None and rl.minibatches > 1:
@@ -101,14 +102,14 @@ def train(cfg: Config, rank0: bool) -> dict:
             stats = grpo.update(policy, batch.tensors(), settings, rl.minibatches, t.micro_batch_size, r.temperature)
             if batch.old_logp is None:
                 batch.old_logp = stats.pop("old_logp")
-            clock.lap("train")
             sync = colocated.sync(policy, engine, r.sync_bucket_bytes)
             refresh_reference(cfg, step, policy, ref)
-            clock.lap("sync")
             if rl.eval_every and step % rl.eval_every == 0:
                 result = evaluate(engine, tok, eval_rows, cfg.eval, eval_pool, r.max_new_tokens)
                 evals.setdefault("history", []).append({"step": step, **result})
-            shell.end_step(step, step_metrics(step, batch, stats, sync, clock), stats["update_ok"], stats.get("loss"))
+            with phase("tracking"):
+                row = step_metrics(step, batch, stats, sync, shell.ledger)
+            shell.end_step(step, row, stats["update_ok"], stats.get("loss"))
         evals["final"] = evaluate(engine, tok, eval_rows, cfg.eval, eval_pool, r.max_new_tokens)
     if rank0:
         (run_dir / "eval.json").write_text(json.dumps(evals, indent=1) + "\n")
@@ -120,12 +121,15 @@ def refresh_reference(cfg: Config, step: int, policy, ref) -> None:
     saved so that a resumed run compares with the same one."""
     every = cfg.stage.rl.ref_refresh_every
     if ref is not None and every and step % every == 0:
-        copy_weights(policy, ref)
-        ckpt.save(ref, Path(cfg.run_dir) / "reference", keep=1, with_optimizer=False)
+        with phase("checkpoint"):
+            copy_weights(policy, ref)
+            ckpt.save(ref, Path(cfg.run_dir) / "reference", keep=1, with_optimizer=False)
 
 
-def _logprobs(model, batch, cfg: Config) -> torch.Tensor:
-    return grpo.logprobs(model, batch.tensors(), cfg.stage.train.micro_batch_size, cfg.rollout.temperature)[0]
+def _logprobs(model, batch, cfg: Config, which: str) -> torch.Tensor:
+    """One scoring pass over the batch: `which` (old, ref, teacher) names its phase in the step's time."""
+    with phase(f"logprobs_{which}"):
+        return grpo.logprobs(model, batch.tensors(), cfg.stage.train.micro_batch_size, cfg.rollout.temperature)[0]
 
 
 def start_from(cfg: Config, policy, run_dir: Path) -> tuple[int, dict]:

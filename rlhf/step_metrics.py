@@ -1,4 +1,5 @@
-"""What a GRPO step reports: the metrics.jsonl row (the same keys go to W&B) and its phase timings."""
+"""What a GRPO step reports: the metrics.jsonl row (the same keys go to W&B). Its time/ entries, the
+ledger of where the step's wall time went, join it in rlhf.loop.LoopShell.end_step (core.ledger)."""
 
 from __future__ import annotations
 
@@ -7,26 +8,15 @@ import time
 
 import torch
 
+from core.ledger import Ledger
 from parallel import parallelize as P
 
-
-class StepClock:
-    """Wall time per phase of a step: lap("rollout") closes the phase that ran since the last lap."""
-
-    def __init__(self):
-        self.start = self.last = time.perf_counter()
-        self.cpu_start = time.process_time()
-        self.phases: dict[str, float] = {}
-
-    def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self.phases[name] = self.phases.get(name, 0.0) + now - self.last
-        self.last = now
+TRAIN_PHASES = ("advantage", "logprobs_old", "logprobs_ref", "logprobs_teacher", "update")
 
 
-def step_metrics(step: int, batch, stats: dict, sync: dict, clock: StepClock) -> dict:
+def step_metrics(step: int, batch, stats: dict, sync: dict, ledger: Ledger) -> dict:
     """Global (all DP ranks) metrics of one step (its rlhf.rollout.RolloutBatch, the update's stats, the
-    weight sync's); every rank returns the same row."""
+    weight sync's, the step's ledger so far); every rank returns the same row."""
     samples, groups, info = batch.samples, batch.groups, batch.info
     mask = batch.loss_mask
     lengths = mask.sum(-1)
@@ -59,7 +49,7 @@ def step_metrics(step: int, batch, stats: dict, sync: dict, clock: StepClock) ->
     g = P.reduce_sums([{k: torch.tensor(float(v)) for k, v in sums.items()}], list(sums))
     # old_logp exists only where the outputs are computed: zeros elsewhere would fake a gap of 0
     peak = P.max_over_world([float(diff.max()) if P.is_last_pipeline_stage() else 0.0, float(lengths.max())])
-    n, step_s = max(g["samples"], 1), time.perf_counter() - clock.start
+    n, step_s, phases = max(g["samples"], 1), ledger.elapsed(), ledger.seconds
     row = {
         "step": step,
         "reward/mean": g["reward"] / n,
@@ -85,9 +75,9 @@ def step_metrics(step: int, batch, stats: dict, sync: dict, clock: StepClock) ->
         "perf/step_s": step_s,
         "perf/samples_per_s": n / step_s,
         "perf/tokens_per_s": g["tokens"] / step_s,
-        "perf/rollout_s": clock.phases.get("rollout", 0.0),
-        "perf/train_s": clock.phases.get("train", 0.0),
-        "perf/cpu_s": time.process_time() - clock.cpu_start,
+        "perf/rollout_s": phases["generation"] + phases["reward"],
+        "perf/train_s": sum(phases[k] for k in TRAIN_PHASES),
+        "perf/cpu_s": time.process_time() - ledger.cpu_start,
         "perf/sequence_tokens": g["sequence_tokens"],  # model-FLOP counts (tools.bench): unpadded tokens
         "perf/sequence_tokens_sq": g["sequence_tokens_sq"],  # and the causal attention's Σ length²
         "sync/seconds": sync["seconds"],

@@ -19,6 +19,7 @@ from typing import Callable
 import parallel  # noqa: F401  (CPU compatibility layer before megatron loads)
 from core.config import Config
 from core.data import micro_batches, shuffled_rows
+from core.ledger import phase
 from core.run_tokenizer import run_tokenizer
 from parallel import checkpoint as ckpt
 from parallel import parallelize as P
@@ -96,12 +97,13 @@ def _train(cfg: Config, job: Supervised, rank0: bool, t_start: float) -> dict:
     ) as shell:
         for step in shell.steps():
             t0 = time.perf_counter()
-            rows = batch_rows(step - 1, cfg.data.seed, num_rows, t.global_batch_size)
-            last = train_step(
-                policy, micro_batches(data, P.split_for_data_parallel(rows), t.micro_batch_size), job.forward
-            )
+            with phase("data"):
+                rows = batch_rows(step - 1, cfg.data.seed, num_rows, t.global_batch_size)
+                mbs = micro_batches(data, P.split_for_data_parallel(rows), t.micro_batch_size)
+                tokens = int((data["segment_ids"][rows] >= 0).sum())
+            with phase("update"):
+                last = train_step(policy, mbs, job.forward)
             dt = time.perf_counter() - t0
-            tokens = int((data["segment_ids"][rows] >= 0).sum())
             row = {
                 "step": policy.step,
                 "train/loss": last["loss"],

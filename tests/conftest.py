@@ -123,7 +123,18 @@ def skip_outside_ci(reason: str) -> None:
     pytest.skip(reason)
 
 
-WALL_CLOCK = ("perf/", "sync/seconds")  # metrics that differ run to run; every other one must repeat exactly
+WALL_CLOCK = ("perf/", "sync/seconds", "time/")  # metrics that differ run to run; every other one must repeat exactly
+
+
+def assert_time_ledger(rows: list[dict], min_covered: float = 0.95) -> None:
+    """Every row's time/ phases (core.ledger) are there and account for ≥ min_covered of its wall time."""
+    from core.ledger import PHASES
+
+    for r in rows:
+        parts = [r[f"time/{p}_s"] for p in PHASES]
+        assert min(parts) >= 0 and r["time/step_s"] > 0, r
+        assert sum(parts) == pytest.approx(r["time/covered_frac"] * r["time/step_s"], rel=1e-6)
+        assert r["time/covered_frac"] >= min_covered, {k: v for k, v in r.items() if k.startswith("time/")}
 
 
 def read_metrics(run_dir: Path, drop_wall_clock: bool = False) -> list[dict]:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from rlhf.tasks import addition as A
+from tests.conftest import assert_time_ledger
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,6 +109,8 @@ def test_pretrain_runs_logs_checkpoints_and_resumes(tmp_path):
     assert [r["step"] for r in rows] == list(range(1, 21))
     keys = {"step", "train/loss", "train/grad_norm", "train/lr", "perf/step_s", "perf/tokens_per_s"}
     assert all(keys <= r.keys() for r in rows)
+    assert_time_ledger(rows, min_covered=0.9)  # steps of milliseconds: a little loop overhead shows
+    assert [r["step"] for r in rows if r["time/checkpoint_s"] > 0] == [6, 16]  # saves after steps 5 and 15
     assert rows[-1]["train/loss"] < rows[0]["train/loss"] - 1.0
     assert (tmp_path / "checkpoints" / "step_00000020").is_dir()
     assert (tmp_path / "tokenizer" / "tokenizer.json").exists()

@@ -14,7 +14,7 @@ import pytest
 from core.compose import compose
 from core.errors import ConfigError
 from core.validate import validate
-from tests.conftest import ROOT, cli_env, read_metrics
+from tests.conftest import ROOT, assert_time_ledger, cli_env, read_metrics
 from tests.conftest import train_cli as _train
 
 SMALL = [
@@ -45,7 +45,7 @@ REQUIRED = [
     "sync/mb",
 ]
 
-GROUPS = {"reward", "response_length", "rollout", "train", "perf", "sync"}
+GROUPS = {"reward", "response_length", "rollout", "train", "perf", "sync", "time"}
 
 
 def test_grpo_runs_logs_evaluates_and_resumes(base, tmp_path):
@@ -67,6 +67,11 @@ def test_grpo_runs_logs_evaluates_and_resumes(base, tmp_path):
         assert r["rollout/logprob_diff_mean"] < 1e-4  # fp32 trainer and engine agree on the sampled tokens
         assert abs(r["rollout/seq_importance_ratio"] - 1) < 1e-3
         assert r["train/kl"] >= 0 and 0 <= r["train/clip_frac"] <= 1
+    assert_time_ledger(rows)
+    # The first window holds the base model's evaluation; two minibatches need the old log-probs' own pass.
+    assert rows[0]["time/eval_s"] > 0 and rows[1]["time/eval_s"] == 0
+    assert all(r["time/generation_s"] > 0 and r["time/update_s"] > 0 and r["time/sync_export_s"] > 0 for r in rows)
+    assert all(r["time/logprobs_ref_s"] > 0 and r["time/logprobs_old_s"] > 0 for r in rows)
     first = json.loads((run / "eval.json").read_text())
     for split in ("base", "final"):
         assert first[split]["n_prompts"] == 8 and first[split]["k"] == 2 and 0 <= first[split]["pass@1"] <= 1
@@ -91,7 +96,7 @@ def test_grpo_runs_logs_evaluates_and_resumes(base, tmp_path):
     )
     assert report.returncode == 0, report.stderr
     html = (run / "report.html").read_text()
-    for plot in ("reward", "response_length", "kl", "entropy"):
+    for plot in ("reward", "response_length", "kl", "entropy", "step_time"):
         assert plot in html
 
 
@@ -103,7 +108,8 @@ def test_dynamic_sampling_and_variants_run(base, tmp_path):
         f"stage.init_from={base}",
         f"run_dir={run}",
         "stage.train.steps=2",
-        *SMALL,
+        *[a for a in SMALL if not a.startswith("stage.train.save_every")],
+        "stage.train.save_every=1",
         "stage.rl.kl_coef=0",
         "stage.rl.clip_eps_high=0.28",
         "stage.rl.loss_agg=token_mean",
@@ -115,6 +121,9 @@ def test_dynamic_sampling_and_variants_run(base, tmp_path):
     rows = read_metrics(run)
     assert len(rows) == 2 and all(r["train/kl"] is None for r in rows)  # no reference model with β=0
     assert all(r["rollout/prompts"] >= 4 for r in rows)
+    assert_time_ledger(rows)
+    assert rows[0]["time/checkpoint_s"] == 0 < rows[1]["time/checkpoint_s"]  # step 1's save, after its row
+    assert all(r["time/logprobs_old_s"] > 0 == r["time/logprobs_ref_s"] for r in rows)  # β=0: no reference
 
 
 def test_rl_config_errors_name_the_field():

@@ -31,6 +31,11 @@ def write_rl_run(run_dir: Path, steps: int = 60) -> None:
                 "rollout/logprob_diff_mean": 1e-3,
                 "rollout/logprob_diff_max": 0.02 + 1e-3 * (s % 5),
                 "note": "text values are ignored",
+                "time/generation_s": 2.0 + 0.01 * s,
+                "time/update_s": 1.0,
+                "time/sync_load_s": 0.1,
+                "time/eval_s": 3.0 if s % 20 == 0 else 0.0,
+                "time/step_s": 3.2 + 0.01 * s + (3.0 if s % 20 == 0 else 0.0),
             }
             f.write(json.dumps(row) + "\n")
     (run_dir / "eval.json").write_text(json.dumps({"eval/pass@1": 0.62, "eval/cons@4": 0.7}))
@@ -41,7 +46,7 @@ def test_report_builds_pngs_and_a_page_that_references_them(tmp_path):
     write_rl_run(tmp_path)
     assert report.main([f"run_dir={tmp_path}"]) == 0
     pngs = {p.name: p for p in (tmp_path / "report").glob("*.png")}
-    assert set(pngs) == {"reward.png", "response_length.png", "kl.png", "logprob_gap.png", "loss.png"}
+    assert set(pngs) == {"reward.png", "response_length.png", "kl.png", "logprob_gap.png", "loss.png", "step_time.png"}
     for p in pngs.values():
         data = p.read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 5_000, p
@@ -49,6 +54,8 @@ def test_report_builds_pngs_and_a_page_that_references_them(tmp_path):
     assert set(re.findall(r'<img src="([^"]+)"', page)) == {f"report/{n}" for n in pngs}
     assert all((tmp_path / src).is_file() for src in re.findall(r'<img src="([^"]+)"', page))
     assert "Policy entropy: no finite train/entropy" in page  # the skipped plot is noted
+    alt = re.search(r'src="report/step_time.png" alt="([^"]+)"', page).group(1)
+    assert alt == "time/generation_s, time/update_s, time/sync_load_s, time/eval_s"  # phases with time, stacked
     assert "eval/pass@1" in page and "0.62" in page and "eval/cons@4" in page
     assert "&lt;b&gt;1+1&lt;/b&gt;" in page and "<b>1+1</b>" not in page  # values are escaped
     assert "http" not in page  # self-contained

@@ -131,6 +131,9 @@ def grpo_vs_trl(args) -> dict:
         "step_flops": flops["train"] + flops["generation"],
         "step_flops_per_s": (flops["train"] + flops["generation"]) / med("perf/step_s"),
         "sequence_tokens": med("perf/sequence_tokens"),
+        # The step-time ledger (core.ledger): median seconds per phase and the share of the step they cover
+        "phases_s": {k[5:-2]: med(k) for k in rows[0] if k.startswith("time/") and k.endswith("_s") and med(k) > 0},
+        "ledger_covered_frac": min(r["time/covered_frac"] for r in rows),
     }
     return {
         "figures": {

@@ -19,6 +19,8 @@ import math
 import sys
 from pathlib import Path
 
+from core.ledger import PHASES
+
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILES = ("eval.json", "summary.json", "train_summary.json")
 REPORT_DIR, REPORT_HTML = "report", "report.html"
@@ -129,6 +131,30 @@ def plot(rows: list[dict], keys: list[str], title: str, ylabel: str, out: Path) 
     return drawn
 
 
+def plot_step_time(rows: list[dict], out: Path) -> list[str]:
+    """The time ledger (core.ledger) as stacked areas per step, the step's wall time as a line over them:
+    the gap between the two is time no phase accounts for."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    timed = [r for r in rows if _is_num(r.get("time/step_s"))]
+    keys = [f"time/{p}_s" for p in PHASES if any((r.get(f"time/{p}_s") or 0) > 0 for r in timed)]
+    fig = Figure(figsize=(7, 3.8), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    steps = [r["step"] for r in timed]
+    values = [[r.get(k) if _is_num(r.get(k)) else 0.0 for r in timed] for k in keys]
+    ax.stackplot(steps, values, labels=[k[5:-2] for k in keys], colors=[f"C{i % 10}" for i in range(len(keys))])
+    ax.plot(steps, [r["time/step_s"] for r in timed], color="black", linewidth=1.2, label="step wall time")
+    ax.set_title("Where a step's time goes")
+    ax.set_xlabel("step")
+    ax.set_ylabel("seconds")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
+    fig.savefig(out, format="png")
+    return keys
+
+
 # ---------------------------------------------------------------- the page
 
 
@@ -185,6 +211,15 @@ def build(run_dir: Path) -> Path:
         drawn = plot(rows, keys, title, ylabel, png)
         alt = html.escape(", ".join(drawn))
         figures.append(f'<h2>{html.escape(title)}</h2><img src="{REPORT_DIR}/{png.name}" alt="{alt}">')
+
+    png = out_dir / "step_time.png"
+    if any(_is_num(r.get("time/step_s")) for r in rows):
+        drawn = plot_step_time(rows, png)
+        alt = html.escape(", ".join(drawn))
+        figures.append(f'<h2>Step time</h2><img src="{REPORT_DIR}/{png.name}" alt="{alt}">')
+    else:
+        png.unlink(missing_ok=True)
+        skipped.append(f"Step time: no time/step_s in {METRICS_FILE}")
 
     steps = [r["step"] for r in rows]
     parts = [
