@@ -1,4 +1,5 @@
-"""The GPU path: Transformer Engine spec, FP8, NCCL. Skipped only where no CUDA GPU is present.
+"""The GPU path: the local spec in bf16, Transformer Engine, FP8, NCCL, vLLM's sleep mode. Skipped only where
+no CUDA GPU is present (or, for the TE and vLLM cases, where those extras are not installed).
 
 Each test runs in a fresh process (NCCL and TE own global state) through tests/dist/gpu_worker.py.
 """
@@ -24,6 +25,15 @@ def run(case, tmp_path, needs="transformer_engine"):
     )
     assert proc.returncode == 0, proc.stderr[-5000:]
     return json.loads((tmp_path / f"{case}.json").read_text())
+
+
+@pytest.mark.parametrize("model", ["tiny_dense", "tiny_dsv3"])
+def test_local_spec_on_cuda_scores_like_fp32_and_trains_in_bf16(tmp_path, model):
+    out = run(f"bf16_local:{model}", tmp_path, needs="megatron.core")
+    assert out["backend"] == "nccl" and out["param_dtype"] == "torch.bfloat16"
+    assert out["trimmed_logprob_max_diff"] < 1e-4, out  # trimmed micro-batches vs one padded, both fp32
+    assert out["bf16_logits_max_diff"] < 0.1 * out["logits_scale"], out  # bf16: 8 mantissa bits, summed over layers
+    assert out["losses"][-1] < out["losses"][0] and all(x == x for x in out["losses"]), out
 
 
 @pytest.mark.parametrize("model", ["tiny_dense", "tiny_dsv3"])

@@ -6,6 +6,7 @@ top-level `ratios` object holds the comparisons beside the raw figures.
     python -m tools.bench weight_sync --out bench_sync.json [model.hidden_size=512 model.num_layers=8 ...]
     python -m tools.bench grpo_vs_trl --out bench_grpo.json [--base runs/demo/pretrain] [--threads 2]
     python -m tools.bench logprobs --out bench_logprobs.json [--threads 1]
+    python -m tools.bench train_mfu --out bench_mfu.json [model=qwen2_5_1_5b ...]   (MFU against the device's peak)
 """
 
 from __future__ import annotations
@@ -95,6 +96,13 @@ def logprobs(args: argparse.Namespace) -> dict:
     return run(args)
 
 
+@register("train_mfu")
+def train_mfu(args: argparse.Namespace) -> dict:
+    from tools.bench_train import train_mfu as run
+
+    return run(args)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__)
     parser.add_argument("benchmark", choices=sorted(BENCHMARKS))
@@ -121,10 +129,10 @@ def main(argv=None) -> None:
         "--base", help="a pretrain run dir (grpo_vs_trl default: a 300-step pretrain made here; others: random weights)"
     )
     parser.add_argument(
-        "overrides", nargs="*", help="config overrides for rollout and weight_sync, e.g. model.hidden_size=512"
+        "overrides", nargs="*", help="config overrides for rollout, weight_sync, train_mfu, e.g. model.hidden_size=512"
     )
     args = parser.parse_intermixed_args(argv)
-    if args.overrides and args.benchmark not in ("rollout", "weight_sync"):
+    if args.overrides and args.benchmark not in ("rollout", "weight_sync", "train_mfu"):
         parser.error(f"{args.benchmark} takes no config overrides (got {' '.join(args.overrides)})")
     start = time.perf_counter()
     result = BENCHMARKS[args.benchmark](args)

@@ -12,11 +12,12 @@ from parallel import checkpoint as ckpt  # noqa: E402
 from parallel import parallelize as P  # noqa: E402
 from parallel.policy import build_policy
 from parallel.step import train_step
-from tests.conftest import lm_batch  # noqa: E402
+from tests.conftest import grpo_batch, lm_batch  # noqa: E402
 
 
 def logits(policy, mb):
-    mb = {k: v.cuda() for k, v in mb.items()}
+    device = next(policy.chunks[0].parameters()).device
+    mb = {k: v.to(device) for k, v in mb.items()}
     with torch.no_grad():
         return policy.chunks[0](mb["tokens"], mb["position_ids"], mb["attention_mask"]).float()
 
@@ -68,6 +69,35 @@ def vllm_sleep(model: str, out: Path) -> dict:
             "changed_after_sync": changed != before}
 
 
+def bf16_local(model: str, out: Path) -> dict:
+    """The local (no Transformer Engine) spec on CUDA: GRPO's trimmed log-prob pass at fp32 against a
+    plain log-softmax of the model's logits, then the same weights in bf16: logits near fp32's and
+    training steps that lower the loss."""
+    from core.data import micro_batches
+    from parallel.step import forward_backward
+    from rlhf import grpo
+
+    cfg = compose([f"model={model}", "parallel.transformer_impl=local", "model.vocab_size=1000"])
+    P.init_distributed(cfg)
+    ref = build_policy(cfg, with_optimizer=False)
+    batch = grpo_batch(cfg.model.vocab_size, s=64, ends=(20, 63, 40, 9, 33, 51), prompt=5)
+    logp, _ = grpo.logprobs(ref, batch, 2, 1.0)
+    padded = forward_backward(ref, micro_batches(batch, list(range(6)), 6), forward_only=True,
+                              forward=grpo._forward(cfg.model.vocab_size, 1.0, None))[0]["logp"].cpu()
+    mb = lm_batch(s=64, vocab=cfg.model.vocab_size)[0]
+    want = logits(ref, mb)
+    ckpt.save(ref, out / "weights", with_optimizer=False)
+    bf16 = compose([f"model={model}", "parallel.transformer_impl=local", "model.vocab_size=1000",
+                    "stage.train.dtype=bf16", "stage.train.optim.lr=1e-3"])
+    policy = build_policy(bf16)
+    ckpt.load(policy, out / "weights", with_optimizer=False)
+    return {"trimmed_logprob_max_diff": float(((logp.cpu() - padded) * batch["loss_mask"]).abs().max()),
+            "bf16_logits_max_diff": float((logits(policy, mb) - want).abs().max()),
+            "logits_scale": float(want.abs().max()),
+            "param_dtype": str(next(policy.chunks[0].parameters()).dtype),
+            "losses": [train_step(policy, lm_batch(s=64, vocab=cfg.model.vocab_size))["loss"] for _ in range(5)]}
+
+
 def main():
     case, out = sys.argv[1], Path(sys.argv[2])
     name, model = case.split(":")
@@ -90,6 +120,8 @@ def main():
         P.init_distributed(cfg)
         policy = build_policy(cfg)
         result = {"losses": [train_step(policy, lm_batch(s=64, vocab=cfg.model.vocab_size))["loss"] for _ in range(5)]}
+    elif name == "bf16_local":
+        result = bf16_local(model, out)
     elif name == "vllm_sleep":
         result = vllm_sleep(model, out)
     result["backend"] = torch.distributed.get_backend()
