@@ -260,6 +260,9 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 64
+    # Stop tokens are masked until a completion has this many tokens: for benchmarks that need equal work
+    # on both sides (the engine's log-probs then come from the masked distribution); 0 for training.
+    min_new_tokens: int = 0
     kv_cache_bytes: int = 256 * 2**20
     colocate: bool = True
     overlong_prompt: str = "error"  # error | truncate: a prompt that leaves no room for max_new_tokens

@@ -213,6 +213,11 @@ def _validate_rl(cfg: Config, dp: int) -> None:
         )
     if rl.clip_eps_low < 0 or rl.clip_eps_high < 0 or rl.clip_eps_low >= 1:
         raise ConfigError("stage.rl.clip_eps_low must be in [0, 1) and clip_eps_high >= 0.")
+    if not 0 <= r.min_new_tokens <= r.max_new_tokens:
+        raise ConfigError(
+            f"rollout.min_new_tokens={r.min_new_tokens} must be in [0, rollout.max_new_tokens={r.max_new_tokens}]. "
+            "Fix: lower it (0 lets completions stop whenever the model ends them)."
+        )
     if r.overlong_prompt not in ("error", "truncate"):
         raise ConfigError(f"rollout.overlong_prompt={r.overlong_prompt!r}: expected error or truncate.")
     if (rl.advantage == TEACHER_ADVANTAGE) != bool(rl.teacher):

@@ -25,6 +25,7 @@ class Sampling:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 64
+    min_new_tokens: int = 0  # stop tokens masked before this many (rollout.min_new_tokens)
     seed: int | None = None  # per call: the same seed and weights give the same completions
     stop_token_ids: tuple[int, ...] = ()
 

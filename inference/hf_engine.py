@@ -44,13 +44,16 @@ class HFEngine(Engine):
         tokens, logprobs = [], []
         done = torch.zeros(len(rows), dtype=torch.bool)
         past, step_ids = None, ids
-        for _ in range(sampling.max_new_tokens):
+        for i in range(sampling.max_new_tokens):
             positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1] :]
             out = self.model(
                 step_ids, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True
             )
             past = out.past_key_values
-            token, logp = _sample(out.logits[:, -1].float(), sampling, gen)
+            logits = out.logits[:, -1].float()
+            if i < sampling.min_new_tokens:  # as vLLM's min_tokens: no stop token yet
+                logits[:, stops] = float("-inf")
+            token, logp = _sample(logits, sampling, gen)
             tokens.append(token)
             logprobs.append(logp)
             done |= torch.isin(token, stops)

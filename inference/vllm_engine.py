@@ -130,6 +130,7 @@ class VLLMEngine(Engine):
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             max_tokens=sampling.max_new_tokens,
+            min_tokens=sampling.min_new_tokens,
             seed=sampling.seed,
             stop_token_ids=list(sampling.stop_token_ids),
             logprobs=0,  # the sampled token's own logprob

@@ -62,7 +62,13 @@ class RolloutBatch:
 def sampling(r, seed: int, offset: int, stop_token_ids: tuple[int, ...], **overrides) -> Sampling:
     """rollout config `r`'s sampling for one call of a run (`offset`: its step or chunk); `overrides`
     replace fields (n, max_new_tokens)."""
-    base = dict(n=r.n, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens)
+    base = dict(
+        n=r.n,
+        temperature=r.temperature,
+        top_p=r.top_p,
+        max_new_tokens=r.max_new_tokens,
+        min_new_tokens=r.min_new_tokens,
+    )
     return Sampling(**{**base, **overrides}, seed=seed * SEED_STRIDE + offset, stop_token_ids=stop_token_ids)
 
 

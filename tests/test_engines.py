@@ -97,6 +97,26 @@ def test_the_hf_engine_decodes_all_samples_as_one_padded_batch(engines):
             assert max(abs(a - b) for a, b in zip(c.logprobs, teacher_forced(hf, prompt, c.token_ids))) < 1e-4
 
 
+def test_min_new_tokens_holds_back_stop_tokens_on_both_engines(engines):
+    """rollout.min_new_tokens (benchmarks' equal work): a stop token the greedy path emits early is masked
+    until the minimum, then may end the completion."""
+    greedy = Sampling(temperature=0.0, max_new_tokens=12)
+    for engine in engines:
+        free = engine.generate(PROMPTS[:1], greedy).completions[0][0].token_ids
+        stop = free[1]  # the greedy second token: a stop there ends the completion at 2 tokens
+        assert (
+            len(
+                engine.generate(PROMPTS[:1], Sampling(**{**greedy.__dict__, "stop_token_ids": (stop,)}))
+                .completions[0][0]
+                .token_ids
+            )
+            <= 2
+        )
+        held = Sampling(**{**greedy.__dict__, "stop_token_ids": (stop,), "min_new_tokens": 6})
+        c = engine.generate(PROMPTS[:1], held).completions[0][0]
+        assert len(c.token_ids) >= 6 and stop not in c.token_ids[:6], (type(engine).__name__, c.token_ids)
+
+
 def test_update_weights_changes_what_the_engine_serves(engines):
     vllm, hf = engines
     greedy = Sampling(temperature=0.0, max_new_tokens=8)

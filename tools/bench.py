@@ -5,6 +5,7 @@ top-level `ratios` object holds the comparisons beside the raw figures.
     python -m tools.bench rollout --out bench_rollout.json [--base runs/demo/pretrain]
     python -m tools.bench weight_sync --out bench_sync.json [model.hidden_size=512 model.num_layers=8 ...]
     python -m tools.bench grpo_vs_trl --out bench_grpo.json [--base runs/demo/pretrain] [--threads 2]
+    python -m tools.bench grpo_vs_trl --scale realistic --out bench_grpo_realistic.json   (about 35 minutes)
     python -m tools.bench logprobs --out bench_logprobs.json [--threads 1]
     python -m tools.bench train_mfu --out bench_mfu.json [model=qwen2_5_1_5b ...]   (MFU against the device's peak)
 """
@@ -107,7 +108,13 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__)
     parser.add_argument("benchmark", choices=sorted(BENCHMARKS))
     parser.add_argument("--out", required=True, help="JSON file to write")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per case (median)")
+    parser.add_argument(
+        "--steps", type=int, help="timed steps per case, median (default 5; grpo_vs_trl --scale realistic: 1)"
+    )
+    parser.add_argument("--scale", choices=("tiny", "realistic"), default="tiny", help="grpo_vs_trl's size")
+    parser.add_argument(
+        "--trl-timeout", type=float, default=900, help="grpo_vs_trl --scale realistic: seconds per TRL mode's run"
+    )
     parser.add_argument(
         "--cases2",
         nargs="*",
@@ -134,6 +141,8 @@ def main(argv=None) -> None:
     args = parser.parse_intermixed_args(argv)
     if args.overrides and args.benchmark not in ("rollout", "weight_sync", "train_mfu"):
         parser.error(f"{args.benchmark} takes no config overrides (got {' '.join(args.overrides)})")
+    if args.steps is None:
+        args.steps = 1 if args.scale == "realistic" else 5
     start = time.perf_counter()
     result = BENCHMARKS[args.benchmark](args)
     result["meta"] = {

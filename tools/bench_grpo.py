@@ -1,6 +1,8 @@
-"""`python -m tools.bench grpo_vs_trl`: one GRPO step of ours (r1_zero stage: vLLM rollouts, megatron
-updates) vs TRL's GRPOTrainer (tools/trl_peer.py), same base model, task, group size, lengths and
-thread count; plus the train phase's FLOP/s over this machine's measured fp32 matmul peak."""
+"""`python -m tools.bench grpo_vs_trl [--scale tiny|realistic]`: one GRPO step of ours (r1_zero stage:
+vLLM rollouts, megatron updates) vs TRL's GRPOTrainer (tools/trl_peer.py), same base model, task, group
+size, lengths and thread count; plus model-FLOP utilization against this machine's measured fp32 matmul
+peak. `tiny` (here): the demo's model and batch after a short pretraining; `realistic`:
+tools/bench_realistic.py."""
 
 from __future__ import annotations
 
@@ -50,10 +52,30 @@ def model_flops(cfg: dict, params: int, row: dict) -> dict:
     return {"train": (scoring + 3) * forward, "generation": forward}
 
 
+def phase_medians(rows: list[dict]) -> dict:
+    """The step-time ledger's phases (core.ledger), median seconds over `rows`, those with any time."""
+    from core.ledger import PHASES
+
+    out = {p: statistics.median(r[f"time/{p}_s"] for r in rows) for p in PHASES}
+    return {p: v for p, v in out.items() if v > 0}
+
+
+def ours_config(overrides: list[str], env: dict) -> dict:
+    """The composed r1_zero config under `overrides`, with the model's parameter count."""
+    probe = [sys.executable, "-c", _CFG, *overrides]
+    out = subprocess.run(probe, cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.splitlines()[-1])
+
+
 def grpo_vs_trl(args) -> dict:
     threads = args.threads
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT), R1_NO_PROGRESS="1", WANDB_MODE="offline")
     py = sys.executable
+    if args.scale == "realistic":
+        from tools.bench_realistic import realistic
+
+        with tempfile.TemporaryDirectory() as tmp:
+            return realistic(args, env, Path(tmp))
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(args.base) if args.base else Path(tmp) / "base"
         if not args.base:  # a short pretrain: completions need realistic lengths, not a random model's
@@ -80,11 +102,7 @@ def grpo_vs_trl(args) -> dict:
             env,
         )
         rows = [json.loads(line) for line in (ours / "metrics.jsonl").read_text().splitlines()][1:]  # step 1: warm-up
-        cfg = json.loads(
-            subprocess.run(
-                [py, "-c", _CFG.format(base=base)], cwd=ROOT, env=env, capture_output=True, text=True, check=True
-            ).stdout.splitlines()[-1]
-        )
+        cfg = ours_config([], env)
         rl, rollout = cfg["stage"]["rl"], cfg["rollout"]
         _sh(
             [
@@ -132,7 +150,7 @@ def grpo_vs_trl(args) -> dict:
         "step_flops_per_s": (flops["train"] + flops["generation"]) / med("perf/step_s"),
         "sequence_tokens": med("perf/sequence_tokens"),
         # The step-time ledger (core.ledger): median seconds per phase and the share of the step they cover
-        "phases_s": {k[5:-2]: med(k) for k in rows[0] if k.startswith("time/") and k.endswith("_s") and med(k) > 0},
+        "phases_s": phase_medians(rows),
         "ledger_covered_frac": min(r["time/covered_frac"] for r in rows),
     }
     return {
@@ -154,16 +172,16 @@ def grpo_vs_trl(args) -> dict:
     }
 
 
-# The composed r1_zero config and the model's parameter count, printed as one JSON line.
+# The composed r1_zero config (overrides from argv) and the model's parameter count, one JSON line.
 _CFG = """
-import json, dataclasses, torch
+import json, dataclasses, sys, torch
 import parallel
 from core.compose import compose
 from parallel import parallelize as P
 from parallel.policy import build_policy
-cfg = compose(["stage=r1_zero", "logger=none"])
+cfg = compose(["stage=r1_zero", "logger=none", *sys.argv[1:]])
 P.init_distributed(cfg)
 params = sum(p.numel() for p in build_policy(cfg, with_optimizer=False).chunks[0].parameters())
 P.shutdown()
-print(json.dumps({{**dataclasses.asdict(cfg), "params": params, "base": "{base}"}}))
+print(json.dumps({**dataclasses.asdict(cfg), "params": params}))
 """

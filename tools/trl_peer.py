@@ -5,7 +5,14 @@ updates. In TRL that is `minibatches` consecutive trainer steps (steps_per_gener
 which generates, so each group of `minibatches` steps is timed as one rollout step.
 
     python tools/trl_peer.py --model-dir HF_DIR --out OUT.json --prompts 16 --generations 8 \
-        --max-new-tokens 48 --minibatches 2 --rollouts 3 --threads 1 [--lr 1e-4]
+        --max-new-tokens 48 --minibatches 2 --rollouts 3 --threads 1 [--lr 1e-4] \
+        [--mode generate|vllm|continuous] [--min-new-tokens N]
+
+Modes: `generate` (TRL's default: batched transformers generate), `vllm` (use_vllm, vllm_mode="colocate"; on
+CPU its weight sync goes through vLLM's reload_weights, the only load that works there), `continuous`
+(use_transformers_continuous_batching). --min-new-tokens holds back EOS (min_new_tokens / min_tokens) so
+completions can be forced to one length. Each step's time is split into generation (the engine call), the
+rest of TRL's generate-and-score (rewards, old and reference log-probs) and training.
 """
 
 from __future__ import annotations
@@ -35,7 +42,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--beta", type=float, default=0.0, help="KL coefficient (ours: stage.rl.kl_coef)")
+    p.add_argument("--mode", choices=MODES, default="generate", help="how TRL generates (see above)")
+    p.add_argument("--min-new-tokens", type=int, default=0, help="EOS held back until this many new tokens")
     return p.parse_args(argv)
+
+
+MODES = ("generate", "vllm", "continuous")
+
+
+def _reload_weights_sync(self) -> None:
+    """TRL's colocated weight sync through vLLM's reload_weights: its load_weights path fails on CPU
+    ('Parameter' object has no attribute 'weight_loader'). The full state is sent (tied heads included)."""
+    weights = [(name, p.detach()) for name, p in self._iter_named_params()]
+    self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+    self.llm.reset_prefix_cache()
 
 
 def main(argv=None) -> None:
@@ -79,6 +99,19 @@ def main(argv=None) -> None:
     def format_(completions, **_):
         return [format_reward(c, {}) for c in completions]  # our rule, "<think>" + completion
 
+    mode = {
+        "generate": {"use_vllm": False},
+        "vllm": {"use_vllm": True, "vllm_mode": "colocate", "vllm_max_model_length": None},
+        "continuous": {"use_vllm": False, "use_transformers_continuous_batching": True},
+    }[args.mode]
+    if args.mode == "vllm":
+        from trl.generation.vllm_generation import VLLMGeneration
+
+        VLLMGeneration.sync_weights = _reload_weights_sync
+    forced = args.min_new_tokens
+    generation_kwargs = (
+        ({"min_tokens": forced} if args.mode == "vllm" else {"min_new_tokens": forced}) if forced else None
+    )
     config = GRPOConfig(
         output_dir="/tmp/trl_peer_out",  # required; nothing is saved there
         per_device_train_batch_size=args.prompts * args.generations // args.minibatches,
@@ -99,7 +132,8 @@ def main(argv=None) -> None:
         max_steps=args.rollouts * args.minibatches,
         bf16=False,
         use_cpu=True,
-        use_vllm=False,
+        **{k: v for k, v in mode.items() if v is not None},
+        generation_kwargs=generation_kwargs,
         report_to="none",
         logging_strategy="no",
         save_strategy="no",
@@ -109,6 +143,22 @@ def main(argv=None) -> None:
     )
 
     marks: list[tuple[str, float, float]] = []
+    phase_s = {"generation": [], "generate_and_score": []}  # per call, in call order
+
+    def timed(cls, method: str, key: str) -> None:
+        inner = getattr(cls, method)
+
+        def wrapper(self, *a, **k):
+            t0 = time.perf_counter()
+            try:
+                return inner(self, *a, **k)
+            finally:
+                phase_s[key].append(time.perf_counter() - t0)
+
+        setattr(cls, method, wrapper)
+
+    timed(GRPOTrainer, "_generate_single_turn", "generation")
+    timed(GRPOTrainer, "_generate_and_score_completions", "generate_and_score")
 
     class Timer(TrainerCallback):
         def on_step_begin(self, *a, **k):
@@ -133,6 +183,8 @@ def main(argv=None) -> None:
     steps = []
     for i, (b, e) in enumerate(zip(begins, ends)):
         lens = completion_lens[i * samples : (i + 1) * samples]
+        generation = phase_s["generation"][i] if i < len(phase_s["generation"]) else None
+        scored = phase_s["generate_and_score"][i] if i < len(phase_s["generate_and_score"]) else None
         steps.append(
             {
                 "wall_s": round(e[1] - b[1], 4),
@@ -140,12 +192,18 @@ def main(argv=None) -> None:
                 "samples": samples,
                 "tokens": sum(lens),
                 "warmup": i == 0,
+                # the engine call; the rest of generate-and-score (rewards, old/ref log-probs); the updates
+                "generation_s": generation,
+                "score_and_logprobs_s": scored - generation if scored is not None and generation is not None else None,
+                "train_s": e[1] - b[1] - scored if scored is not None else None,
             }
         )
     timed = steps[1:]
     median_wall = statistics.median(s["wall_s"] for s in timed)
     result = {
         "peer": "trl",
+        "mode": args.mode,
+        "min_new_tokens": args.min_new_tokens,
         "trl_version": trl.__version__,
         "transformers_version": transformers.__version__,
         "threads": args.threads,
