@@ -122,6 +122,9 @@ class TrainConfig:
     # The context: prompt + completion. Stages with rollouts derive it from data.max_prompt_tokens +
     # rollout.max_new_tokens when that is set (null here: derived; a smaller explicit value is refused).
     seq_length: Optional[int] = 64
+    # RL log-prob passes and updates: micro-batches filled up to this many tokens (rows × the longest row,
+    # rows sorted by length) instead of micro_batch_size rows each; 0 = micro_batch_size rows.
+    micro_batch_tokens: int = 0
     dtype: str = "fp32"  # fp32 | bf16
     save_every: int = 0  # 0 = only at the end
     log_every: int = 1

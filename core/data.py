@@ -365,24 +365,29 @@ def _permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
 
 
 def trimmed_micro_batches(
-    data: dict[str, torch.Tensor], rows: list[int], micro: int, multiple: int = 1
+    data: dict[str, torch.Tensor], rows: list[int], micro: int, multiple: int = 1, max_tokens: int = 0
 ) -> tuple[list[dict], list[list[int]]]:
-    """`rows` longest first in micro-batches of `micro`, each cut to its longest row (through its last
-    loss position, rounded up to `multiple`: the tensor-parallel size under sequence parallelism) instead
-    of the batch's padded width, so short completions are not computed at the longest one's length.
-    Returns the micro-batches and the rows each holds, to put per-row outputs back (scatter_rows)."""
+    """`rows` longest first in micro-batches, each cut to its longest row (through its last loss position,
+    rounded up to `multiple`: the tensor-parallel size under sequence parallelism) instead of the batch's
+    padded width, so short completions are not computed at the longest one's length. A micro-batch holds
+    `micro` rows, or with `max_tokens` as many as fit rows × its cut ≤ max_tokens (so short rows travel in
+    bigger micro-batches; a longer row than max_tokens goes alone). Returns the micro-batches and the rows
+    each holds, to put per-row outputs back (scatter_rows)."""
     width = data["loss_mask"].shape[1]
     scored = data["loss_mask"][rows] > 0
     last = torch.where(scored, torch.arange(width), torch.zeros((), dtype=torch.long)).amax(-1) + 1
-    length = dict(zip(rows, last.tolist()))
-    order = sorted(rows, key=lambda r: -length[r])  # stable: equal lengths keep their order
-    out, parts = [], []
-    for i in range(0, len(order), micro):
-        part = order[i : i + micro]
-        cut = min(width, -(-max(length[r] for r in part) // multiple) * multiple)
-        sliced = {k: v[:, :cut] if v.dim() >= 2 and v.shape[1] == width else v for k, v in data.items()}
-        out += micro_batches(sliced, part, micro)
-        parts.append(part)
+    cut = {r: min(width, -(-n // multiple) * multiple) for r, n in zip(rows, last.tolist())}
+    order = sorted(rows, key=lambda r: -cut[r])  # stable: equal lengths keep their order
+    parts: list[list[int]] = []
+    for r in order:  # the first row of a part is its longest
+        if parts and len(parts[-1]) < (max_tokens // cut[parts[-1][0]] if max_tokens else micro):
+            parts[-1].append(r)
+        else:
+            parts.append([r])
+    out = []
+    for part in parts:
+        sliced = {k: v[:, : cut[part[0]]] if v.dim() >= 2 and v.shape[1] == width else v for k, v in data.items()}
+        out += micro_batches(sliced, part, len(part))
     return out, parts
 
 

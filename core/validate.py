@@ -200,7 +200,8 @@ def _validate_rl(cfg: Config, dp: int) -> None:
             "ranks (groups never span ranks). Fix: make it a multiple of parallel.data."
         )
     per_update = rl.prompts_per_step // dp * r.n
-    if per_update % rl.minibatches or (per_update // rl.minibatches) % t.micro_batch_size:
+    whole_micro = t.micro_batch_tokens or (per_update // max(rl.minibatches, 1)) % t.micro_batch_size == 0
+    if per_update % rl.minibatches or not whole_micro:
         raise ConfigError(
             f"each rank's {per_update} samples per step (prompts_per_step/data × rollout.n) must split "
             f"into stage.rl.minibatches={rl.minibatches} updates of whole micro-batches of "
@@ -213,6 +214,12 @@ def _validate_rl(cfg: Config, dp: int) -> None:
         )
     if rl.clip_eps_low < 0 or rl.clip_eps_high < 0 or rl.clip_eps_low >= 1:
         raise ConfigError("stage.rl.clip_eps_low must be in [0, 1) and clip_eps_high >= 0.")
+    if t.micro_batch_tokens and t.micro_batch_tokens < t.seq_length:
+        raise ConfigError(
+            f"stage.train.micro_batch_tokens={t.micro_batch_tokens} < stage.train.seq_length={t.seq_length}: "
+            "a full-length row would not fit one micro-batch. Fix: raise it to at least seq_length (or 0: "
+            "micro_batch_size rows per micro-batch)."
+        )
     if not 0 <= r.min_new_tokens <= r.max_new_tokens:
         raise ConfigError(
             f"rollout.min_new_tokens={r.min_new_tokens} must be in [0, rollout.max_new_tokens={r.max_new_tokens}]. "

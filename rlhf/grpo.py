@@ -132,9 +132,10 @@ def logprobs(policy: Policy, batch: dict, micro: int, temperature: float) -> tup
 
 
 def _trimmed(policy: Policy, batch: dict, rows: list[int], micro: int):
-    """`rows` in length-sorted micro-batches, each only as long as its longest row (core.data)."""
-    p = policy.cfg.parallel
-    return trimmed_micro_batches(batch, rows, micro, multiple=p.tensor if p.sequence_parallel else 1)
+    """`rows` in length-sorted micro-batches, each only as long as its longest row, of `micro` rows or
+    filled to stage.train.micro_batch_tokens (core.data)."""
+    p, budget = policy.cfg.parallel, policy.cfg.stage.train.micro_batch_tokens
+    return trimmed_micro_batches(batch, rows, micro, multiple=p.tensor if p.sequence_parallel else 1, max_tokens=budget)
 
 
 @phase("update")
@@ -151,7 +152,7 @@ def update(
         raise ValueError(
             f"{minibatches} minibatches update off-policy after the first: old log-probs must be computed first"
         )
-    if n % minibatches or (n // minibatches) % micro:
+    if n % minibatches or (n // minibatches) % micro and not policy.cfg.stage.train.micro_batch_tokens:
         raise ValueError(
             f"{n} samples do not split into {minibatches} minibatches of micro-batches of {micro}. "
             "Fix: make prompts_per_step × rollout.n a multiple of minibatches × micro_batch_size."

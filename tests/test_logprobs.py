@@ -133,21 +133,26 @@ def test_grpo_forward_step_equals_full_logits(P):
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def test_length_sorted_trimmed_micro_batches_equal_the_padded_ones(P):
-    """RL micro-batches cut to their longest row (longest first): the same log-probs, entropy, loss and
-    gradients as micro-batches padded to the batch's width."""
+@pytest.mark.parametrize(
+    "budget, want_parts, want_widths",
+    [(0, [[1, 5], [3, 2], [4, 0]], [16, 11, 7]), (24, [[1], [5], [3, 2], [4, 0]], [16, 13, 11, 7])],
+    ids=["two_rows_each", "24_token_budget"],
+)
+def test_length_sorted_trimmed_micro_batches_equal_the_padded_ones(P, budget, want_parts, want_widths):
+    """RL micro-batches cut to their longest row (longest first), of 2 rows or filled up to a token budget
+    (stage.train.micro_batch_tokens: rows × longest ≤ 24): the same log-probs, entropy, loss and gradients
+    as micro-batches of 2 rows padded to the batch's width."""
     from core.data import micro_batches, trimmed_micro_batches
     from parallel.policy import build_policy, unwrap
     from parallel.step import forward_backward
     from rlhf import grpo
     from rlhf.losses import LossSettings
 
-    policy = build_policy(compose([*SMALL, "model.vocab_size=1000"]))
+    policy = build_policy(compose([*SMALL, "model.vocab_size=1000", f"stage.train.micro_batch_tokens={budget}"]))
     model, vocab, temperature = unwrap(policy.chunks[0]), policy.cfg.model.vocab_size, 0.8
     batch, rows = grpo_batch(vocab), list(range(6))
-    mbs, parts = trimmed_micro_batches(batch, rows, 2)
-    assert parts == [[1, 5], [3, 2], [4, 0]] and [m["tokens"].shape[1] for m in mbs] == [16, 11, 7]
-
+    mbs, parts = trimmed_micro_batches(batch, rows, 2, max_tokens=budget)
+    assert parts == want_parts and [m["tokens"].shape[1] for m in mbs] == want_widths
     scoring = grpo._forward(vocab, temperature, None)
     padded = forward_backward(policy, micro_batches(batch, rows, 2), forward_only=True, forward=scoring)
     want = torch.cat([d["logp"] for d in padded]) * batch["loss_mask"]

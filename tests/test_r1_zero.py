@@ -145,6 +145,12 @@ def test_rl_config_errors_name_the_field():
         )
     with pytest.raises(ConfigError, match="max_new_tokens"):
         validate(compose(["stage=r1_zero", "rollout.max_new_tokens=64"]), 1)
+    with pytest.raises(ConfigError, match="stage.train.micro_batch_tokens=32 < stage.train.seq_length"):
+        validate(compose(["stage=r1_zero", "stage.train.micro_batch_tokens=32"]), 1)
+    with pytest.raises(ConfigError, match=r"rollout.min_new_tokens=99 must be in \[0, rollout.max_new_tokens"):
+        validate(compose(["stage=r1_zero", "rollout.min_new_tokens=99"]), 1)
+    # A token budget fills micro-batches by length: micro_batch_size no longer has to divide the update
+    validate(compose(["stage=r1_zero", "stage.train.micro_batch_size=128", "stage.train.micro_batch_tokens=4096"]), 1)
 
 
 def test_a_data_file_without_an_answer_is_a_clear_error(tmp_path):

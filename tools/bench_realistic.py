@@ -45,8 +45,10 @@ BATCH = [
     "rollout.n=8",
     "stage.train.global_batch_size=256",
     "stage.train.micro_batch_size=32",
+    "stage.train.micro_batch_tokens=5376",  # 32 full-length rows: short ones travel 32+ at a time
     f"rollout.max_new_tokens={MAX_NEW}",
     "data.max_prompt_tokens=40",  # the addition prompts: ≤ 33 tokens
+    "stage.train.seq_length=null",  # derived: prompt + completion budget
     "rollout.kv_cache_bytes=1073741824",
 ]
 TRL_MODES = ("generate", "vllm", "continuous")
