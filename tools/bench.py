@@ -5,7 +5,7 @@ top-level `ratios` object holds the comparisons beside the raw figures.
     python -m tools.bench rollout --out bench_rollout.json [--base runs/demo/pretrain]
     python -m tools.bench weight_sync --out bench_sync.json [model.hidden_size=512 model.num_layers=8 ...]
     python -m tools.bench grpo_vs_trl --out bench_grpo.json [--base runs/demo/pretrain] [--threads 2]
-    python -m tools.bench grpo_vs_trl --scale realistic --out bench_grpo_realistic.json   (about 35 minutes)
+    python -m tools.bench grpo_vs_trl --scale realistic --out bench_grpo_realistic.json   (about 40 minutes)
     python -m tools.bench logprobs --out bench_logprobs.json [--threads 1]
     python -m tools.bench train_mfu --out bench_mfu.json [model=qwen2_5_1_5b ...]   (MFU against the device's peak)
 """

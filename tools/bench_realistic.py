@@ -1,5 +1,5 @@
 """`python -m tools.bench grpo_vs_trl --scale realistic`: one GRPO step of ours against TRL's GRPOTrainer in
-every TRL mode that runs here, at an RL batch of realistic shape, in two length regimes. About 35 minutes
+every TRL mode that runs here, at an RL batch of realistic shape, in two length regimes. About 40 minutes
 on 2 cores; run by hand, not in `make test`.
 
 The model: a dense 8-layer, hidden-512 (head_dim 32) Qwen2-shaped model, 24M body parameters, untied head,
