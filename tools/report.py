@@ -144,7 +144,11 @@ def plot_step_time(rows: list[dict], out: Path) -> list[str]:
     ax = fig.add_subplot()
     steps = [r["step"] for r in timed]
     values = [[r.get(k) if _is_num(r.get(k)) else 0.0 for r in timed] for k in keys]
-    ax.stackplot(steps, values, labels=[k[5:-2] for k in keys], colors=[f"C{i % 10}" for i in range(len(keys))])
+    from matplotlib import colormaps
+
+    palette = colormaps["tab20"]  # 20 distinct colours: every phase its own (the default cycle has 10)
+    colors = [palette(PHASES.index(k[5:-2]) % 20) for k in keys]
+    ax.stackplot(steps, values, labels=[k[5:-2] for k in keys], colors=colors)
     ax.plot(steps, [r["time/step_s"] for r in timed], color="black", linewidth=1.2, label="step wall time")
     ax.set_title("Where a step's time goes")
     ax.set_xlabel("step")
