@@ -34,7 +34,9 @@ MODELS = ("tiny_dense", "tiny_dsv3")
 CASES = {
     # name: (model, overrides); world size comes from torchrun.
     "dense_tp2": ("tiny_dense", ["parallel.tensor=2"]),
-    "dense_pp2": ("tiny_dense", ["parallel.pipeline=2"]),
+    # A 24-token budget (stage.train.micro_batch_tokens: GRPO's micro-batches only) splits the GRPO batch into
+    # micro-batches of 1, 1, 2 and 2 rows: pipeline stages exchange shapes that differ in batch size too.
+    "dense_pp2": ("tiny_dense", ["parallel.pipeline=2", "stage.train.micro_batch_tokens=24"]),
     "dense_dp2_distopt": ("tiny_dense", ["parallel.distributed_optimizer=true", "parallel.overlap_grad_reduce=true"]),
     "dense_tp2_to_tp1": ("tiny_dense", []),  # loads the checkpoint dense_tp2 saved at TP2
     "dsv3_tp2_sp": ("tiny_dsv3", ["parallel.tensor=2", "parallel.sequence_parallel=true"]),
@@ -49,8 +51,9 @@ CASES = {
 SAVES_FOR = {"dense_tp2": "dense_tp2_to_tp1", "dsv3_tp2_ep2_sp": "dsv3_pp2_ep2_from_tp2_ep2"}
 LOADS_FROM = {v: k for k, v in SAVES_FOR.items()}
 BATCH, SEQ, MICRO = 4, 16, 2
-# Layouts that also run GRPO on rows of different lengths in trimmed micro-batches (rlhf.grpo), against the
-# reference's micro-batches padded to the batch's width: log-probs, the loss and its gradients.
+# Layouts that also run GRPO on rows of different lengths in trimmed micro-batches (rlhf.grpo; dense_pp2's
+# filled to a token budget), against the reference's micro-batches of 2 rows padded to the batch's width:
+# log-probs, the loss and its gradients.
 GRPO_CASES = ("dense_tp2", "dense_pp2", "dsv3_tp2_sp")
 GRPO_SETTINGS = dict(loss_agg="seq_mean_token_mean", eps_low=0.2, eps_high=0.28, kl="k3", kl_coef=0.05, max_len=16)
 BENCH_STEPS = int(os.environ.get("R1_BENCH_STEPS", "0"))
