@@ -12,8 +12,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from tools import bench_train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,18 +25,12 @@ def _sh(cmd: list, env: dict) -> None:
         sys.exit(f"benchmark step failed: {' '.join(map(str, cmd))}\n{proc.stderr[-4000:]}")
 
 
-def matmul_peak(threads: int, n: int = 1024, seconds: float = 2.0) -> float:
-    """Best fp32 FLOP/s of an n×n matmul on `threads` threads (the roofline MFU is measured against)."""
+def matmul_peak(threads: int) -> float:
+    """Best fp32 FLOP/s of a 1024² matmul on `threads` threads (the roofline MFU is measured against)."""
     import torch
 
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    best, end = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        best = max(best, 2 * n**3 / (time.perf_counter() - t0))
-    return best
+    return bench_train.matmul_peak("cpu", torch.float32, 1024)
 
 
 def model_flops(cfg: dict, params: int, row: dict) -> dict:
@@ -46,9 +41,8 @@ def model_flops(cfg: dict, params: int, row: dict) -> dict:
     reference when a KL estimator is on) and the update; generation is one forward over each sample."""
     rl, m = cfg["stage"]["rl"], cfg["model"]
     tokens, squares = row["perf/sequence_tokens"], row["perf/sequence_tokens_sq"]
-    attention = 2 * m["num_layers"] * m["hidden_size"] * squares
     scoring = (rl["minibatches"] > 1) + (rl["kl"] != "none" and rl["kl_coef"] > 0)
-    forward = 2 * params * tokens + attention
+    forward = bench_train.forward_flops(params, m["num_layers"], m["hidden_size"], tokens, squares)
     return {"train": (scoring + 3) * forward, "generation": forward}
 
 
