@@ -320,6 +320,18 @@ def causal_mask(seq_len: int, device=None) -> torch.Tensor:
     return torch.triu(torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool, device=device), diagonal=1)
 
 
+def random_lm_micro_batch(b: int, s: int, vocab: int, generator: torch.Generator) -> dict:
+    """One micro-batch of b random-token rows of length s, every position scored (benchmarks, tests)."""
+    t = torch.randint(0, vocab, (b, s + 1), generator=generator)
+    return dict(
+        tokens=t[:, :-1],
+        labels=t[:, 1:],
+        loss_mask=torch.ones(b, s),
+        position_ids=torch.arange(s).expand(b, s),
+        attention_mask=causal_mask(s),
+    )
+
+
 def causal_mask_from_segments(segment_ids: torch.Tensor) -> torch.Tensor:
     """Block-diagonal causal mask ``[N, 1, S, S]``; True = masked out (megatron convention).
 

@@ -75,18 +75,9 @@ def P(single_process):
 
 def lm_batch(seed: int = 0, b: int = 4, s: int = 16, vocab: int = 100) -> list[dict]:
     """One micro-batch of random tokens in the layout parallel.parallelize expects."""
-    from core.data import causal_mask
+    from core.data import random_lm_micro_batch
 
-    t = torch.randint(0, vocab, (b, s + 1), generator=torch.Generator().manual_seed(seed))
-    return [
-        dict(
-            tokens=t[:, :-1],
-            labels=t[:, 1:],
-            loss_mask=torch.ones(b, s),
-            position_ids=torch.arange(s).expand(b, s),
-            attention_mask=causal_mask(s),
-        )
-    ]
+    return [random_lm_micro_batch(b, s, vocab, torch.Generator().manual_seed(seed))]
 
 
 def grpo_batch(vocab: int, s: int = 16, ends=(5, 16, 8, 11, 7, 13), prompt: int = 3, seed: int = 0) -> dict:

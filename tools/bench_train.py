@@ -62,7 +62,7 @@ def train_mfu(args) -> dict:
 
     import parallel  # noqa: F401  (CPU compatibility layer before megatron loads)
     from core.compose import compose
-    from core.data import causal_mask
+    from core.data import random_lm_micro_batch
     from parallel import parallelize as P
     from parallel.policy import build_policy
     from parallel.step import train_step
@@ -81,19 +81,7 @@ def train_mfu(args) -> dict:
         gen = torch.Generator().manual_seed(cfg.seed)
 
         def micro_batches() -> list[dict]:
-            out = []
-            for _ in range(t.global_batch_size // b):
-                tok = torch.randint(0, m.vocab_size, (b, s + 1), generator=gen)
-                out.append(
-                    dict(
-                        tokens=tok[:, :-1],
-                        labels=tok[:, 1:],
-                        loss_mask=torch.ones(b, s),
-                        position_ids=torch.arange(s).expand(b, s),
-                        attention_mask=causal_mask(s),
-                    )
-                )
-            return out
+            return [random_lm_micro_batch(b, s, m.vocab_size, gen) for _ in range(t.global_batch_size // b)]
 
         times, losses = [], []
         for i in range(args.steps + 2):  # two warm-up steps: allocator, kernels' autotuning
