@@ -13,11 +13,16 @@ alone, so the parts never add up to more than the wall time.
 A window runs from one row to the next, so what a loop does after logging a row (writing it, a checkpoint)
 is in the next step's row; the time before the first step (e.g. the base model's evaluation) is in the
 first step's.
+
+The ledger accounts for the trainer's thread, the one that built it: phases entered on other threads (an
+overlapped rollout producer, rlhf.producer) are theirs to account for, and the trainer's wait for them is
+its own phase.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from typing import Iterable, Iterator
 
@@ -43,6 +48,7 @@ PHASES = (
 class Ledger:
     def __init__(self):
         self.stack: list[str] = []
+        self.thread = threading.get_ident()
         self.window_start = self.mark = time.perf_counter()
         self.cpu_start = time.process_time()
         self.seconds = dict.fromkeys(PHASES, 0.0)
@@ -76,8 +82,8 @@ class Ledger:
         row["time/step_s"] = wall
         row["time/cpu_s"] = time.process_time() - self.cpu_start
         row["time/covered_frac"] = sum(self.seconds.values()) / wall if wall > 0 else 1.0
-        # The loops here are synchronous: the trainer waits for the whole generation. An overlapped
-        # rollout makes this the part of generation the trainer still blocks on.
+        # What the trainer blocked on: all of generation when synchronous, the part an overlapped producer
+        # had not finished yet otherwise (rlhf.producer then times its wait as "generation").
         row["time/generation_wait_s"] = self.seconds["generation"]
         self.window_start, self.cpu_start = now, time.process_time()
         self.seconds = dict.fromkeys(PHASES, 0.0)
@@ -101,7 +107,7 @@ def activated(ledger: Ledger) -> Iterator[Ledger]:
 @contextlib.contextmanager
 def phase(name: str) -> Iterator[None]:
     ledger = _active
-    if ledger is None:
+    if ledger is None or ledger.thread != threading.get_ident():
         yield
         return
     ledger.enter(name)

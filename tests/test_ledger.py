@@ -38,3 +38,19 @@ def test_phases_are_free_without_a_ledger_and_names_are_checked():
     with activated(Ledger()), pytest.raises(ValueError, match="unknown step phase 'updte'"):
         with phase("updte"):
             pass
+
+
+def test_phases_on_another_thread_are_not_the_trainers():
+    """An overlapped rollout producer's thread times its own work; the trainer's ledger (the thread that
+    built it) records only the trainer's phases, so the parts still never exceed the wall time."""
+    import threading
+
+    with activated(Ledger()) as ledger:
+        producer = threading.Thread(target=lambda: [phase("generation").__enter__(), _spin(0.03)])
+        with phase("update"):
+            producer.start()
+            _spin(0.03)
+            producer.join()
+        row = ledger.close_window()
+    assert row["time/generation_s"] == 0 and row["time/update_s"] >= 0.03
+    assert sum(row[f"time/{p}_s"] for p in PHASES) <= row["time/step_s"]
