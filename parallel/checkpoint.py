@@ -78,9 +78,15 @@ def _sharded_state(policy: Policy, with_optimizer: bool, is_loading: bool) -> di
 
 
 def save(
-    policy: Policy, root: str | os.PathLike, extra: dict | None = None, with_optimizer: bool = True, keep: int = 0
+    policy: Policy,
+    root: str | os.PathLike,
+    extra: dict | None = None,
+    with_optimizer: bool = True,
+    keep: int = 0,
+    files: dict[str, bytes] | None = None,
 ) -> Path:
-    """Collective: every rank calls it. Returns the final step dir."""
+    """Collective: every rank calls it. Returns the final step dir. `files` (rank 0's) land in its files/
+    dir, covered by the manifest like the weights (load returns the step dir to read them from)."""
     root = Path(root)
     name = f"step_{policy.step:08d}"
     tmp, final = root / f".tmp.{name}", root / name
@@ -92,6 +98,10 @@ def save(
     dist_checkpointing.save(_sharded_state(policy, optimizer_state, is_loading=False), str(tmp))
     (tmp / "rng").mkdir(exist_ok=True)
     torch.save(_rng_state(), tmp / "rng" / f"rank_{P.rank():05d}.pt")
+    if P.rank() == 0 and files:
+        (tmp / "files").mkdir()
+        for file_name, data in files.items():
+            (tmp / "files" / file_name).write_bytes(data)
     P.barrier()
     manifest = _hash_files(tmp, sorted(str(f.relative_to(tmp)) for f in tmp.rglob("*") if f.is_file()), sync=True)
     if P.rank() == 0:
@@ -326,7 +336,7 @@ def load(policy: Policy, path: str | os.PathLike, with_optimizer: bool = True, w
     if with_optimizer and policy.scheduler is not None:  # the schedule is a function of the step
         policy.scheduler.num_steps = 0
         policy.scheduler.step(increment=policy.step)
-    return meta
+    return {**meta, "step_dir": str(step_dir)}
 
 
 def _body_only(step_dir: Path, saved: str, here: str, with_optimizer: bool) -> bool:

@@ -42,15 +42,17 @@ class LoopShell(contextlib.ExitStack):
         max_bad_steps: int,
         guard_fix: str,
         describe: Callable[[dict], str],
+        checkpoint_files: Callable[[], dict[str, bytes]] | None = None,
     ):
         """`start`: steps already done (0, or where a resumed run stands); `checkpoint_extra()`: what a
-        checkpoint records beside the weights for this loop to resume; `describe(row)`: the step's summary
-        on the progress bar and in the plain log."""
+        checkpoint records beside the weights for this loop to resume, `checkpoint_files()` the same as
+        files (e.g. rollouts generated ahead); `describe(row)`: the step's summary on the progress bar and
+        in the plain log."""
         super().__init__()
         t = cfg.stage.train
         self.cfg, self.policy, self.start, self.last = cfg, policy, start, t.steps
         self.root = Path(cfg.run_dir) / "checkpoints"
-        self.extra = checkpoint_extra
+        self.extra, self.files = checkpoint_extra, checkpoint_files or dict
         self.guard = NonFiniteGuard(max_bad_steps, guard_fix)
         self.rank0 = P.is_rank0()
         self.bar = _Progress(self.rank0, label, self.last, start, describe)
@@ -86,7 +88,9 @@ class LoopShell(contextlib.ExitStack):
     def save(self) -> None:
         """Collective: a checkpoint of the policy now."""
         with phase("checkpoint"):
-            ckpt.save(self.policy, self.root, extra=self.extra(), keep=self.cfg.stage.train.keep_checkpoints)
+            files = self.files()  # first: a producer's files settle what extra() then records
+            extra, keep = self.extra(), self.cfg.stage.train.keep_checkpoints
+            ckpt.save(self.policy, self.root, extra=extra, keep=keep, files=files)
 
     def summary(self, values: dict) -> None:
         self.tracker.summary(values)
