@@ -11,6 +11,8 @@ from typing import Optional
 
 from omegaconf import MISSING
 
+from core.errors import ConfigError
+
 
 @dataclass
 class ModelConfig:
@@ -267,7 +269,27 @@ class RolloutConfig:
     # on both sides (the engine's log-probs then come from the masked distribution); 0 for training.
     min_new_tokens: int = 0
     kv_cache_bytes: int = 256 * 2**20
-    colocate: bool = True
+    # sync: generate, score, train, then send the weights: every sample comes from the weights it trains.
+    # one_step_off: step k+1's rollouts are generated (and scored) while step k trains, on the weights after
+    # step k-1, by an engine in its own process. async: that producer runs up to max_staleness steps ahead
+    # (one_step_off is async with max_staleness=1). Which weight version generates which step is a function of
+    # the step alone (step j: version max(0, j-1-lead)), never of timing, so runs repeat and resume exactly.
+    mode: str = "sync"
+    max_staleness: int = 1  # async: how many weight versions the oldest trained sample may lag
+
+    @property
+    def lead(self) -> int:
+        """How many steps ahead of the trainer rollouts are generated: each sample's staleness bound."""
+        leads = {"sync": 0, "one_step_off": 1, "async": self.max_staleness}
+        if self.mode not in leads:
+            raise ConfigError(f"rollout.mode={self.mode!r}: expected one of {', '.join(leads)}.")
+        if self.max_staleness < 0:
+            raise ConfigError(
+                f"rollout.max_staleness={self.max_staleness}: a sample cannot come from weights newer than the "
+                "trainer's. Fix: 0 or more (1 generates one step ahead, as rollout.mode=one_step_off)."
+            )
+        return leads[self.mode]
+
     overlong_prompt: str = "error"  # error | truncate: a prompt that leaves no room for max_new_tokens
     timeout_s: float = 600.0  # a generate or weight update running longer is an error, not a hang; 0 = none
     sync_bucket_bytes: int = 64 * 2**20
@@ -321,9 +343,8 @@ class PlanConfig:
     response_tokens: Optional[int] = None  # mean response length; None = rollout.max_new_tokens
     micro_batch_tokens: Optional[int] = None  # packed micro-batches of at most this many tokens; None = unpacked
     rollout_tensor: int = 1  # vLLM tensor-parallel size
-    rollout_gpus: Optional[int] = None  # GPUs of a separate generation pool (rollout.colocate=false)
+    rollout_gpus: Optional[int] = None  # GPUs of the generation pool of an off-policy rollout.mode
     rollout_memory_fraction: float = 0.9  # vLLM gpu_memory_utilization: its weights plus KV cache
-    off_policy: int = 0  # 1 = async GRPO: step k+1's generation overlaps step k's training
     optimizer_offload: float = 0.0  # share of the optimizer (fp32 states and the Adam update) on the CPU
     param_offload: bool = False  # training weights and grads wait on the CPU outside their phase
 

@@ -227,6 +227,8 @@ def _validate_rl(cfg: Config, dp: int) -> None:
         )
     if r.overlong_prompt not in ("error", "truncate"):
         raise ConfigError(f"rollout.overlong_prompt={r.overlong_prompt!r}: expected error or truncate.")
+    if r.lead or r.mode != "sync":
+        _validate_off_policy(cfg, dp)
     if (rl.advantage == TEACHER_ADVANTAGE) != bool(rl.teacher):
         raise ConfigError(
             f"stage.rl.teacher={rl.teacher} with stage.rl.advantage={rl.advantage} (stage={cfg.stage.name}): "
@@ -250,4 +252,27 @@ def _validate_rl(cfg: Config, dp: int) -> None:
             f"data.general_task={d.general_task} mixes in prompts no rule can score, and reward.models "
             "is empty. Fix: set reward.models.helpful.path=RUN_DIR (a stage=reward_model run), and "
             "others as needed."
+        )
+
+
+def _validate_off_policy(cfg: Config, dp: int) -> None:
+    """An off-policy rollout.mode: its engine runs in a process of its own beside one trainer process."""
+    r, p = cfg.rollout, cfg.parallel
+    if r.engine != "vllm":
+        raise ConfigError(
+            f"rollout.mode={r.mode} with rollout.engine={r.engine}: overlapped generation runs the engine in a "
+            "process of its own, which only the vllm engine has. Fix: rollout.engine=vllm, or rollout.mode=sync."
+        )
+    if cfg.stage.rl.tis_cap <= 0:
+        raise ConfigError(
+            f"rollout.mode={r.mode} trains on samples from older weights, and stage.rl.tis_cap=0 leaves that "
+            "uncorrected. Fix: set stage.rl.tis_cap (e.g. 2: each token weighted by min(π_old/π_engine, 2))."
+        )
+    world = dp * p.tensor * p.pipeline * p.context
+    if world > 1:
+        raise ConfigError(
+            f"rollout.mode={r.mode} with {world} trainer processes (parallel.tensor={p.tensor}, "
+            f"pipeline={p.pipeline}, data={dp}): the overlapped producer serves one trainer process so far; "
+            "sharing its rollouts with model-parallel peers and data-parallel replicas is not built. "
+            "Fix: rollout.mode=sync for multi-process layouts, or one process."
         )

@@ -34,6 +34,9 @@ def test_the_published_layouts_are_presets():
         "dsv3_grpo_verl_96_h20",
         "dsv3_grpo_nemorl_256_h100",
         "dsv3_grpo_nemorl_512_h100",
+        "dsv3_grpo_nemorl_v06_256_h100",
+        "dsv3_grpo_nemorl_v06_512_h100",
+        "dsv3_grpo_nemorl_v06_512_h100_1off",
     } <= set(PRESETS_671B)
 
 

@@ -27,13 +27,13 @@ def gpus(cfg: Config) -> tuple[int, int, int]:
     total = c.gpus or (c.nodes * c.gpus_per_node if c.gpus_per_node else None)
     if not total:
         raise ConfigError("cluster.gpus is not set. Fix: pass cluster.gpus=N (all GPUs of the job).")
-    if cfg.rollout.colocate or workload(cfg).kind != "grpo":
+    if cfg.rollout.mode == "sync" or workload(cfg).kind != "grpo":  # sync: the engine beside the trainer
         return total, total, total
     gen = cfg.plan.rollout_gpus
     if not gen or gen >= total:
         raise ConfigError(
-            f"rollout.colocate=false needs plan.rollout_gpus in [1, {total - 1}] (the generation pool "
-            f"out of cluster.gpus={total}). Fix: set plan.rollout_gpus, or rollout.colocate=true."
+            f"rollout.mode={cfg.rollout.mode} generates on a pool of its own: it needs plan.rollout_gpus in "
+            f"[1, {total - 1}] (out of cluster.gpus={total}). Fix: set plan.rollout_gpus, or rollout.mode=sync."
         )
     return total, total - gen, gen
 
@@ -133,7 +133,7 @@ def plan(cfg: Config) -> dict:
         active_params_b=round(a.active_params() / 1e9, 1),
     )
     if w.kind == "grpo":
-        colocated = cfg.rollout.colocate
+        colocated = cfg.rollout.mode == "sync"
         rm = rollout_memory(cfg, a, w, gpu, mem if colocated else None)
         if rm["total"] > cap or rm["concurrent_sequences"] < 1:
             what = "generation (vLLM weights + KV cache" + (" + resident training weights)" if colocated else ")")

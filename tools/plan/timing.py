@@ -151,7 +151,7 @@ def _ctx(w: Workload, tokens: float) -> float:
 def generation_time(cfg: Config, a: Arch, gpu: GPU, w: Workload, gen_gpus: int, concurrent: int) -> dict:
     """vLLM decode for one RL step. Each engine (rollout TP ranks) holds samples/engines sequences; a step
     reads the dense weights, the experts its active tokens route to, and their KV cache. Synchronous RL waits
-    for the longest sample (max_new_tokens decode steps, the batch thinning out); async (off_policy) keeps
+    for the longest sample (max_new_tokens decode steps, the batch thinning out); an off-policy rollout.mode keeps
     the engines full, so the steps are set by throughput."""
     pl = cfg.plan
     r = pl.rollout_tensor
@@ -159,7 +159,7 @@ def generation_time(cfg: Config, a: Arch, gpu: GPU, w: Workload, gen_gpus: int, 
     batch = math.ceil(w.samples / engines)
     live = max(1, min(batch, concurrent))
     work = batch * w.response  # decode token-steps per engine
-    steps = work / live if pl.off_policy else max(w.max_response, work / live)
+    steps = work / live if cfg.rollout.lead else max(w.max_response, work / live)
     active = work / steps
     dense_bytes = WEIGHT_BYTES * a.non_expert_params()
     expert_bytes = WEIGHT_BYTES * a.moe_layers * a.experts * a.expert
@@ -217,13 +217,13 @@ def rl_step(
     updates = w.minibatches * train["total"]
     pcie = gpu.pcie_bw * hw.BW_EFF
     offload = 0.0
-    if cfg.rollout.colocate:
+    if cfg.rollout.mode == "sync":  # colocated: training state leaves the GPU around generation
         offload = 2 * train_state_bytes / pcie
     if pl.param_offload:  # policy weights up and down around each phase, the reference's up for its pass
         offload += (2 * 2 + (w.logprob_passes - 1)) * weights_bytes / pcie
     refit = refit_time(cfg, a, L, gpu)
     train_side = logprobs + updates + offload + refit
-    total = max(gen["total"], train_side) if pl.off_policy else gen["total"] + train_side
+    total = max(gen["total"], train_side) if cfg.rollout.lead else gen["total"] + train_side
     return dict(
         generation=gen, logprobs=logprobs, train=train, updates=updates, offload=offload, refit=refit, total=total
     )
