@@ -39,9 +39,11 @@ def start_engine(cfg: Config, policy, hf_dir: Path, tok) -> Engine | None:
         seed=cfg.seed,
         overlong_prompt=r.overlong_prompt,
         timeout_s=r.timeout_s,
+        **({"own_process": True} if r.mode != "sync" else {}),  # generation beside training (rlhf.producer)
     )
-    if cfg.parallel.unsharded:  # the export is then local to this rank
-        engine.weights_source = lambda: hf_bridge.export_hf(policy)  # lets a dead engine restart mid-run
+    # Lets a dead engine restart mid-run with the trainer's weights, which only a synchronous engine serves
+    if cfg.parallel.unsharded and r.mode == "sync":  # (and only unsharded, the export being local then)
+        engine.weights_source = lambda: hf_bridge.export_hf(policy)
     return engine
 
 

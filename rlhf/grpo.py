@@ -59,11 +59,13 @@ def collect(engine, tok, rows: list[dict], position: int, sampling, pool, rl, se
     `position`. With dynamic sampling, groups of equal rewards are dropped and more prompts drawn, up to
     max_refill_rounds; a short batch is topped up with dropped groups (zero advantage) to keep shapes.
     Returns the step's RolloutBatch and the stream's next position."""
-    keep, dropped, info = [], [], {"prompts": 0, "truncated": 0, "reward_errors": 0, "reward_timeouts": 0}
+    keep, dropped = [], []
+    info = {"prompts": 0, "truncated": 0, "reward_errors": 0, "reward_timeouts": 0, "prompt_ids": []}
     want = rl.prompts_per_step // P.data_parallel_size()
     for _ in range(1 + (rl.max_refill_rounds if rl.dynamic_sampling else 0)):
         ids = shuffled_rows(position, rl.prompts_per_step, 0, len(rows))
         position += rl.prompts_per_step
+        info["prompt_ids"] += ids  # every prompt drawn (all ranks'), in stream order
         groups, truncated = generate_and_share(engine, tok, [rows[i] for i in P.split_for_data_parallel(ids)], sampling)
         counts = score(groups, pool, rl, sampling.max_new_tokens)
         info["prompts"] += len(groups)

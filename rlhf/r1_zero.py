@@ -32,6 +32,7 @@ from rlhf.evaluate import SCORES, evaluate
 from rlhf.judge import refuse_judged
 from rlhf.loop import LoopShell
 from rlhf.losses import LossSettings
+from rlhf.producer import RolloutProducer
 from rlhf.prompts import load_prompts
 from rlhf.rewards import RewardPool
 from rlhf.rewards.compose import training_rewards
@@ -55,7 +56,7 @@ def train(cfg: Config, rank0: bool) -> dict:
     train_rows, eval_rows = (load_prompts(cfg.data, split, tok, cfg.reward.answer) for split in ("train", "eval"))
     refuse_judged(train_rows + eval_rows, f"stage={cfg.stage.name}")
     policy = build_policy(cfg, train_mtp=False)  # RL does not train MTP: core.model.without_mtp
-    position, evals = start_from(cfg, policy, run_dir)
+    position, evals, step_dir = start_from(cfg, policy, run_dir)
     ref = reference(cfg, policy, run_dir) if rl.kl != "none" and rl.kl_coef > 0 else None  # β=0: no KL term
     teacher = ckpt.load_frozen(cfg, rl.teacher, "lm", "stage.rl.teacher", tok)[0] if rl.teacher else None
     engine = colocated.start_engine(cfg, policy, run_dir / "hf_init", tok)
@@ -64,20 +65,25 @@ def train(cfg: Config, rank0: bool) -> dict:
     passes = {id(policy): "old", id(ref): "ref", id(teacher): "teacher"}  # each pass's phase in the step's time
     logprobs_of = lambda model, batch: _logprobs(model, batch, cfg, passes[id(model)])  # noqa: E731
     context = AdvantageContext(policy, teacher, logprobs_of)
+    done = policy.step // rl.minibatches
     with (
         engine or contextlib.nullcontext(),
         training_rewards(cfg, tok) as pool,
         RewardPool(SCORES, cfg.reward.timeout_s, cfg.reward.workers) as eval_pool,
+        RolloutProducer(
+            rollouts(cfg, engine, tok, train_rows, pool), engine, r, t.steps, done, position, step_dir, colocated.rest
+        ) as producer,
         LoopShell(
             cfg,
             policy,
             "GRPO",
-            start=policy.step // rl.minibatches,
+            start=done,
             checkpoint_extra=lambda: {
                 "rl_step": policy.step // rl.minibatches,
-                "prompt_position": position,
+                "prompt_position": producer.position,
                 "evals": evals,
             },
+            checkpoint_files=producer.files,
             max_bad_steps=rl.max_bad_steps,
             guard_fix="lower stage.train.optim.lr or raise stage.rl.kl_coef.",
             describe=lambda row: (
@@ -86,12 +92,13 @@ def train(cfg: Config, rank0: bool) -> dict:
             ),
         ) as shell,
     ):
+        evaluate_now = lambda: producer.call(  # noqa: E731  (in line with the engine's other work)
+            lambda engine: evaluate(engine, tok, eval_rows, cfg.eval, eval_pool, r.max_new_tokens), "eval"
+        )
         if "base" not in evals:
-            evals["base"] = evaluate(engine, tok, eval_rows, cfg.eval, eval_pool, r.max_new_tokens)
+            evals["base"] = evaluate_now()
         for step in shell.steps():
-            how = sampling(r, cfg.seed, step, stop_token_ids(tok))
-            batch, position = grpo.collect(engine, tok, train_rows, position, how, pool, rl, t.seq_length)
-            colocated.rest(engine)  # rollout and reward done: the engine's memory goes to training
+            batch = producer.batch(step)  # rollout → reward (rlhf.producer: now, or generated ahead)
             with phase("advantage"):
                 batch.advantages = estimate(batch, context)
             # The clipping anchor: the teacher estimator fills it already; one minibatch is exactly on-policy,
@@ -102,18 +109,25 @@ def train(cfg: Config, rank0: bool) -> dict:
             stats = grpo.update(policy, batch.tensors(), settings, rl.minibatches, t.micro_batch_size, r.temperature)
             if batch.old_logp is None:
                 batch.old_logp = stats.pop("old_logp")
-            sync = colocated.sync(policy, engine, r.sync_bucket_bytes)
+            sync = producer.send_weights(lambda engine: colocated.sync(policy, engine, r.sync_bucket_bytes))
             refresh_reference(cfg, step, policy, ref)
             if rl.eval_every and step % rl.eval_every == 0:
-                result = evaluate(engine, tok, eval_rows, cfg.eval, eval_pool, r.max_new_tokens)
-                evals.setdefault("history", []).append({"step": step, **result})
+                evals.setdefault("history", []).append({"step": step, **evaluate_now()})
             with phase("tracking"):
                 row = step_metrics(step, batch, stats, sync, shell.ledger)
             shell.end_step(step, row, stats["update_ok"], stats.get("loss"))
-        evals["final"] = evaluate(engine, tok, eval_rows, cfg.eval, eval_pool, r.max_new_tokens)
+        evals["final"] = evaluate_now()
     if rank0:
         (run_dir / "eval.json").write_text(json.dumps(evals, indent=1) + "\n")
     return evals
+
+
+def rollouts(cfg: Config, engine, tok, rows: list[dict], rewards):
+    """What the rollout producer calls for a step's scored rollouts from the prompt stream at `at`."""
+    r, rl = cfg.rollout, cfg.stage.rl
+    return lambda step, at: grpo.collect(
+        engine, tok, rows, at, sampling(r, cfg.seed, step, stop_token_ids(tok)), rewards, rl, cfg.stage.train.seq_length
+    )
 
 
 def refresh_reference(cfg: Config, step: int, policy, ref) -> None:
@@ -132,16 +146,16 @@ def _logprobs(model, batch, cfg: Config, which: str) -> torch.Tensor:
         return grpo.logprobs(model, batch.tensors(), cfg.stage.train.micro_batch_size, cfg.rollout.temperature)[0]
 
 
-def start_from(cfg: Config, policy, run_dir: Path) -> tuple[int, dict]:
+def start_from(cfg: Config, policy, run_dir: Path) -> tuple[int, dict, str | None]:
     """Resume from run_dir/checkpoints, else load stage.init_from's weights (a fresh optimizer, step 0).
-    Returns the prompt-stream position and the evaluations done so far."""
+    Returns the prompt-stream position, the evaluations done so far and the checkpoint resumed from."""
     meta = ckpt.resume(policy, run_dir, cfg.stage.init_from)
     if meta is not None:
         log.info("resumed from %s at RL step %d", run_dir / "checkpoints", meta["extra"]["rl_step"])
-        return meta["extra"]["prompt_position"], meta["extra"]["evals"]
+        return meta["extra"]["prompt_position"], meta["extra"]["evals"], meta["step_dir"]
     if not cfg.stage.init_from:
         log.warning("stage.init_from is unset: GRPO starts from random weights")
-    return 0, {}
+    return 0, {}, None
 
 
 def reference(cfg: Config, policy, run_dir: Path):

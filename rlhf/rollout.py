@@ -27,6 +27,7 @@ class Sample:
     rewards: dict[str, float] = field(default_factory=dict)  # per reward; NaN where one does not apply
     reward: float = 0.0  # the weighted total the advantage estimator reads
     advantage: float = 0.0  # a group estimator's advantage for the whole sample
+    version: int = 0  # the weights that generated it: the trainer's version after that many steps
 
 
 @dataclass

@@ -3,6 +3,7 @@ ledger of where the step's wall time went, join it in rlhf.loop.LoopShell.end_st
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 
@@ -85,4 +86,26 @@ def step_metrics(step: int, batch, stats: dict, sync: dict, ledger: Ledger) -> d
     }
     if "reverse_kl" in g:
         row["distill/reverse_kl"] = g["reverse_kl"] / max(g["tokens"], 1)
+    row.update(staleness_metrics(info, step_s))
+    # What the step trained on, for checking that a resumed run repeats an uninterrupted one exactly
+    row["rollout/prompt_ids"] = info["prompt_ids"]
+    shares = P.gather_data_parallel(hashlib.sha256(batch.tokens.numpy().tobytes()).hexdigest())
+    row["rollout/tokens_sha256"] = (
+        shares[0] if len(shares) == 1 else hashlib.sha256("".join(shares).encode()).hexdigest()
+    )
+    return row
+
+
+def staleness_metrics(info: dict, step_s: float) -> dict:
+    """How many weight versions each sample lags the weights it trains (rlhf.producer): the mean, the
+    maximum and a count per lag; and how long the engine worked and idled since the previous step's row
+    (an overlapped engine works while the trainer does; a synchronous one only when the trainer waits)."""
+    lags = info["staleness"]
+    row = {
+        "rollout/staleness_mean": sum(lags) / max(len(lags), 1),
+        "rollout/staleness_max": max(lags, default=0),
+        **{f"rollout/staleness_{k}": lags.count(k) for k in range(info["lead"] + 1)},
+        "perf/engine_busy_s": info["engine_busy_s"],
+    }
+    row["perf/engine_idle_s"] = max(step_s - info["engine_busy_s"], 0.0)
     return row

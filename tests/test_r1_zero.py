@@ -12,6 +12,7 @@ import time
 import pytest
 
 from core.compose import compose
+from core.data import shuffled_rows
 from core.errors import ConfigError
 from core.validate import validate
 from tests.conftest import ROOT, assert_time_ledger, cli_env, read_metrics
@@ -184,15 +185,21 @@ def _kill_group(proc):
     proc.wait()
 
 
-def test_kill_9_at_three_points_resumes_to_the_same_metrics(base, tmp_path):
-    """The same command after each SIGKILL (mid-step, inside a checkpoint save, between the step dir's
-    rename and the `latest` pointer) must end with exactly the metrics of an uninterrupted run."""
+def test_kill_9_at_three_points_resumes_an_async_run_to_the_same_metrics(base, tmp_path):
+    """An async run (rollouts generated two steps ahead by an engine process: rlhf.producer): the same
+    command after each SIGKILL (mid-step, inside a checkpoint save, between the step dir's rename and the
+    `latest` pointer) must end with exactly the metrics (sampled tokens' hashes, prompts) and evaluations of
+    an uninterrupted run, every prompt of the stream trained once, in order."""
     args = [
         "stage=r1_zero",
         f"stage.init_from={base}",
         "stage.train.steps=6",
         "stage.train.save_every=1",
         "stage.rl.kl_coef=0.001",
+        "rollout.mode=async",
+        "rollout.max_staleness=2",
+        "stage.rl.tis_cap=2",
+        "data.num_train=64",
         *SMALL[:3],
         "data.num_eval=4",
         "eval.k=1",
@@ -223,5 +230,9 @@ def test_kill_9_at_three_points_resumes_to_the_same_metrics(base, tmp_path):
     assert list((run / "checkpoints").glob(".tmp.step_00000008")) == []  # … and 10 is complete but not pointed at
     _train(*args, f"run_dir={run}")
     assert len(killed_at) >= 2
-    assert read_metrics(run, drop_wall_clock=True) == read_metrics(straight, drop_wall_clock=True)
+    rows = read_metrics(run, drop_wall_clock=True)
+    assert rows == read_metrics(straight, drop_wall_clock=True)
     assert json.loads((run / "eval.json").read_text()) == json.loads((straight / "eval.json").read_text())
+    assert [r["rollout/staleness_max"] for r in rows] == [0, 1, 2, 2, 2, 2]  # step j: weights of max(0, j - 3)
+    drawn = [i for r in rows for i in r["rollout/prompt_ids"]]
+    assert drawn == shuffled_rows(0, len(drawn), 0, 64)  # nothing skipped, nothing twice

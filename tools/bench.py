@@ -8,6 +8,7 @@ top-level `ratios` object holds the comparisons beside the raw figures.
     python -m tools.bench grpo_vs_trl --scale realistic --out bench_grpo_realistic.json   (about 40 minutes)
     python -m tools.bench logprobs --out bench_logprobs.json [--threads 1]
     python -m tools.bench train_mfu --out bench_mfu.json [model=qwen2_5_1_5b ...]   (MFU against the device's peak)
+    python -m tools.bench offpolicy --out bench_offpolicy.json [--base runs/demo/pretrain] [--seeds 2]
 """
 
 from __future__ import annotations
@@ -97,6 +98,13 @@ def logprobs(args: argparse.Namespace) -> dict:
     return run(args)
 
 
+@register("offpolicy")
+def offpolicy(args: argparse.Namespace) -> dict:
+    from tools.bench_offpolicy import offpolicy as run
+
+    return run(args)
+
+
 @register("train_mfu")
 def train_mfu(args: argparse.Namespace) -> dict:
     from tools.bench_train import train_mfu as run
@@ -135,11 +143,14 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--base", help="a pretrain run dir (grpo_vs_trl default: a 300-step pretrain made here; others: random weights)"
     )
+    parser.add_argument("--seeds", type=int, default=1, help="offpolicy: runs per mode (seeds 1234, 1235, ...)")
     parser.add_argument(
-        "overrides", nargs="*", help="config overrides for rollout, weight_sync, train_mfu, e.g. model.hidden_size=512"
+        "overrides",
+        nargs="*",
+        help="config overrides for rollout, weight_sync, train_mfu, offpolicy, e.g. model.hidden_size=512",
     )
     args = parser.parse_intermixed_args(argv)
-    if args.overrides and args.benchmark not in ("rollout", "weight_sync", "train_mfu"):
+    if args.overrides and args.benchmark not in ("rollout", "weight_sync", "train_mfu", "offpolicy"):
         parser.error(f"{args.benchmark} takes no config overrides (got {' '.join(args.overrides)})")
     if args.steps is None:
         args.steps = 1 if args.scale == "realistic" else 5

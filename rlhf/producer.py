@@ -1,0 +1,202 @@
+"""Where a GRPO step's rollouts come from (rollout.mode): generated when the step asks for them (sync), or
+ahead of the trainer by an engine in a process of its own (one_step_off, async), which a thread here drives.
+
+    batch = producer.batch(step)        # the step's scored RolloutBatch; overlapped: the wait for it
+    sync = producer.send_weights(send)  # after the update: `send(engine)` puts the new weights in line
+    result = producer.call(fn)          # other engine work (evaluation), in line with the rest
+
+The schedule is a function of the step, never of timing. Engine work runs one job at a time in the order it
+was asked for; when step k begins, the batches of steps up to k + lead are asked for, after the weights of
+every step before k. Step j's batch therefore comes from weight version max(0, j - 1 - lead) (version v: the
+weights after v steps), `lead` = 0 (sync), 1 (one_step_off) or rollout.max_staleness (async), so a run
+repeats exactly, and a checkpoint that holds the batches generated ahead (`files`/`restore`) resumes it
+exactly: those batches' weights are gone, the engine restarts on the checkpoint's, which are the ones the
+next batch asks for.
+"""
+
+from __future__ import annotations
+
+import pickle
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Callable
+
+from core.ledger import phase
+from inference.supervision import deadline
+from rlhf.rollout import RolloutBatch
+
+BUFFER_FILE = "rollout_buffer.pkl"  # the batches generated ahead, in a checkpoint's files/
+
+
+class RolloutProducer:
+    def __init__(
+        self,
+        collect: Callable[[int, int], tuple[RolloutBatch, int]],
+        engine,
+        rollout,
+        last_step: int,
+        done_steps: int = 0,
+        position: int = 0,
+        step_dir: str | None = None,
+        rest: Callable[[object], None] = lambda engine: None,
+    ):
+        """`collect(step, position)`: the step's scored batch from the prompt stream at `position`, and the
+        stream's next position; `rollout`: the rollout config (mode, lead). Where the run stands: `done_steps`
+        trained, the stream at `position`, and (resuming) the checkpoint `step_dir` with the batches generated
+        ahead. `rest(engine)`: what sync mode does once a step's rollouts are in (the colocated sleep)."""
+        self.collect, self.engine, self.lead, self.last, self.rest = collect, engine, rollout.lead, last_step, rest
+        self.overlapped = rollout.mode != "sync"
+        self.thread = _JobThread() if self.overlapped else None
+        self.position = position  # the prompt stream's next position, after every batch asked for
+        self.version = done_steps  # weight versions sent: the trainer's steps so far
+        self.engine_version = done_steps  # the version the engine serves, set in line with its jobs
+        self.asked = done_steps  # the last step whose batch was asked for
+        self.pending: dict[int, Future] = {}
+        self.busy_s = 0.0  # engine-side seconds (generation, scoring, weight loads) since the last batch()
+        buffer = _read_buffer(step_dir)
+        if buffer:
+            self.pending = {step: _done(batch) for step, batch in buffer["batches"].items()}
+            self.asked, self.position = buffer["asked"], buffer["position"]
+
+    def __enter__(self) -> RolloutProducer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- the trainer's side ------------------------------------------------------------------------------
+
+    def batch(self, step: int) -> RolloutBatch:
+        for j in range(self.asked + 1, min(step + self.lead, self.last) + 1):
+            self.pending[j] = self._run(self._generate, j)
+            self.asked = j
+        with phase("generation"):  # sync: the generation itself; overlapped: the trainer waiting for it
+            batch = self._wait(self.pending.pop(step), f"step {step}'s rollouts")
+        if not self.overlapped:
+            self.rest(self.engine)
+        batch.info["staleness"] = [self.version - s.version for s in batch.samples]
+        batch.info["lead"] = self.lead
+        batch.info["engine_busy_s"], self.busy_s = self.busy_s, 0.0
+        return batch
+
+    def send_weights(self, send: Callable[[object], dict]) -> dict:
+        """After a step's update: `send(engine)` (inference.colocated.sync) to the engine, or, overlapped, to a
+        stand-in that keeps a copy of the weights for the engine's turn."""
+        self.version += 1
+        if not self.overlapped:
+            stats = send(self.engine)
+            self.engine_version = self.version
+            return stats
+        copy = _WeightsCopy()
+        stats = send(copy)
+        self._run(self._load, copy.weights, self.version)
+        return stats
+
+    def call(self, fn: Callable[[object], object], what: str):
+        """`fn(engine)` once the engine work asked for so far is done (its weights: the last sent); the
+        trainer's wait for it is the step phase `what`."""
+        with phase(what):
+            return self._wait(self._run(fn, self.engine), what)
+
+    def files(self) -> dict[str, bytes]:
+        """For a checkpoint: the batches generated ahead, waited for, with the stream's position after them."""
+        batches = {step: self._wait(f, f"step {step}'s rollouts") for step, f in sorted(self.pending.items())}
+        if not self.overlapped:
+            return {}
+        buffer = {"asked": self.asked, "position": self.position, "batches": batches}
+        return {BUFFER_FILE: pickle.dumps(buffer)}
+
+    def close(self) -> None:
+        if self.thread is not None:
+            self.thread.close()
+
+    # -- the engine's side (the producer thread when overlapped) --------------------------------------------
+    def _run(self, fn, *args) -> Future:
+        if self.thread is not None:
+            return self.thread.submit(self._timed, fn, *args)
+        return _done(fn(*args))
+
+    def _wait(self, job: Future, what: str):
+        """The job's result. Overlapped, the engine's own calls run unsupervised on the producer thread, so
+        the wait is supervised here: a dead engine process or a wait past (lead + 2) × rollout.timeout_s
+        becomes the engine's clear error instead of a hang."""
+        if self.thread is None or job.done():
+            return job.result()
+        limit = self.engine.timeout_s * (self.lead + 2)
+        with deadline(limit, f"waiting for {what}", dead_reason=self.engine.dead_reason):
+            return job.result()
+
+    def _timed(self, fn, *args):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.busy_s += time.perf_counter() - t0
+
+    def _generate(self, step: int) -> RolloutBatch:
+        batch, self.position = self.collect(step, self.position)
+        for s in batch.samples:
+            s.version = self.engine_version
+        return batch
+
+    def _load(self, weights: list, version: int) -> None:
+        self.engine.update_weights(weights)
+        self.engine_version = version
+
+
+class _JobThread:
+    """Runs submitted jobs one at a time, in order, on a daemon thread (a job stuck in a dead engine must not
+    hold up the exit). After a job fails, every later one fails with the same error: a generation must
+    never run on weights that did not arrive."""
+
+    def __init__(self):
+        self.jobs: queue.Queue = queue.Queue()
+        self.failed: BaseException | None = None
+        threading.Thread(target=self._loop, name="rollout-producer", daemon=True).start()
+
+    def submit(self, fn, *args) -> Future:
+        job = Future()
+        self.jobs.put((job, fn, args))
+        return job
+
+    def close(self) -> None:
+        self.jobs.put(None)
+
+    def _loop(self) -> None:
+        while (item := self.jobs.get()) is not None:
+            job, fn, args = item
+            if self.failed is not None:
+                job.set_exception(self.failed)
+                continue
+            try:
+                job.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001  (handed to the waiting trainer)
+                self.failed = e
+                job.set_exception(e)
+
+
+class _WeightsCopy:
+    """Takes what inference.colocated.sync hands an engine, copied (the trainer goes on updating its own)."""
+
+    def __init__(self):
+        self.weights: list = []
+
+    def update_weights(self, named_tensors) -> None:
+        self.weights = [(name, t.detach().clone()) for name, t in named_tensors]
+
+    def wake_up(self, tags=None) -> None:
+        pass
+
+
+def _done(value) -> Future:
+    f = Future()
+    f.set_result(value)
+    return f
+
+
+def _read_buffer(step_dir: str | None) -> dict:
+    path = Path(step_dir) / "files" / BUFFER_FILE if step_dir else None
+    return pickle.loads(path.read_bytes()) if path is not None and path.exists() else {}

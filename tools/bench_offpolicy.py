@@ -1,0 +1,100 @@
+"""`python -m tools.bench offpolicy`: the demo's r1_zero stage (80 steps × 16 prompts × 8 samples, from a
+pretrained base) in each rollout.mode on the same two threads, for throughput and for learning.
+
+sync gives both threads to each phase in turn (the engine in the trainer's process, then the trainer); the
+overlapped modes give one to the engine process (vLLM's CPU worker bound to core 0) and one to the trainer.
+Every mode trains with the same loss (TIS at cap 2, which the off-policy modes require) on the same prompt
+stream; samples/s is the median over the steps after the first two (engine start-up and the first batches
+generated ahead distort those), and held-out pass@1 after the run is the learning comparison (the issue's
+bar: within 10 points of sync).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODES = {
+    "sync": ["rollout.mode=sync"],
+    "one_step_off": ["rollout.mode=one_step_off"],
+    "async": ["rollout.mode=async", "rollout.max_staleness=2"],
+}
+WARM_STEPS = 2  # steps left out of the throughput medians
+
+
+def _env(mode: str, threads: int) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), R1_NO_PROGRESS="1", WANDB_MODE="offline")
+    if mode == "sync":  # the in-process engine and the trainer share both threads, in turn
+        return dict(env, OMP_NUM_THREADS=str(threads), VLLM_CPU_OMP_THREADS_BIND=f"0-{threads - 1}")
+    half = max(threads // 2, 1)  # the engine process on the first cores, the trainer on the rest
+    return dict(env, OMP_NUM_THREADS=str(max(threads - half, 1)), VLLM_CPU_OMP_THREADS_BIND=f"0-{half - 1}")
+
+
+def _train(args: list, env: dict) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlhf.train", *map(str, args)], cwd=ROOT, env=env, text=True, capture_output=True
+    )
+    if proc.returncode:
+        sys.exit(f"benchmark run failed: rlhf.train {' '.join(map(str, args))}\n{proc.stderr[-4000:]}")
+
+
+def offpolicy(args) -> dict:
+    seeds = list(range(1234, 1234 + args.seeds))
+    figures: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(args.base) if args.base else Path(tmp) / "base"
+        if not args.base:
+            _train(["stage=pretrain", f"run_dir={base}", "logger=none"], _env("sync", args.threads))
+        for mode, overrides in MODES.items():
+            runs = []
+            for seed in seeds:
+                run = Path(tmp) / f"{mode}_{seed}"
+                common = [f"stage.init_from={base}", f"run_dir={run}", f"seed={seed}", "stage.rl.tis_cap=2"]
+                _train(
+                    ["stage=r1_zero", *common, *overrides, "stage.train.save_every=0", "logger=none", *args.overrides],
+                    _env(mode, args.threads),
+                )
+                rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+                evals = json.loads((run / "eval.json").read_text())
+                runs.append((rows[WARM_STEPS:], rows, evals))
+            figures[mode] = _summary(runs)
+    sync = figures["sync"]
+    return {
+        "figures": {**figures, "threads": args.threads, "seeds": seeds},
+        "ratios": {
+            f"{mode}_over_sync": figures[mode]["samples_per_s"] / sync["samples_per_s"]
+            for mode in MODES
+            if mode != "sync"
+        },
+        "learning": {
+            f"{mode}_pass@1_minus_sync": figures[mode]["final_pass@1"] - sync["final_pass@1"]
+            for mode in MODES
+            if mode != "sync"
+        },
+    }
+
+
+def _summary(runs: list) -> dict:
+    timed = [r for steady, _, _ in runs for r in steady]
+    every = [r for _, rows, _ in runs for r in rows]
+    med = lambda key: statistics.median(r[key] for r in timed)  # noqa: E731
+    samples = statistics.median(r["perf/samples_per_s"] for r in timed)
+    return {
+        "samples_per_s": samples,
+        "median_step_s": med("perf/step_s"),
+        "generation_wait_s": med("time/generation_wait_s"),
+        "engine_idle_s": med("perf/engine_idle_s"),
+        "mean_completion_tokens": statistics.mean(r["response_length/mean"] for r in every),
+        "samples_per_step": statistics.median(r["perf/samples_per_s"] * r["perf/step_s"] for r in timed),
+        "staleness_mean": statistics.mean(r["rollout/staleness_mean"] for r in every),
+        "steps": len(every) // len(runs),
+        "base_pass@1": statistics.mean(e["base"]["pass@1"] for _, _, e in runs),
+        "final_pass@1": statistics.mean(e["final"]["pass@1"] for _, _, e in runs),
+        "final_pass@1_per_seed": [e["final"]["pass@1"] for _, _, e in runs],
+    }
