@@ -117,7 +117,7 @@ class RolloutProducer:
     def _run(self, fn, *args) -> Future:
         if self.thread is not None:
             return self.thread.submit(self._timed, fn, *args)
-        return _done(fn(*args))
+        return _done(self._timed(fn, *args))
 
     def _wait(self, job: Future, what: str):
         """The job's result. Overlapped, the engine's own calls run unsupervised on the producer thread, so

@@ -122,18 +122,25 @@ def test_cold_start_data_is_verified_and_in_the_r1_pattern(chain):
 
 
 def test_changed_inputs_and_arguments_are_refused(chain):
+    """Other arguments for a finished stage are refused; deleting it (what the message says) runs it again with
+    them; a stage whose input was re-made since (distill reads student_base) is refused in turn, and so is one
+    whose input changed behind the lineage's back. Re-run on student_base, the chain's cheapest stage (a
+    3-step pretrain, no evaluation)."""
     preset, run, _, _ = chain
-    out = pipeline(f"pipeline={preset}", f"run_dir={run}", *COMMON, "distill:stage.epochs=3", check=False)
-    assert out.returncode == 2 and "stage distill finished earlier with other arguments" in out.stderr
-    shutil.rmtree(run / "distill")  # what the message says to do: then it runs again, with the new arguments
-    again = pipeline(f"pipeline={preset}", f"run_dir={run}", *COMMON, "distill:stage.epochs=3")
-    assert "distill: done earlier" not in again.stdout and "stage.epochs=3" in again.stdout
-    assert json.loads((run / "lineage.json").read_text())["stages"]["distill"]["argv"][-1] == "stage.epochs=3"
-    dataset = run / "rejection_sampling" / "dataset.json"
+    changed = "student_base:stage.train.steps=3"
+    out = pipeline(f"pipeline={preset}", f"run_dir={run}", *COMMON, changed, check=False)
+    assert out.returncode == 2 and "stage student_base finished earlier with other arguments" in out.stderr
+    shutil.rmtree(run / "student_base")
+    again = pipeline(f"pipeline={preset}", f"run_dir={run}", *COMMON, changed, "until=student_base")
+    assert "student_base: done earlier" not in again.stdout and "stage.train.steps=3" in again.stdout
+    assert json.loads((run / "lineage.json").read_text())["stages"]["student_base"]["argv"][-1] == "stage.train.steps=3"
+    out = pipeline(f"pipeline={preset}", f"run_dir={run}", *COMMON, changed, check=False)
+    assert out.returncode == 2 and "stage distill finished earlier with other arguments or inputs" in out.stderr
+    dataset = run / "rejection_sampling" / "dataset.json"  # an artifact changed behind the lineage's back
     original = dataset.read_text()
     dataset.write_text(original + "\n")
     try:
-        out = pipeline(f"pipeline={preset}", f"run_dir={run}", *COMMON, check=False)
+        out = pipeline(f"pipeline={preset}", f"run_dir={run}", *COMMON, changed, check=False)
         assert out.returncode == 2 and f"needs {dataset}, which changed" in out.stderr
     finally:
         dataset.write_text(original)

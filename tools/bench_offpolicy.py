@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = {
+MODES = {  # the modes compared; sync is the reference
     "sync": ["rollout.mode=sync"],
     "one_step_off": ["rollout.mode=one_step_off"],
     "async": ["rollout.mode=async", "rollout.max_staleness=2"],
@@ -97,4 +97,9 @@ def _summary(runs: list) -> dict:
         "base_pass@1": statistics.mean(e["base"]["pass@1"] for _, _, e in runs),
         "final_pass@1": statistics.mean(e["final"]["pass@1"] for _, _, e in runs),
         "final_pass@1_per_seed": [e["final"]["pass@1"] for _, _, e in runs],
+        # mean reward of each 10-step window, averaged over seeds: how learning progressed
+        "reward_by_10_steps": [
+            round(statistics.mean(r["reward/mean"] for _, rows, _ in runs for r in rows[i : i + 10]), 3)
+            for i in range(0, len(runs[0][1]), 10)
+        ],
     }
