@@ -27,9 +27,10 @@ def hosts_engine() -> bool:
 def start_engine(cfg: Config, policy, hf_dir: Path, tok) -> Engine | None:
     """The engine of this rank's replica (None on the ranks that host none), serving the policy's current
     weights: exported to `hf_dir` with the tokenizer, then loaded by rollout.engine."""
+    hf_bridge.save_hf(policy, hf_dir, tokenizer=tok)  # collective (the export gathers shards); rank 0 writes
+    P.barrier()  # every replica's engine loads rank 0's files: none may start before they are complete
     if not hosts_engine():
         return None
-    hf_bridge.save_hf(policy, hf_dir, tokenizer=tok)  # rank 0 writes a loadable HF dir
     r = cfg.rollout
     engine = build_engine(
         r.engine,
