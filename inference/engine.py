@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -131,6 +131,20 @@ class Engine(abc.ABC):
                 truncated.append(i)
             fitted.append(p)
         return fitted, truncated
+
+
+def buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Consecutive groups of tensors of at most bucket_bytes each (a bigger tensor is a bucket alone)."""
+    bucket, size = [], 0
+    for name, t in named:
+        nbytes = t.numel() * t.element_size()
+        if bucket and size + nbytes > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, t.contiguous()))
+        size += nbytes
+    if bucket:
+        yield bucket
 
 
 # Engine factories by rollout.engine name; importing the implementations registers them (vLLM itself is

@@ -17,7 +17,7 @@ from typing import Iterable
 
 import torch
 
-from inference.engine import ENGINES, Completion, Engine, Rollout, Sampling
+from inference.engine import ENGINES, Completion, Engine, Rollout, Sampling, buckets
 from inference.supervision import EngineError, exit_code, log
 from inference.vllm_worker import repack_moe_experts
 
@@ -42,20 +42,6 @@ def _uses_mla(model_dir: str) -> bool:
 
 
 SEND_BUCKET_BYTES = 64 * 2**20  # what one message to an engine-core process carries
-
-
-def _safetensors_buckets(weights: Iterable[tuple[str, torch.Tensor]], limit: int) -> Iterable[bytes]:
-    from safetensors.torch import save
-
-    bucket, size = {}, 0
-    for name, t in weights:
-        if bucket and size + t.numel() * t.element_size() > limit:
-            yield save(bucket)
-            bucket, size = {}, 0
-        bucket[name] = t.clone()  # safetensors refuses tensors that share memory (tied embeddings)
-        size += t.numel() * t.element_size()
-    if bucket:
-        yield save(bucket)
 
 
 @ENGINES.register("vllm")
@@ -142,7 +128,10 @@ class VLLMEngine(Engine):
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         weights = ((name, t.detach().contiguous()) for name, t in named_tensors)
         if self.own_process:  # bytes cross to the engine-core process; it reloads them all at the end
-            for blob in _safetensors_buckets(weights, SEND_BUCKET_BYTES):
+            from safetensors.torch import save
+
+            for bucket in buckets(weights, SEND_BUCKET_BYTES):  # safetensors refuses memory shared (tied heads)
+                blob = save({name: t.clone() for name, t in bucket})
                 self.llm.collective_rpc("receive_weight_bucket", args=(blob,))
             self.llm.collective_rpc("load_received_weights")
         else:  # in-process: the iterator is consumed inside reload_weights, one bucket held at a time

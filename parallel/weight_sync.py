@@ -9,26 +9,10 @@ collective, so every rank runs this; only ranks that host an engine pass one.
 from __future__ import annotations
 
 import time
-from typing import Iterable, Iterator
-
-import torch
 
 from core.ledger import timed
+from inference.engine import buckets
 from parallel.hf_bridge import export_hf
-
-
-def buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Consecutive groups of tensors of at most bucket_bytes each (a bigger tensor is a bucket alone)."""
-    bucket, size = [], 0
-    for name, t in named:
-        nbytes = t.numel() * t.element_size()
-        if bucket and size + nbytes > bucket_bytes:
-            yield bucket
-            bucket, size = [], 0
-        bucket.append((name, t.contiguous()))
-        size += nbytes
-    if bucket:
-        yield bucket
 
 
 def sync_weights(policy, engine, bucket_bytes: int) -> dict:

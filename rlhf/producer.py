@@ -48,8 +48,7 @@ class RolloutProducer:
         trained, the stream at `position`, and (resuming) the checkpoint `step_dir` with the batches generated
         ahead. `rest(engine)`: what sync mode does once a step's rollouts are in (the colocated sleep)."""
         self.collect, self.engine, self.lead, self.last, self.rest = collect, engine, rollout.lead, last_step, rest
-        self.overlapped = rollout.mode != "sync"
-        self.thread = _JobThread() if self.overlapped else None
+        self.thread = _JobThread() if rollout.mode != "sync" else None
         self.position = position  # the prompt stream's next position, after every batch asked for
         self.version = done_steps  # weight versions sent: the trainer's steps so far
         self.engine_version = done_steps  # the version the engine serves, set in line with its jobs
@@ -60,6 +59,10 @@ class RolloutProducer:
         if buffer:
             self.pending = {step: _done(batch) for step, batch in buffer["batches"].items()}
             self.asked, self.position = buffer["asked"], buffer["position"]
+
+    @property
+    def overlapped(self) -> bool:
+        return self.thread is not None
 
     def __enter__(self) -> RolloutProducer:
         return self
@@ -103,19 +106,19 @@ class RolloutProducer:
 
     def files(self) -> dict[str, bytes]:
         """For a checkpoint: the batches generated ahead, waited for, with the stream's position after them."""
-        batches = {step: self._wait(f, f"step {step}'s rollouts") for step, f in sorted(self.pending.items())}
-        if not self.overlapped:
+        if not self.overlapped:  # nothing is generated ahead
             return {}
+        batches = {step: self._wait(f, f"step {step}'s rollouts") for step, f in sorted(self.pending.items())}
         buffer = {"asked": self.asked, "position": self.position, "batches": batches}
         return {BUFFER_FILE: pickle.dumps(buffer)}
 
     def close(self) -> None:
-        if self.thread is not None:
+        if self.overlapped:
             self.thread.close()
 
     # -- the engine's side (the producer thread when overlapped) --------------------------------------------
     def _run(self, fn, *args) -> Future:
-        if self.thread is not None:
+        if self.overlapped:
             return self.thread.submit(self._timed, fn, *args)
         return _done(self._timed(fn, *args))
 
@@ -123,7 +126,7 @@ class RolloutProducer:
         """The job's result. Overlapped, the engine's own calls run unsupervised on the producer thread, so
         the wait is supervised here: a dead engine process or a wait past (lead + 2) × rollout.timeout_s
         becomes the engine's clear error instead of a hang."""
-        if self.thread is None or job.done():
+        if not self.overlapped or job.done():
             return job.result()
         limit = self.engine.timeout_s * (self.lead + 2)
         with deadline(limit, f"waiting for {what}", dead_reason=self.engine.dead_reason):

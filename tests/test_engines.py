@@ -188,7 +188,7 @@ def test_a_hung_call_becomes_a_clear_error_within_the_deadline():
 def test_weight_buckets_respect_the_size_and_keep_order():
     import torch
 
-    from parallel.weight_sync import buckets
+    from inference.engine import buckets
 
     named = [(f"w{i}", torch.zeros(n)) for i, n in enumerate([10, 10, 30, 5, 5, 100])]  # fp32: 4 bytes each
     out = list(buckets(iter(named), bucket_bytes=80))

@@ -14,10 +14,11 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from tools.bench_grpo import _sh
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = {  # the modes compared; sync is the reference
@@ -37,11 +38,7 @@ def _env(mode: str, threads: int) -> dict:
 
 
 def _train(args: list, env: dict) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "rlhf.train", *map(str, args)], cwd=ROOT, env=env, text=True, capture_output=True
-    )
-    if proc.returncode:
-        sys.exit(f"benchmark run failed: rlhf.train {' '.join(map(str, args))}\n{proc.stderr[-4000:]}")
+    _sh([sys.executable, "-m", "rlhf.train", *args], env)
 
 
 def offpolicy(args) -> dict:

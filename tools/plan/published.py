@@ -81,6 +81,14 @@ NEMO_RL = (
 )
 NEMO_RL_06 = "https://github.com/NVIDIA-NeMo/RL/blob/r0.6.0/docs/about/performance-summary.md"
 
+
+def nemo_rl_step(name: str, preset: str, seconds: float, source: str) -> Published:
+    """A NeMo-RL performance-summary row: its total step time, which the decode overhead is fitted on."""
+    return Published(
+        name, preset, "step time, s", seconds, source, lambda cfg, r: r["time_s"]["step"], fitted=JOINT_DECODE
+    )
+
+
 RUNS = [
     Published(
         "DeepSeek-V3 pre-training, 2,048 H800 (PP16 DualPipe, EP64, ZeRO-1, FP8)",
@@ -118,50 +126,35 @@ RUNS = [
         lambda cfg, r: r["memory_gib"]["peak"],
         note="verl's 'GPU memory (GB)', read as torch's GiB",
     ),
-    Published(
+    nemo_rl_step(
         "NeMo-RL v0.4 GRPO, 256 H100, on-policy colocated (TP1 EP16 PP16, vLLM TP32)",
         "dsv3_grpo_nemorl_256_h100",
-        "step time, s",
         154,
         NEMO_RL,
-        lambda cfg, r: r["time_s"]["step"],
-        fitted=JOINT_DECODE,
     ),
-    Published(
+    nemo_rl_step(
         "NeMo-RL v0.4 GRPO, 512 H100, 1-step off-policy (256 train + 256 generation)",
         "dsv3_grpo_nemorl_512_h100",
-        "step time, s",
         77.9,
         NEMO_RL,
-        lambda cfg, r: r["time_s"]["step"],
-        fitted=JOINT_DECODE,
     ),
-    Published(
+    nemo_rl_step(
         "NeMo-RL v0.6 GRPO, 256 H100, on-policy colocated (TP1 EP16 PP16, vLLM TP32)",
         "dsv3_grpo_nemorl_v06_256_h100",
-        "step time, s",
         134,
         NEMO_RL_06,
-        lambda cfg, r: r["time_s"]["step"],
-        fitted=JOINT_DECODE,
     ),
-    Published(
+    nemo_rl_step(
         "NeMo-RL v0.6 GRPO, 512 H100, on-policy colocated (TP1 EP16 PP16, vLLM TP32)",
         "dsv3_grpo_nemorl_v06_512_h100",
-        "step time, s",
         111,
         NEMO_RL_06,
-        lambda cfg, r: r["time_s"]["step"],
-        fitted=JOINT_DECODE,
     ),
-    Published(
+    nemo_rl_step(
         "NeMo-RL v0.6 GRPO, 512 H100, 1-step off-policy (256 train + 256 generation)",
         "dsv3_grpo_nemorl_v06_512_h100_1off",
-        "step time, s",
         64.1,
         NEMO_RL_06,
-        lambda cfg, r: r["time_s"]["step"],
-        fitted=JOINT_DECODE,
     ),
 ]
 
