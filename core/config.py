@@ -152,6 +152,10 @@ class RLConfig:
     kl_coef: float = 0.0  # β; R1-Zero uses 0.001. 0 = no reference model, no KL term (train/kl is null)
     ref_refresh_every: int = 0  # copy the policy into the reference every N steps (R1-Zero: 400); 0 = never
     tis_cap: float = 0.0  # truncated importance sampling cap on π_trainer/π_engine; 0 = off
+    # How that ratio corrects each token (rlhf.losses): tis (truncated at tis_cap) | mis (masked outside
+    # [engine_correction_low, tis_cap]) | icepop (weight 1 inside that band, 0 outside)
+    engine_correction: str = "tis"
+    engine_correction_low: float = 0.5
     dynamic_sampling: bool = False  # drop groups whose rewards are all equal and refill (DAPO)
     max_refill_rounds: int = 3
     overlong_buffer: int = 0  # DAPO soft overlong penalty over the last N tokens of max_new_tokens; 0 = off
@@ -276,6 +280,15 @@ class RolloutConfig:
     # the step alone (step j: version max(0, j-1-lead)), never of timing, so runs repeat and resume exactly.
     mode: str = "sync"
     max_staleness: int = 1  # async: how many weight versions the oldest trained sample may lag
+    # Partial rollouts (one_step_off, async): each step's generation is interrupted after partial_tokens
+    # tokens by the next weight update and continues on the new weights, the prefix kept (rlhf.partial).
+    partial: bool = False
+    partial_tokens: int = 0  # the scheduled interrupt point; 0 = half of max_new_tokens
+
+    @property
+    def interrupt_at(self) -> int:
+        """Partial rollouts: how many tokens a step's generation samples before the weights change."""
+        return self.partial_tokens or self.max_new_tokens // 2
 
     @property
     def lead(self) -> int:

@@ -214,6 +214,12 @@ def _validate_rl(cfg: Config, dp: int) -> None:
         )
     if rl.clip_eps_low < 0 or rl.clip_eps_high < 0 or rl.clip_eps_low >= 1:
         raise ConfigError("stage.rl.clip_eps_low must be in [0, 1) and clip_eps_high >= 0.")
+    if rl.tis_cap > 0 and rl.engine_correction != "tis" and not 0 <= rl.engine_correction_low < rl.tis_cap:
+        raise ConfigError(
+            f"stage.rl.engine_correction_low={rl.engine_correction_low} with stage.rl.tis_cap={rl.tis_cap}: "
+            f"{rl.engine_correction} keeps the tokens whose ratio π_old/π_engine lies in [low, cap], which is "
+            "empty. Fix: a low below the cap (e.g. 0.5 with cap 2)."
+        )
     if t.micro_batch_tokens and t.micro_batch_tokens < t.seq_length:
         raise ConfigError(
             f"stage.train.micro_batch_tokens={t.micro_batch_tokens} < stage.train.seq_length={t.seq_length}: "
@@ -229,6 +235,8 @@ def _validate_rl(cfg: Config, dp: int) -> None:
         raise ConfigError(f"rollout.overlong_prompt={r.overlong_prompt!r}: expected error or truncate.")
     if r.lead or r.mode != "sync":
         _validate_off_policy(cfg, dp)
+    if r.partial:
+        _validate_partial(r)
     if (rl.advantage == TEACHER_ADVANTAGE) != bool(rl.teacher):
         raise ConfigError(
             f"stage.rl.teacher={rl.teacher} with stage.rl.advantage={rl.advantage} (stage={cfg.stage.name}): "
@@ -252,6 +260,21 @@ def _validate_rl(cfg: Config, dp: int) -> None:
             f"data.general_task={d.general_task} mixes in prompts no rule can score, and reward.models "
             "is empty. Fix: set reward.models.helpful.path=RUN_DIR (a stage=reward_model run), and "
             "others as needed."
+        )
+
+
+def _validate_partial(r) -> None:
+    """Partial rollouts: a weight update interrupts a step's generation, which needs one to come mid-way."""
+    if r.mode == "sync" or r.lead == 0:
+        raise ConfigError(
+            f"rollout.partial=true with rollout.mode={r.mode} (lead {r.lead}): partial rollouts continue a "
+            "generation on the weights that arrive while it runs, and this mode sends none then. Fix: "
+            "rollout.mode=one_step_off or async, or rollout.partial=false."
+        )
+    if not 0 < r.interrupt_at < r.max_new_tokens:
+        raise ConfigError(
+            f"rollout.partial_tokens={r.partial_tokens} with rollout.max_new_tokens={r.max_new_tokens}: the "
+            "interrupt must fall inside a completion. Fix: a value in [1, max_new_tokens), or 0 for half."
         )
 
 

@@ -35,6 +35,7 @@ class Completion:
     token_ids: list[int]
     logprobs: list[float]  # log π(token | prefix) at the sampling temperature (before top-p), one per token
     finish_reason: str  # "stop" (a stop token) or "length"
+    token_versions: list[int] = field(default_factory=list)  # per token, where the caller tracks weight versions
 
 
 @dataclass
@@ -43,6 +44,9 @@ class Rollout:
 
     completions: list[list[Completion]]
     truncated_prompts: list[int] = field(default_factory=list)  # prompt indices cut to fit the context
+    # The prompts as the engine read them (an over-long one cut to its tail): what the completions follow,
+    # so what the trainer must score them after.
+    prompts: list[list[int]] = field(default_factory=list)
 
 
 class Engine(abc.ABC):

@@ -12,6 +12,10 @@ weights after v steps), `lead` = 0 (sync), 1 (one_step_off) or rollout.max_stale
 repeats exactly, and a checkpoint that holds the batches generated ahead (`files`/`restore`) resumes it
 exactly: those batches' weights are gone, the engine restarts on the checkpoint's, which are the ones the
 next batch asks for.
+
+With partial rollouts (rollout.partial, rlhf.partial) a step's generation stops at its scheduled interrupt
+and goes on after the next weights: step j's starts on version max(0, j - 1 - lead) and finishes on the one
+after. A checkpoint then also holds the interrupted step's prefix, and the resumed run continues it.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Callable
 
 from core.ledger import phase
 from inference.supervision import deadline
+from rlhf.partial import PartialBatch
 from rlhf.rollout import RolloutBatch
 
 BUFFER_FILE = "rollout_buffer.pkl"  # the batches generated ahead, in a checkpoint's files/
@@ -34,7 +39,7 @@ BUFFER_FILE = "rollout_buffer.pkl"  # the batches generated ahead, in a checkpoi
 class RolloutProducer:
     def __init__(
         self,
-        collect: Callable[[int, int], tuple[RolloutBatch, int]],
+        collect: Callable[[object, int, int], tuple[RolloutBatch, int]],
         engine,
         rollout,
         last_step: int,
@@ -43,8 +48,8 @@ class RolloutProducer:
         step_dir: str | None = None,
         rest: Callable[[object], None] = lambda engine: None,
     ):
-        """`collect(step, position)`: the step's scored batch from the prompt stream at `position`, and the
-        stream's next position; `rollout`: the rollout config (mode, lead). Where the run stands: `done_steps`
+        """`collect(engine, step, position)`: the step's scored batch from the prompt stream at `position`, and
+        the stream's next position; `rollout`: the rollout config (mode, lead). Where the run stands: `done_steps`
         trained, the stream at `position`, and (resuming) the checkpoint `step_dir` with the batches generated
         ahead. `rest(engine)`: what sync mode does once a step's rollouts are in (the colocated sleep)."""
         self.collect, self.engine, self.lead, self.last, self.rest = collect, engine, rollout.lead, last_step, rest
@@ -53,12 +58,16 @@ class RolloutProducer:
         self.version = done_steps  # weight versions sent: the trainer's steps so far
         self.engine_version = done_steps  # the version the engine serves, set in line with its jobs
         self.asked = done_steps  # the last step whose batch was asked for
-        self.pending: dict[int, Future] = {}
+        self.pending: dict[int, Future] = {}  # batches asked for, whole
+        self.partial_tokens = rollout.interrupt_at if rollout.partial and self.overlapped else 0
+        self.in_flight: dict[int, Future] = {}  # partial: batches started, not yet asked to finish (PartialBatch)
         self.busy_s = 0.0  # engine-side seconds (generation, scoring, weight loads) since the last batch()
         buffer = _read_buffer(step_dir)
         if buffer:
             self.pending = {step: _done(batch) for step, batch in buffer["batches"].items()}
             self.asked, self.position = buffer["asked"], buffer["position"]
+            for step, prefix in buffer.get("in_flight", {}).items():  # its prefix again, then on as before
+                self.in_flight[step] = self._run(self._begin, step, prefix)
 
     @property
     def overlapped(self) -> bool:
@@ -74,13 +83,22 @@ class RolloutProducer:
 
     def batch(self, step: int) -> RolloutBatch:
         for j in range(self.asked + 1, min(step + self.lead, self.last) + 1):
-            self.pending[j] = self._run(self._generate, j)
+            self._finish_in_flight()  # partial: the step before goes on, on the weights sent since it began
+            if self.partial_tokens:
+                self.in_flight[j] = self._run(self._begin, j)
+            else:
+                self.pending[j] = self._run(self._generate, j)
             self.asked = j
+        if step not in self.pending:  # the last step's batch: no later one asks it to finish
+            self._finish_in_flight()
         with phase("generation"):  # sync: the generation itself; overlapped: the trainer waiting for it
             batch = self._wait(self.pending.pop(step), f"step {step}'s rollouts")
         if not self.overlapped:
             self.rest(self.engine)
         batch.info["staleness"] = [self.version - s.version for s in batch.samples]
+        tokens = [v for s in batch.samples for v in s.token_versions]
+        batch.info["continued"] = sum(len(set(s.token_versions)) > 1 for s in batch.samples)
+        batch.info["token_staleness_mean"] = self.version - sum(tokens) / len(tokens) if tokens else None
         batch.info["lead"] = self.lead
         batch.info["engine_busy_s"], self.busy_s = self.busy_s, 0.0
         return batch
@@ -109,7 +127,10 @@ class RolloutProducer:
         if not self.overlapped:  # nothing is generated ahead
             return {}
         batches = {step: self._wait(f, f"step {step}'s rollouts") for step, f in sorted(self.pending.items())}
-        buffer = {"asked": self.asked, "position": self.position, "batches": batches}
+        # The interrupted step: its prefix (the weights that sampled it are gone) and the stream position it
+        # drew from, which is the one after the whole batches.
+        in_flight = {step: self._wait(f, f"step {step}'s rollouts").prefix for step, f in self.in_flight.items()}
+        buffer = {"asked": self.asked, "position": self.position, "batches": batches, "in_flight": in_flight}
         return {BUFFER_FILE: pickle.dumps(buffer)}
 
     def close(self) -> None:
@@ -140,9 +161,27 @@ class RolloutProducer:
             self.busy_s += time.perf_counter() - t0
 
     def _generate(self, step: int) -> RolloutBatch:
-        batch, self.position = self.collect(step, self.position)
+        batch, self.position = self.collect(self.engine, step, self.position)
         for s in batch.samples:
             s.version = self.engine_version
+        return batch
+
+    def _finish_in_flight(self) -> None:
+        for step, started in self.in_flight.items():
+            self.pending[step] = self._run(self._end, started)
+        self.in_flight = {}
+
+    def _begin(self, step: int, replay=None) -> PartialBatch:
+        part = PartialBatch(
+            self.collect, self.engine, step, self.position, self.partial_tokens, lambda: self.engine_version, replay
+        )
+        part.start()
+        return part
+
+    def _end(self, started: Future) -> RolloutBatch:
+        batch, self.position = started.result().finish()  # started: done, it ran earlier on this thread
+        for s in batch.samples:
+            s.version = min(s.token_versions, default=self.engine_version)
         return batch
 
     def _load(self, weights: list, version: int) -> None:

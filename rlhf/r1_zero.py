@@ -20,6 +20,7 @@ import torch
 
 import parallel  # noqa: F401  (CPU compatibility layer before megatron loads)
 from core.config import Config
+from core.errors import ConfigError
 from core.ledger import phase
 from core.run_tokenizer import run_tokenizer, stop_token_ids
 from inference import colocated
@@ -71,7 +72,7 @@ def train(cfg: Config, rank0: bool) -> dict:
         training_rewards(cfg, tok) as pool,
         RewardPool(SCORES, cfg.reward.timeout_s, cfg.reward.workers) as eval_pool,
         RolloutProducer(
-            rollouts(cfg, engine, tok, train_rows, pool), engine, r, t.steps, done, position, step_dir, colocated.rest
+            rollouts(cfg, tok, train_rows, pool), engine, r, t.steps, done, position, step_dir, colocated.rest
         ) as producer,
         LoopShell(
             cfg,
@@ -122,10 +123,10 @@ def train(cfg: Config, rank0: bool) -> dict:
     return evals
 
 
-def rollouts(cfg: Config, engine, tok, rows: list[dict], rewards):
+def rollouts(cfg: Config, tok, rows: list[dict], rewards):
     """What the rollout producer calls for a step's scored rollouts from the prompt stream at `at`."""
     r, rl = cfg.rollout, cfg.stage.rl
-    return lambda step, at: grpo.collect(
+    return lambda engine, step, at: grpo.collect(
         engine, tok, rows, at, sampling(r, cfg.seed, step, stop_token_ids(tok)), rewards, rl, cfg.stage.train.seq_length
     )
 
@@ -159,14 +160,23 @@ def start_from(cfg: Config, policy, run_dir: Path) -> tuple[int, dict, str | Non
 
 
 def reference(cfg: Config, policy, run_dir: Path):
-    """The frozen KL reference: the initial weights, or the last refresh when resuming."""
+    """The frozen KL reference: the initial weights, or the last refresh when resuming. Without
+    stage.init_from the initial weights are the policy's at step 0, saved then under run_dir/reference:
+    a resumed run's policy has moved on and is no reference."""
     ref = build_policy(cfg, with_optimizer=False)
     if (run_dir / "reference" / ckpt.LATEST).exists():
         ckpt.load(ref, run_dir / "reference", with_optimizer=False)
     elif cfg.stage.init_from:
         ckpt.load_weights(ref, cfg.stage.init_from)
-    else:
+    elif policy.step == 0:
         copy_weights(policy, ref)
+        ckpt.save(ref, run_dir / "reference", keep=1, with_optimizer=False)
+    else:
+        raise ConfigError(
+            f"{run_dir} resumes at policy step {policy.step} without stage.init_from and without the KL "
+            f"reference its first start saves ({run_dir / 'reference'}): its weights at step 0 are gone. Fix: "
+            "set stage.init_from to the weights the run started from, or stage.rl.kl_coef=0."
+        )
     return ref
 
 

@@ -28,6 +28,9 @@ class Sample:
     reward: float = 0.0  # the weighted total the advantage estimator reads
     advantage: float = 0.0  # a group estimator's advantage for the whole sample
     version: int = 0  # the weights that generated it: the trainer's version after that many steps
+    # Per completion token, where partial rollouts (rlhf.partial) continued it on newer weights; `version`
+    # is then the oldest.
+    token_versions: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -74,11 +77,12 @@ def sampling(r, seed: int, offset: int, stop_token_ids: tuple[int, ...], **overr
 
 
 def generate_groups(engine: Engine, tok, rows: list[dict], sampling: Sampling) -> tuple[list[list[Sample]], int]:
-    """sampling.n completions for each row; returns the groups and how many prompts were truncated."""
-    prompts = [prompt_ids(tok, r) for r in rows]
-    out = engine.generate(prompts, sampling)  # under the engine's own watch: timeout_s, death, one restart
+    """sampling.n completions for each row; returns the groups and how many prompts were truncated. A
+    sample's prompt is the one the engine sampled after (rollout.overlong_prompt=truncate: its tail), so
+    the trainer scores the completion in the context that produced it."""
+    out = engine.generate([prompt_ids(tok, r) for r in rows], sampling)  # under the engine's own watch
     groups = []
-    for row, prompt, comps in zip(rows, prompts, out.completions):
+    for row, prompt, comps in zip(rows, out.prompts, out.completions):
         groups.append(
             [
                 Sample(
@@ -88,6 +92,7 @@ def generate_groups(engine: Engine, tok, rows: list[dict], sampling: Sampling) -
                     c.logprobs,
                     c.finish_reason,
                     tok.decode(c.token_ids, skip_special_tokens=True),
+                    token_versions=c.token_versions,
                 )
                 for c in comps
             ]

@@ -99,13 +99,18 @@ def step_metrics(step: int, batch, stats: dict, sync: dict, ledger: Ledger) -> d
 def staleness_metrics(info: dict, step_s: float) -> dict:
     """How many weight versions each sample lags the weights it trains (rlhf.producer): the mean, the
     maximum and a count per lag; and how long the engine worked and idled since the previous step's row
-    (an overlapped engine works while the trainer does; a synchronous one only when the trainer waits)."""
+    (an overlapped engine works while the trainer does; a synchronous one only when the trainer waits).
+    With partial rollouts a sample's lag is its oldest token's; `continued` counts the samples finished on
+    newer weights than they began on, and the token-level mean lag shows what continuing saved."""
     lags = info["staleness"]
     row = {
         "rollout/staleness_mean": sum(lags) / max(len(lags), 1),
         "rollout/staleness_max": max(lags, default=0),
         **{f"rollout/staleness_{k}": lags.count(k) for k in range(info["lead"] + 1)},
+        "rollout/continued": info["continued"],
         "perf/engine_busy_s": info["engine_busy_s"],
     }
+    if info["token_staleness_mean"] is not None:
+        row["rollout/token_staleness_mean"] = info["token_staleness_mean"]
     row["perf/engine_idle_s"] = max(step_s - info["engine_busy_s"], 0.0)
     return row

@@ -134,6 +134,48 @@ def test_update_weights_changes_what_the_engine_serves(engines):
     assert after.logprobs != before.logprobs
 
 
+def test_a_partial_rollout_keeps_its_prefix_and_continues_on_the_new_weights(engines):
+    """rlhf.partial on real vLLM: the first call stops after 4 tokens, new weights load, the unfinished
+    completions go on from their prefix (tokens and behaviour log-probs kept) with log-probs of the new
+    weights, each token stamped with its version; the prefix replayed after a restart gives the same."""
+    from rlhf.partial import PartialBatch
+
+    vllm, hf = engines
+    s = Sampling(n=2, temperature=1.0, max_new_tokens=10, seed=7)
+    collect = lambda engine, step, at: (engine.generate(PROMPTS, s), at + 1)  # noqa: E731
+    version = [0]
+    part = PartialBatch(collect, vllm, 1, 0, 4, lambda: version[0])
+    part.start()
+    prefix = part.prefix.rollout.completions
+    assert all(len(c.token_ids) <= 4 and c.token_versions == [0] * len(c.token_ids) for p in prefix for c in p)
+    g = torch.Generator().manual_seed(2)
+    new = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in hf.model.state_dict().items()}
+    new["lm_head.weight"] = new["model.embed_tokens.weight"]
+    hf.update_weights(new.items())
+    vllm.update_weights(new.items())
+    version[0] = 1
+    out, at = part.finish()
+    assert at == 1
+    continued = 0
+    for prompt, before, after in zip(PROMPTS, prefix, out.completions):
+        for b, a in zip(before, after):
+            assert a.token_ids[: len(b.token_ids)] == b.token_ids and a.logprobs[: len(b.logprobs)] == b.logprobs
+            tail = a.token_ids[len(b.token_ids) :]
+            assert a.token_versions == [0] * len(b.token_ids) + [1] * len(tail)
+            if tail:
+                continued += 1
+                ref = teacher_forced(hf, prompt + b.token_ids, tail)
+                assert max(abs(x - y) for x, y in zip(a.logprobs[len(b.token_ids) :], ref)) < 1e-4
+    assert continued >= 4
+    again = PartialBatch(collect, vllm, 1, 0, 4, lambda: 1, replay=part.prefix)
+    again.start()
+    assert again.finish()[0] == out
+    other = Sampling(n=2, temperature=1.0, max_new_tokens=10, seed=8)
+    moved = PartialBatch(lambda e, st, at: (e.generate(PROMPTS, other), at), vllm, 1, 0, 4, lambda: 1, part.prefix)
+    with pytest.raises(RuntimeError, match="other prompts or sampling"):
+        moved.start()
+
+
 def test_bad_input(engines):
     vllm, _ = engines
     s = Sampling(temperature=0.0, max_new_tokens=8)
@@ -151,6 +193,29 @@ def test_bad_input(engines):
     finally:
         vllm.overlong_prompt = "error"
     assert out.truncated_prompts == [1] and len(out.completions[1][0].token_ids) == 8
+    assert out.prompts == [PROMPTS[0], long_prompt[-(MAX_LEN - 8) :]]  # the tail the engine sampled after
+
+
+def test_a_truncated_prompts_samples_are_scored_after_the_prompt_the_engine_read(engines):
+    """rollout.overlong_prompt=truncate: the sample (what the trainer scores) holds the truncated prompt, so
+    the trainer's log-probs of its completion equal the engine's."""
+    from core.tokenizer import build_char_tokenizer
+    from rlhf.rollout import generate_groups
+
+    _, hf = engines
+    tok = build_char_tokenizer()
+    rows = [{"prompt": "User: 1+2 Assistant: <think>"}, {"prompt": "User: " + "9+" * 30 + "1 Assistant: <think>"}]
+    hf.overlong_prompt = "truncate"
+    try:
+        groups, truncated = generate_groups(hf, tok, rows, Sampling(n=2, max_new_tokens=8, seed=3))
+    finally:
+        hf.overlong_prompt = "error"
+    assert truncated == 1
+    full = tok(rows[1]["prompt"])["input_ids"]
+    for s in groups[1]:
+        assert s.prompt_ids == full[-(MAX_LEN - 8) :] and len(full) > MAX_LEN - 8
+        ref = teacher_forced(hf, s.prompt_ids, s.completion_ids)
+        assert max(abs(a - b) for a, b in zip(s.engine_logp, ref)) < 1e-4
 
 
 def test_sleep_is_a_logged_no_op_on_cpu(engines, caplog):

@@ -22,6 +22,8 @@ OFF = ["stage=r1_zero", "rollout.mode=one_step_off", "stage.rl.tis_cap=2"]
         (["rollout=hf"], 1, "rollout.mode=one_step_off with rollout.engine=hf"),
         (["stage.rl.tis_cap=0"], 1, "stage.rl.tis_cap=0 leaves that uncorrected"),
         ([], 2, r"rollout.mode=one_step_off with 2 trainer processes \(parallel.tensor=1, pipeline=1, data=2\)"),
+        (["rollout.mode=sync", "rollout.partial=true"], 1, r"rollout.partial=true with rollout.mode=sync \(lead 0\)"),
+        (["rollout.partial=true", "rollout.partial_tokens=64"], 1, "rollout.partial_tokens=64 with rollout.max_new"),
     ],
 )
 def test_off_policy_settings_are_refused_naming_the_field(overrides, world, message):

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 from core.compose import compose
@@ -121,7 +122,9 @@ def test_dynamic_sampling_and_variants_run(base, tmp_path):
     )
     rows = read_metrics(run)
     assert len(rows) == 2 and all(r["train/kl"] is None for r in rows)  # no reference model with β=0
-    assert all(r["rollout/prompts"] >= 4 for r in rows)
+    for r in rows:  # 4 prompts, then up to 3 refills of 4 while fewer than 4 groups differ in reward
+        assert r["rollout/prompts"] in (4, 8, 12, 16)
+        assert r["rollout/informative_frac"] == 1 or r["rollout/prompts"] == 16  # topped up only once refills ran out
     assert_time_ledger(rows)
     assert rows[0]["time/checkpoint_s"] == 0 < rows[1]["time/checkpoint_s"]  # step 1's save, after its row
     assert all(r["time/logprobs_old_s"] > 0 == r["time/logprobs_ref_s"] for r in rows)  # β=0: no reference
@@ -186,10 +189,12 @@ def _kill_group(proc):
 
 
 def test_kill_9_at_three_points_resumes_an_async_run_to_the_same_metrics(base, tmp_path):
-    """An async run (rollouts generated two steps ahead by an engine process: rlhf.producer): the same
-    command after each SIGKILL (mid-step, inside a checkpoint save, between the step dir's rename and the
-    `latest` pointer) must end with exactly the metrics (sampled tokens' hashes, prompts) and evaluations of
-    an uninterrupted run, every prompt of the stream trained once, in order."""
+    """An async run (rollouts generated two steps ahead by an engine process, each step's generation
+    interrupted by the next weights and continued on them: rlhf.producer, rlhf.partial): the same command
+    after each SIGKILL (mid-step, inside a checkpoint save, between the step dir's rename and the `latest`
+    pointer) must end with exactly the metrics (sampled tokens' hashes, prompts) and evaluations of an
+    uninterrupted run, every prompt of the stream trained once, in order. Every checkpoint holds an
+    interrupted step's prefix, so each resume continues one."""
     args = [
         "stage=r1_zero",
         f"stage.init_from={base}",
@@ -198,6 +203,8 @@ def test_kill_9_at_three_points_resumes_an_async_run_to_the_same_metrics(base, t
         "stage.rl.kl_coef=0.001",
         "rollout.mode=async",
         "rollout.max_staleness=2",
+        "rollout.partial=true",  # each step's generation interrupted after 8 tokens by the next weights
+        "rollout.partial_tokens=8",
         "stage.rl.tis_cap=2",
         "data.num_train=64",
         *SMALL[:3],
@@ -212,7 +219,8 @@ def test_kill_9_at_three_points_resumes_an_async_run_to_the_same_metrics(base, t
     run = tmp_path / "killed"
     proc = _start_killable([sys.executable, "-m", "rlhf.train", *args, f"run_dir={run}"], tmp_path / "kill1.log")
     metrics = run / "metrics.jsonl"
-    while proc.poll() is None and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+    rows_written = lambda: len(metrics.read_text().splitlines()) if metrics.exists() else 0  # noqa: E731
+    while proc.poll() is None and rows_written() < 2:
         time.sleep(0.05)
     _kill_group(proc)  # mid-step 3: steps 1-2 are checkpointed, step 3's work is lost
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
@@ -228,11 +236,25 @@ def test_kill_9_at_three_points_resumes_an_async_run_to_the_same_metrics(base, t
         assert crash.returncode == -signal.SIGKILL, log.read_text()[-3000:]
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000008"  # the interrupted save left 8
     assert list((run / "checkpoints").glob(".tmp.step_00000008")) == []  # … and 10 is complete but not pointed at
+    # The engine process killed once step 5 is checkpointed: the trainer stops with the engine's clear error
+    # (no restart in these modes); the checkpoints it wrote keep their buffers.
+    log = tmp_path / "engine_killed.log"
+    proc = _start_killable([sys.executable, "-m", "rlhf.train", *args, f"run_dir={run}"], log)
+    while proc.poll() is None and (run / "checkpoints" / "latest").read_text().strip() != "step_00000010":
+        time.sleep(0.05)
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        if "EngineCore" in " ".join(child.cmdline()):
+            child.kill()
+    assert proc.wait(timeout=300) == 1, log.read_text()[-3000:]
+    assert "its engine-core process exited" in log.read_text()
+    _kill_group(proc)
     _train(*args, f"run_dir={run}")
     assert len(killed_at) >= 2
     rows = read_metrics(run, drop_wall_clock=True)
     assert rows == read_metrics(straight, drop_wall_clock=True)
     assert json.loads((run / "eval.json").read_text()) == json.loads((straight / "eval.json").read_text())
     assert [r["rollout/staleness_max"] for r in rows] == [0, 1, 2, 2, 2, 2]  # step j: weights of max(0, j - 3)
+    assert all(r["rollout/continued"] > 0 for r in rows[3:])  # … finished on those of j - 2
+    assert all(r["rollout/token_staleness_mean"] < 2 for r in rows[3:])
     drawn = [i for r in rows for i in r["rollout/prompt_ids"]]
     assert drawn == shuffled_rows(0, len(drawn), 0, 64)  # nothing skipped, nothing twice

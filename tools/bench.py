@@ -145,6 +145,9 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--seeds", type=int, default=1, help="offpolicy: runs per mode (seeds 1234, 1235, ...)")
     parser.add_argument(
+        "--modes", nargs="*", help="offpolicy: the rollout modes to run (default: all; ratios need sync)"
+    )
+    parser.add_argument(
         "overrides",
         nargs="*",
         help="config overrides for rollout, weight_sync, train_mfu, offpolicy, e.g. model.hidden_size=512",

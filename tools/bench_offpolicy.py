@@ -25,6 +25,13 @@ MODES = {  # the modes compared; sync is the reference
     "sync": ["rollout.mode=sync"],
     "one_step_off": ["rollout.mode=one_step_off"],
     "async": ["rollout.mode=async", "rollout.max_staleness=2"],
+    # the same lag, each step's generation interrupted after 8 tokens and finished on the next weights
+    "async_partial": [
+        "rollout.mode=async",
+        "rollout.max_staleness=2",
+        "rollout.partial=true",
+        "rollout.partial_tokens=8",
+    ],
 }
 WARM_STEPS = 2  # steps left out of the throughput medians
 
@@ -48,7 +55,7 @@ def offpolicy(args) -> dict:
         base = Path(args.base) if args.base else Path(tmp) / "base"
         if not args.base:
             _train(["stage=pretrain", f"run_dir={base}", "logger=none"], _env("sync", args.threads))
-        for mode, overrides in MODES.items():
+        for mode, overrides in {m: MODES[m] for m in _modes(args.modes)}.items():
             runs = []
             for seed in seeds:
                 run = Path(tmp) / f"{mode}_{seed}"
@@ -61,20 +68,21 @@ def offpolicy(args) -> dict:
                 evals = json.loads((run / "eval.json").read_text())
                 runs.append((rows[WARM_STEPS:], rows, evals))
             figures[mode] = _summary(runs)
-    sync = figures["sync"]
+    sync, others = figures.get("sync"), [m for m in figures if m != "sync"]
     return {
         "figures": {**figures, "threads": args.threads, "seeds": seeds},
-        "ratios": {
-            f"{mode}_over_sync": figures[mode]["samples_per_s"] / sync["samples_per_s"]
-            for mode in MODES
-            if mode != "sync"
-        },
+        "ratios": {f"{m}_over_sync": figures[m]["samples_per_s"] / sync["samples_per_s"] for m in others if sync},
         "learning": {
-            f"{mode}_pass@1_minus_sync": figures[mode]["final_pass@1"] - sync["final_pass@1"]
-            for mode in MODES
-            if mode != "sync"
+            f"{m}_pass@1_minus_sync": figures[m]["final_pass@1"] - sync["final_pass@1"] for m in others if sync
         },
     }
+
+
+def _modes(asked: list[str] | None) -> list[str]:
+    unknown = set(asked or ()) - set(MODES)
+    if unknown:
+        raise SystemExit(f"--modes {' '.join(sorted(unknown))}: unknown; expected some of {', '.join(MODES)}")
+    return asked or list(MODES)
 
 
 def _summary(runs: list) -> dict:
