@@ -63,7 +63,7 @@ class HFEngine(Engine):
             mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=mask.dtype)], 1)
         completions = [_completion(i, tokens, logprobs, stops) for i in range(len(rows))]
         out = [completions[i * sampling.n : (i + 1) * sampling.n] for i in range(len(prompts))]
-        return Rollout(completions=out, truncated_prompts=truncated)
+        return Rollout(completions=out, truncated_prompts=truncated, prompts=prompts)
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         self.model.load_state_dict(dict(named_tensors), strict=True)  # the full state, tied head included

@@ -123,7 +123,7 @@ class VLLMEngine(Engine):
             ]
             for out in outputs
         ]
-        return Rollout(completions=completions, truncated_prompts=truncated)
+        return Rollout(completions=completions, truncated_prompts=truncated, prompts=prompts)
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         weights = ((name, t.detach().contiguous()) for name, t in named_tensors)

@@ -124,3 +124,50 @@ def test_damaged_checkpoint_is_refused_and_the_previous_one_offered(P, tmp_path)
     assert any("rng/rank_00000.pt is missing" in p for p in ckpt.verify(newest))
     (tmp_path / "latest").write_text("step_00000000\n")  # the offered fix works
     assert ckpt.load(new_policy(P), tmp_path)["step"] == 0
+
+
+def test_the_kl_reference_of_a_run_without_init_from_stays_its_step_0_weights_on_resume(P, tmp_path):
+    """r1_zero.reference: the first start saves the policy's step-0 weights as the reference; a resumed
+    run (its policy trained on) loads those, not its own weights; one that cannot is a clear error."""
+    from core.errors import ConfigError
+    from rlhf.r1_zero import reference
+
+    policy = new_policy(P)
+    assert not policy.cfg.stage.init_from
+    start = weights(policy)
+    reference(policy.cfg, policy, tmp_path)
+    for i in range(2):  # the first step warms up at lr 0
+        train_step(policy, batch(i))
+    assert not all(torch.equal(start[k], v) for k, v in weights(policy).items())
+    resumed = weights(reference(policy.cfg, policy, tmp_path))
+    assert resumed.keys() == start.keys() and all(torch.equal(start[k], resumed[k]) for k in start)
+    with pytest.raises(ConfigError, match="resumes at policy step 2 without stage.init_from"):
+        reference(policy.cfg, policy, tmp_path / "other")
+
+
+def test_the_kl_reference_is_refreshed_every_n_steps_and_a_resume_reads_the_refresh(P, tmp_path):
+    """stage.rl.ref_refresh_every=2 (R1-Zero: 400): at steps 2, 4, ... the reference becomes the policy, and
+    is saved, so that a resumed run compares with the refreshed reference, not the initial one."""
+    import dataclasses
+
+    from rlhf.r1_zero import reference, refresh_reference
+
+    policy = new_policy(P)
+    cfg = dataclasses.replace(policy.cfg, run_dir=str(tmp_path))
+    cfg.stage.rl.ref_refresh_every = 2
+    ref = reference(cfg, policy, tmp_path)
+    start = weights(ref)
+    for step in (1, 2, 3):
+        for i in range(2):
+            train_step(policy, batch(step * 2 + i))
+        at_step = weights(policy)
+        refresh_reference(cfg, step, policy, ref)
+        if step == 1:
+            assert all(torch.equal(start[k], v) for k, v in weights(ref).items())  # not yet
+        if step == 2:
+            refreshed = at_step
+    now = weights(ref)
+    assert all(torch.equal(refreshed[k], now[k]) for k in now)  # step 2's policy; step 3 left it
+    assert not all(torch.equal(at_step[k], now[k]) for k in now)
+    resumed = weights(reference(cfg, policy, tmp_path))
+    assert all(torch.equal(refreshed[k], resumed[k]) for k in resumed)
