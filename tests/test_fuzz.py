@@ -112,8 +112,9 @@ tag_soup = st.lists(st.sampled_from(TAGS + PARTIAL_TAGS + ["a", " ", "\n", "2", 
 
 @fuzz(300)
 @given(tag_soup)
-def test_extract_answer_is_the_first_complete_block(c):
-    m = _FIRST_BLOCK.search(c)
+def test_extract_answer_is_the_first_complete_block_after_the_reasoning(c):
+    end = c.find(THINK_END)
+    m = _FIRST_BLOCK.search(c, end + len(THINK_END)) if end >= 0 else None
     assert extract_answer(c) == (m.group(1) if m else None)
 
 
@@ -121,8 +122,8 @@ def test_extract_answer_is_linear():
     # The regex took 11 s on 16k unclosed <answer> tags (128k characters, a 32k-token degenerate response),
     # and rlhf.evaluate calls it in the trainer's process; 400k characters take a millisecond now.
     start = time.perf_counter()
-    assert extract_answer(ANSWER * 50_000) is None
-    assert extract_answer(ANSWER * 50_000 + "1" + ANSWER_END) == ANSWER * 49_999 + "1"
+    assert extract_answer(THINK_END + ANSWER * 50_000) is None
+    assert extract_answer(THINK_END + ANSWER * 50_000 + "1" + ANSWER_END) == ANSWER * 49_999 + "1"
     assert time.perf_counter() - start < 2.0
 
 

@@ -78,10 +78,30 @@ def test_addition_accuracy_matches_the_pretraining_scorer():
         ("$\\sqrt{2}$", "\\boxed{\\sqrt 2}", 1.0),
         ("10", "???", 0.0),  # unparsable prediction
         ("10", "", 0.0),
+        # a relation is not a value: math-verify alone compares its right side (or an approximation's left)
+        ("7", "1+1=7", 0.0),
+        ("7", "5=7", 0.0),
+        ("7", "7 \\approx 5", 0.0),
+        ("7", "a+b=7", 0.0),
+        ("7", "x=7", 1.0),  # symbol = value stands for the value
+        ("7", "$x = 3+4$", 1.0),
+        ("x=7", "x=7", 1.0),  # a relation as the gold is compared as one
+        ("\\approx 3.14", "3.14", 1.0),
     ],
 )
 def test_math_accuracy_uses_math_verify(gold, pred, want):
     assert acc(f"r</think><answer>{pred}</answer>", math_sample(gold)) == want
+
+
+def test_only_an_answer_after_the_reasoning_earns_accuracy():
+    """An <answer> block inside the reasoning (before </think>) or with no </think> at all earns nothing;
+    the block after it does. Format stays a reward of its own."""
+    assert acc("guess <answer>432</answer> then </think><answer>1</answer>", ADD) == 0.0
+    assert acc("guess <answer>1</answer> then </think><answer>432</answer>", ADD) == 1.0
+    assert acc("5+7+0=12<answer>432</answer>", ADD) == 0.0  # no </think>: the pretraining's broken form
+    assert acc("r<answer>2</answer>", math_sample("2")) == 0.0
+    assert addition.score("5+7+0=12<answer>432</answer>", "432") == 0.0
+    assert fmt("guess <answer>432</answer> then </think><answer>1</answer>", ADD) == 0.0
 
 
 def test_accuracy_without_answer_tags_is_zero():
@@ -240,8 +260,11 @@ def test_language_consistency_is_the_share_of_target_language_words_in_the_reaso
     mixed = lc("first add the units, 然后进位一, then write the answer</think>", en)
     assert 0.5 < mixed < 0.7  # 8 English words of 13 (a Han character is a word)
     assert lc("first add the units, then carry the one</think>", zh) == 0.0
-    assert lc("5+7=12;8+4+1=13</think><answer>12</answer>", en) == 1.0  # no words: nothing mixed
+    # Too few words to judge (digits only, empty, two words): 0, never a free 1
+    assert lc("5+7=12;8+4+1=13</think><answer>12</answer>", en) == 0.0
+    assert lc("two words</think><answer>12</answer>", en) == 0.0
+    assert lc("three words here</think>", en) == 1.0
     assert (
         lc("the units first</think><answer>然后进位 然后进位 然后进位</answer>", en) == 1.0
     )  # only the reasoning counts
-    assert lc("", {"metadata": {}}) == 1.0
+    assert lc("", {"metadata": {}}) == 0.0

@@ -39,12 +39,14 @@ def last_boxed(text: str) -> str | None:
 
 
 def extract_answer(completion: str, sample: dict | None = None) -> str | None:
-    """The final answer in the sample's convention (module doc): the last ``\\boxed{}`` after the
-    reasoning, or the text inside the first ``<answer>...</answer>``; None when there is none."""
-    if answer_style(sample) == "boxed":
-        end = completion.find(THINK_END)
-        return None if end < 0 else last_boxed(completion[end + len(THINK_END) :])
-    return _tagged_answer(completion)
+    """The final answer in the sample's convention (module doc), read only after the reasoning (the first
+    ``</think>``: an answer written inside the reasoning earns nothing): the last ``\\boxed{}`` there, or
+    the text inside the first ``<answer>...</answer>`` there; None when there is none."""
+    end = completion.find(THINK_END)
+    if end < 0:
+        return None
+    after = completion[end + len(THINK_END) :]
+    return last_boxed(after) if answer_style(sample) == "boxed" else _tagged_answer(after)
 
 
 def _tagged_answer(completion: str) -> str | None:

@@ -74,8 +74,10 @@ def trace(a: int, b: int) -> str:
 
 
 def score(completion: str, gold: str) -> float:
-    """1.0 iff the first ``<answer>...</answer>`` holds exactly `gold`."""
-    m = _ANSWER_RE.search(completion)
+    """1.0 iff the first ``<answer>...</answer>`` after ``</think>`` holds exactly `gold` (the accuracy
+    reward's reading: an answer inside the reasoning does not count)."""
+    end = completion.find(THINK_END)
+    m = _ANSWER_RE.search(completion, end + len(THINK_END)) if end >= 0 else None
     return 1.0 if m is not None and m.group(1) == gold else 0.0
 
 

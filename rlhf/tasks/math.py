@@ -8,11 +8,14 @@ import re
 import threading
 
 from math_verify import parse, verify
+from sympy import Eq, Symbol
+from sympy.core.relational import Relational
 
 from core.errors import DataError
 from rlhf.tasks import TASKS, Task
 
 _MATH_DELIMITERS = ("$", "\\(", "\\[", "\\boxed")
+_APPROX = ("\\approx", "\\simeq", "\\thickapprox", "≈")  # math-verify drops these and keeps the left side
 # LaTeX spacing between two digits (``10 000``, ``1\\,000``, ``1~000``): LaTeX renders the digits as one
 # number, while math-verify reads the gap as a product or a mixed number (10·0 = 0, ``12 5`` = 12 + 5).
 _DIGIT_GAP = re.compile(r"(?<=\d)(?:\s|\\[,;:! ]|~)+(?=\d)")
@@ -47,10 +50,29 @@ def _parse_gold(text: str) -> tuple:
 
 
 def score(answer: str, sample: dict) -> float:
-    pred = parse_math(answer.strip())
-    if not is_parsed(pred):
+    pred, gold_text = parse_math(answer.strip()), sample["answer"].strip()
+    gold = list(_parse_gold(gold_text))
+    if not is_parsed(pred) or _refused_relation(answer, pred, gold_text, gold):
         return 0.0
-    return 1.0 if verify(list(_parse_gold(sample["answer"].strip())), pred, timeout_seconds=_timeout(5)) else 0.0
+    return 1.0 if verify(gold, pred, timeout_seconds=_timeout(5)) else 0.0
+
+
+def _refused_relation(answer: str, pred: list, gold_text: str, gold: list) -> bool:
+    """An answer that is a relation where the gold is a value: math-verify compares only a relation's
+    right side (``1+1=7``, ``5=7`` match gold 7) and reads ``7 \\approx 5`` as its left side, so any claim
+    ending in the gold would earn accuracy. Only ``symbol = value`` (``x=7``) stands for a value; other
+    equations and approximations are refused unless the gold is one itself."""
+    if _relation(gold) is not None or any(a in gold_text for a in _APPROX):
+        return False
+    if any(a in answer for a in _APPROX):
+        return True
+    first = _relation(pred)
+    return isinstance(first, Eq) and not isinstance(first.lhs, Symbol)
+
+
+def _relation(parsed: list):
+    first = next((x for x in parsed if not isinstance(x, str)), None)
+    return first if isinstance(first, Relational) else None
 
 
 def check_gold(row: dict, where: str) -> None:
