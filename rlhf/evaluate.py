@@ -1,7 +1,7 @@
 """Held-out evaluation as the R1 paper reports it: k samples per prompt at temperature 0.6, top-p 0.95;
 pass@1 is the mean accuracy over all k·N samples, cons@k the accuracy of each prompt's majority answer.
 Reported overall and per task, with the response-length distribution; language_consistency too when the
-pool scores it (tools.eval's does), a task's audit rates (greetings: harmful and ideal shares) and, for a task
+pool scores it (tools.eval's does), over the samples whose reasoning has words, a task's audit rates (greetings: harmful and ideal shares) and, for a task
 that defines it, the share of samples that start with its reasoning."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from core.run_tokenizer import stop_token_ids
 from inference.engine import Sampling
 from parallel import parallelize as P
 from rlhf.rewards import extract_answer
+from rlhf.rewards.language import wordless
 from rlhf.rollout import generate_groups
 from rlhf.tasks import TASKS
 
@@ -54,13 +55,16 @@ def _score(engine, tok, rows: list[dict], ecfg, pool, max_new_tokens: int) -> li
     records, i = [], 0
     for row, g in zip(rows, groups):
         share = {name: mean(v[i : i + len(g)]) for name, v in scores.items()}
+        # language consistency over the samples whose reasoning has words to judge (rlhf.rewards.language)
+        judged = scores.get("language_consistency", [])[i : i + len(g)]
+        lang = [v for s, v in zip(g, judged) if not wordless(s.text)]
         records.append(
             {
                 "task": row.get("task") or "default",
                 "pass@1": share["accuracy"],
                 "cons": _consensus(g, scores["accuracy"][i : i + len(g)]),
                 "format": share["format"],
-                "language_consistency": share.get("language_consistency"),
+                "language_consistency": mean(lang) if lang else None,
                 "lengths": [len(s.completion_ids) for s in g],
                 "reasoning_first": _reasoning_first(row, g),
                 "audit": _audit(row, g),

@@ -36,7 +36,7 @@ from rlhf import grpo, non_reasoning, rollout
 from rlhf.judge import GenerativeJudge, rule_checkable
 from rlhf.prompts import load_prompts
 from rlhf.rewards import RewardPool, extract_answer
-from rlhf.rewards.language import reasoning_of
+from rlhf.rewards.language import reasoning_of, wordless
 from rlhf.tasks.judge import JUDGED
 
 log = logging.getLogger("r1stack.rejection_sampling")
@@ -181,7 +181,7 @@ def screen(text: str, scores: dict, s, language: str, seen: set[str]) -> str:
     reasoning = reasoning_of(text)
     if scores["accuracy"] < 1 or scores["format"] < 1:
         return "incorrect"
-    if scores["language_consistency"] < s.min_language_share:
+    if scores["language_consistency"] < s.min_language_share and not wordless(text):  # words to judge
         return "mixed_language"
     if any(len(p) > s.max_paragraph_chars for p in reasoning.split("\n\n")):
         return "long_paragraph"

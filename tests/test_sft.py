@@ -207,7 +207,10 @@ def test_rejection_filters():
     assert screen("add units</think><answer>5</answer>", ok, s, "en", seen) == "duplicate"
     assert screen("x</think><answer>6</answer>", {**ok, "accuracy": 0.0}, s, "en", set()) == "incorrect"
     assert (
-        screen("x</think><answer>5</answer>", {**ok, "language_consistency": 0.6}, s, "en", set()) == "mixed_language"
+        screen("add the units</think><answer>5</answer>", {**ok, "language_consistency": 0.6}, s, "en", set())
+        == "mixed_language"
     )
+    wordless = {**ok, "language_consistency": 0.0}  # digits only: no language to judge, not a mixed one
+    assert screen("5+7=12</think><answer>12</answer>", wordless, s, "en", set()) == "keep"
     assert screen("a" * 2001 + "</think><answer>5</answer>", ok, s, "en", set()) == "long_paragraph"
     assert screen("```py\nx\n```</think><answer>5</answer>", ok, s, "en", set()) == "code_block"

