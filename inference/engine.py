@@ -79,8 +79,10 @@ class Engine(abc.ABC):
         """n completions per prompt, with the engine's per-token logprobs."""
 
     @abc.abstractmethod
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Replaces the served weights with the full HF-named state (never a subset: tied heads)."""
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> dict | None:
+        """Replaces the served weights with the full HF-named state (never a subset: tied heads), or raises
+        inference.refit.RefitError leaving them as they were. Returns the receipt: what arrived (tensors,
+        buckets) and the seconds of its transfer, load and post-processing, as far as the engine has them."""
 
     def sleep(self) -> None:
         """Frees the KV cache (and offloads weights) while the trainer runs."""

@@ -5,6 +5,7 @@ default GRPO rollout) does, so `tools.bench rollout`'s ours_over_hf compares wit
 
 from __future__ import annotations
 
+import time
 from typing import Iterable
 
 import torch
@@ -65,8 +66,11 @@ class HFEngine(Engine):
         out = [completions[i * sampling.n : (i + 1) * sampling.n] for i in range(len(prompts))]
         return Rollout(completions=out, truncated_prompts=truncated, prompts=prompts)
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        self.model.load_state_dict(dict(named_tensors), strict=True)  # the full state, tied head included
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> dict:
+        state = dict(named_tensors)
+        t0 = time.perf_counter()
+        self.model.load_state_dict(state, strict=True)  # the full state, tied head included: strict names it
+        return {"tensors": len(state), "load_s": time.perf_counter() - t0}
 
     def dead_reason(self) -> str | None:
         # In-process, so no process can exit under it: it is dead once its model is gone (deleted, or

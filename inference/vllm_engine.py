@@ -12,14 +12,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Iterable
 
 import torch
 
 from inference.engine import ENGINES, Completion, Engine, Rollout, Sampling, buckets
+from inference.refit import bucket_checksum, checkpoint_names
 from inference.supervision import EngineError, exit_code, log
-from inference.vllm_worker import repack_moe_experts
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines come at every step and weight sync
@@ -59,6 +60,7 @@ class VLLMEngine(Engine):
         from vllm import LLM
 
         self.max_model_len, self.overlong_prompt = max_model_len, overlong_prompt
+        self.checkpoint_names = checkpoint_names(model_dir)  # what every weight update must send (refit)
         if own_process:  # vLLM reads it when the engine is built (the default is set at import, above)
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
         self.own_process = os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
@@ -125,19 +127,30 @@ class VLLMEngine(Engine):
         ]
         return Rollout(completions=completions, truncated_prompts=truncated, prompts=prompts)
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> dict:
+        """Sends the state bucket by bucket with its checksums; the worker checks each bucket and the
+        whole state's names (inference.refit) before it reloads. Returns the receipt: tensors, buckets,
+        the seconds of the transfer (including the sender's checksums and serialisation), of the reload
+        and of its post-processing."""
         weights = ((name, t.detach().contiguous()) for name, t in named_tensors)
-        if self.own_process:  # bytes cross to the engine-core process; it reloads them all at the end
-            from safetensors.torch import save
-
-            for bucket in buckets(weights, SEND_BUCKET_BYTES):  # safetensors refuses memory shared (tied heads)
-                blob = save({name: t.clone() for name, t in bucket})
-                self.llm.collective_rpc("receive_weight_bucket", args=(blob,))
-            self.llm.collective_rpc("load_received_weights")
-        else:  # in-process: the iterator is consumed inside reload_weights, one bucket held at a time
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
-            self.llm.collective_rpc(repack_moe_experts)
+        receipt = {"buckets": 0, "transfer_s": 0.0}
+        for index, bucket in enumerate(buckets(weights, SEND_BUCKET_BYTES)):  # exporting the next: not timed
+            t0 = time.perf_counter()
+            self._send_bucket(bucket, bucket_checksum(bucket), index)
+            receipt["buckets"] += 1
+            receipt["transfer_s"] += time.perf_counter() - t0
+        [loaded] = self.llm.collective_rpc("load_received_weights", args=(sorted(self.checkpoint_names),))
         self.llm.reset_prefix_cache()
+        return {**receipt, **loaded}
+
+    def _send_bucket(self, bucket: list, checksum: int, index: int) -> None:
+        if self.own_process:  # bytes cross to the engine-core process (safetensors refuses shared memory:
+            from safetensors.torch import save  # tied heads, hence the clones)
+
+            payload = save({name: t.clone() for name, t in bucket})
+        else:  # in-process: the tensors themselves
+            payload = bucket
+        self.llm.collective_rpc("receive_weight_bucket", args=(payload, checksum, index))
 
     def sleep(self) -> None:
         if self.on_gpu:

@@ -10,6 +10,7 @@ head on the old weights, silently).
 from __future__ import annotations
 
 import logging
+import time
 
 
 class _RotaryReloadNotice(logging.Filter):
@@ -55,18 +56,37 @@ def repack_moe_experts(worker) -> int:
 
 class WeightReceiver:
     """Mixed into vLLM's worker class (worker_extension_cls): methods the trainer calls through
-    collective_rpc."""
+    collective_rpc. Each bucket is checked against the sender's checksum as it arrives, the whole state
+    against the names the model was loaded with before anything is reloaded (inference.refit)."""
 
-    def receive_weight_bucket(self, blob: bytes) -> int:
-        from safetensors.torch import load
+    def receive_weight_bucket(self, payload, expected: int, index: int) -> int:
+        """`payload`: safetensors bytes (an engine-core process) or the (name, tensor) list (in-process)."""
+        from inference.refit import verify_bucket
 
+        if isinstance(payload, bytes):
+            from safetensors.torch import load
+
+            bucket = list(load(payload).items())
+        else:
+            bucket = list(payload)
         staged = self.__dict__.setdefault("_r1_staged", [])
-        staged.extend(load(blob).items())
+        try:
+            verify_bucket(bucket, expected, index)
+        except Exception:
+            staged.clear()  # a refused update leaves nothing behind for the next one
+            raise
+        staged.extend(bucket)
         return len(staged)
 
-    def load_received_weights(self) -> int:
-        """Reloads everything received since the last call; returns the number of tensors."""
+    def load_received_weights(self, expected_names=None) -> dict:
+        """Reloads everything received since the last call once its names are the model's; returns the
+        tensor count and the seconds of the reload and of the post-processing (MoE re-pack)."""
+        from inference.refit import verify_names
+
         staged, self._r1_staged = self.__dict__.get("_r1_staged", []), []
+        verify_names((name for name, _ in staged), set(expected_names) if expected_names else None)
+        t0 = time.perf_counter()
         self.reload_weights(weights_iterator=iter(staged))
+        t1 = time.perf_counter()
         repack_moe_experts(self)
-        return len(staged)
+        return {"tensors": len(staged), "load_s": t1 - t0, "post_s": time.perf_counter() - t1}

@@ -29,9 +29,10 @@ def sync_weights(policy, engine, bucket_bytes: int) -> dict:
                 stats["bytes"] += t.numel() * t.element_size()
                 yield name, t
 
+    receipt = None
     if engine is None:
         for _ in stream():  # the gathers are collective: take part, keep nothing
             pass
     else:
-        engine.update_weights(stream())  # under the engine's own watch (inference.engine.Engine)
-    return {**stats, "seconds": time.perf_counter() - t0}
+        receipt = engine.update_weights(stream())  # under the engine's own watch (inference.engine.Engine)
+    return {**stats, "seconds": time.perf_counter() - t0, "receipt": receipt or {}}

@@ -62,6 +62,7 @@ class RolloutProducer:
         self.partial_tokens = rollout.interrupt_at if rollout.partial and self.overlapped else 0
         self.in_flight: dict[int, Future] = {}  # partial: batches started, not yet asked to finish (PartialBatch)
         self.busy_s = 0.0  # engine-side seconds (generation, scoring, weight loads) since the last batch()
+        self.receipt: dict = {}  # overlapped: the last weight load's (inference.refit)
         buffer = _read_buffer(step_dir)
         if buffer:
             self.pending = {step: _done(batch) for step, batch in buffer["batches"].items()}
@@ -110,11 +111,14 @@ class RolloutProducer:
         if not self.overlapped:
             stats = send(self.engine)
             self.engine_version = self.version
+            stats["receipt"] = {**stats.get("receipt", {}), "version": self.version}
             return stats
         copy = _WeightsCopy()
         stats = send(copy)
         self._run(self._load, copy.weights, self.version)
-        return stats
+        # The engine loads these later, in line with its jobs: the receipt is the last load's (its version says
+        # which); a refused one fails the job thread, and the trainer's next wait raises it.
+        return {**stats, "receipt": dict(self.receipt)}
 
     def call(self, fn: Callable[[object], object], what: str):
         """`fn(engine)` once the engine work asked for so far is done (its weights: the last sent); the
@@ -185,7 +189,7 @@ class RolloutProducer:
         return batch
 
     def _load(self, weights: list, version: int) -> None:
-        self.engine.update_weights(weights)
+        self.receipt = {**(self.engine.update_weights(weights) or {}), "version": version}
         self.engine_version = version
 
 

@@ -15,6 +15,9 @@ from parallel import parallelize as P
 TRAIN_PHASES = ("advantage", "logprobs_old", "logprobs_ref", "logprobs_teacher", "update")
 
 
+RECEIPT_KEYS = ("version", "transfer_s", "load_s", "post_s")
+
+
 def step_metrics(step: int, batch, stats: dict, sync: dict, ledger: Ledger) -> dict:
     """Global (all DP ranks) metrics of one step (its rlhf.rollout.RolloutBatch, the update's stats, the
     weight sync's, the step's ledger so far); every rank returns the same row."""
@@ -83,6 +86,8 @@ def step_metrics(step: int, batch, stats: dict, sync: dict, ledger: Ledger) -> d
         "perf/sequence_tokens_sq": g["sequence_tokens_sq"],  # and the causal attention's Σ length²
         "sync/seconds": sync["seconds"],
         "sync/mb": sync["bytes"] / 2**20,
+        # the engine's receipt (inference.refit): the weight version it serves, its transfer/load/re-pack time
+        **{f"sync/{k}": v for k, v in sync.get("receipt", {}).items() if k in RECEIPT_KEYS},
     }
     if "reverse_kl" in g:
         row["distill/reverse_kl"] = g["reverse_kl"] / max(g["tokens"], 1)

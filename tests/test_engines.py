@@ -134,6 +134,42 @@ def test_update_weights_changes_what_the_engine_serves(engines):
     assert after.logprobs != before.logprobs
 
 
+def test_a_weight_update_returns_a_receipt_and_refuses_a_damaged_or_partial_state(engines, monkeypatch):
+    """inference.refit: the worker checks each bucket's checksum and the state's names before reloading; a
+    bucket corrupted after its checksum, or a state without one tensor, is a RefitError naming it, and the
+    engine keeps serving the weights it had."""
+    from inference.refit import RefitError
+
+    vllm, hf = engines
+    greedy = Sampling(temperature=0.0, max_new_tokens=6)
+    state = {k: v.clone() for k, v in hf.model.state_dict().items()}
+    receipt = vllm.update_weights(state.items())
+    assert receipt["tensors"] == len(state) and receipt["buckets"] >= 1
+    assert receipt["load_s"] > 0 and receipt["post_s"] >= 0 and receipt["transfer_s"] > 0
+    before = vllm.generate(PROMPTS, greedy).completions
+    g = torch.Generator().manual_seed(5)
+    moved = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in state.items()}
+    moved["lm_head.weight"] = moved["model.embed_tokens.weight"]
+    send = vllm._send_bucket
+
+    def corrupt(bucket, checksum, index):  # one value changes in flight, after the sender's checksum
+        (name, t), *rest = bucket
+        damaged = t.clone()
+        damaged.view(-1)[0] += 1e-3
+        send([(name, damaged), *rest], checksum, index)
+
+    monkeypatch.setattr(vllm, "_send_bucket", corrupt)
+    with pytest.raises(RefitError, match=r"bucket 0 \(\d+ tensors: .*\) arrived with checksum"):
+        vllm.update_weights(moved.items())
+    monkeypatch.setattr(vllm, "_send_bucket", send)
+    with pytest.raises(RefitError, match=r"lacks 1 tensor\(s\).*\(model.norm.weight\)"):
+        vllm.update_weights((k, v) for k, v in moved.items() if k != "model.norm.weight")
+    after = vllm.generate(PROMPTS, greedy).completions
+    assert [[c.token_ids, c.logprobs] for p in after for c in p] == [
+        [c.token_ids, c.logprobs] for p in before for c in p
+    ]
+
+
 def test_a_partial_rollout_keeps_its_prefix_and_continues_on_the_new_weights(engines):
     """rlhf.partial on real vLLM: the first call stops after 4 tokens, new weights load, the unfinished
     completions go on from their prefix (tokens and behaviour log-probs kept) with log-probs of the new

@@ -26,6 +26,8 @@ MODES = {  # the modes compared; sync is the reference
     "one_step_off": ["rollout.mode=one_step_off"],
     "async": ["rollout.mode=async", "rollout.max_staleness=2"],
     # the same lag, each step's generation interrupted after 8 tokens and finished on the next weights
+    # the same lag, tokens whose π_old/π_engine leaves [0.5, 2] masked out (IcePop) instead of truncated
+    "async_icepop": ["rollout.mode=async", "rollout.max_staleness=2", "stage.rl.engine_correction=icepop"],
     "async_partial": [
         "rollout.mode=async",
         "rollout.max_staleness=2",
