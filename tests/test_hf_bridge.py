@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, run_worker
+from tests.conftest import ROOT, require_module, run_worker
 
 WORKER = ROOT / "tests" / "dist" / "hf_bridge_worker.py"
 SINGLE = ["dense", "dense_vocab100", "dsv3"]
@@ -102,7 +102,7 @@ def check_weight_sync(row: dict) -> None:
 @pytest.mark.parametrize("model", ["tiny_dense", "tiny_dsv3"])
 def test_trainer_to_vllm_weight_sync(tmp_path, model):
     """vLLM from save_hf(initial weights); train; sync_weights; engine logprobs == trainer's (fp32, CPU)."""
-    pytest.importorskip("vllm")
+    require_module("vllm")
     run_worker(
         [sys.executable, ROOT / "tests" / "dist" / "weight_sync_worker.py", tmp_path / "sync.json", model], timeout=600
     )
