@@ -306,6 +306,9 @@ class RolloutConfig:
     overlong_prompt: str = "error"  # error | truncate: a prompt that leaves no room for max_new_tokens
     timeout_s: float = 600.0  # a generate or weight update running longer is an error, not a hang; 0 = none
     sync_bucket_bytes: int = 64 * 2**20
+    # After each sync (sync mode, one pipeline stage) trainer and engine score a fixed sequence; a larger
+    # log-prob gap stops the run (rlhf.refit_probe). The engine runs in fp32: ~1e-6 is usual. 0 = off.
+    refit_probe_tol: float = 1e-4
 
 
 @dataclass

@@ -84,6 +84,11 @@ class Engine(abc.ABC):
         inference.refit.RefitError leaving them as they were. Returns the receipt: what arrived (tensors,
         buckets) and the seconds of its transfer, load and post-processing, as far as the engine has them."""
 
+    def score(self, tokens: list[int]) -> list[float]:
+        """log p(tokens[i] | tokens[:i]) for i ≥ 1 at temperature 1, under the served weights (the refit
+        probe compares them with the trainer's)."""
+        raise NotImplementedError(f"the {self.name} engine cannot score a sequence")
+
     def sleep(self) -> None:
         """Frees the KV cache (and offloads weights) while the trainer runs."""
 

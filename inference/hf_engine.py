@@ -66,6 +66,11 @@ class HFEngine(Engine):
         out = [completions[i * sampling.n : (i + 1) * sampling.n] for i in range(len(prompts))]
         return Rollout(completions=out, truncated_prompts=truncated, prompts=prompts)
 
+    @torch.no_grad()
+    def score(self, tokens: list[int]) -> list[float]:
+        logp = torch.log_softmax(self.model(torch.tensor([tokens])).logits[0].float(), -1)
+        return [float(logp[i - 1, t]) for i, t in enumerate(tokens) if i]
+
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> dict:
         state = dict(named_tensors)
         t0 = time.perf_counter()

@@ -152,6 +152,13 @@ class VLLMEngine(Engine):
             payload = bucket
         self.llm.collective_rpc("receive_weight_bucket", args=(payload, checksum, index))
 
+    def score(self, tokens: list[int]) -> list[float]:
+        from vllm import SamplingParams, TokensPrompt
+
+        params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False, seed=0)
+        out = self.llm.generate([TokensPrompt(prompt_token_ids=tokens)], params, use_tqdm=False)[0]
+        return [step[t].logprob for step, t in zip(out.prompt_logprobs[1:], tokens[1:])]
+
     def sleep(self) -> None:
         if self.on_gpu:
             self.llm.sleep(level=1)

@@ -27,7 +27,7 @@ from inference import colocated
 from parallel import checkpoint as ckpt
 from parallel import parallelize as P
 from parallel.policy import build_policy
-from rlhf import grpo
+from rlhf import grpo, refit_probe
 from rlhf.advantages import ADVANTAGES, AdvantageContext
 from rlhf.evaluate import SCORES, evaluate
 from rlhf.judge import refuse_judged
@@ -111,6 +111,9 @@ def train(cfg: Config, rank0: bool) -> dict:
             if batch.old_logp is None:
                 batch.old_logp = stats.pop("old_logp")
             sync = producer.send_weights(lambda engine: colocated.sync(policy, engine, r.sync_bucket_bytes))
+            if refit_probe.enabled(cfg):  # the engine serves what was sent (trainer vs engine on a fixed sequence)
+                with phase("sync_load"):
+                    sync["receipt"]["probe_gap"] = refit_probe.probe(policy, engine, r.refit_probe_tol, step)
             refresh_reference(cfg, step, policy, ref)
             if rl.eval_every and step % rl.eval_every == 0:
                 evals.setdefault("history", []).append({"step": step, **evaluate_now()})

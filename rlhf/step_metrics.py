@@ -15,7 +15,7 @@ from parallel import parallelize as P
 TRAIN_PHASES = ("advantage", "logprobs_old", "logprobs_ref", "logprobs_teacher", "update")
 
 
-RECEIPT_KEYS = ("version", "transfer_s", "load_s", "post_s")
+RECEIPT_KEYS = ("version", "transfer_s", "load_s", "post_s", "probe_gap")
 
 
 def step_metrics(step: int, batch, stats: dict, sync: dict, ledger: Ledger) -> dict:

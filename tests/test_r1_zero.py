@@ -68,6 +68,7 @@ def test_grpo_runs_logs_evaluates_and_resumes(base, tmp_path):
         assert {k.split("/")[0] for k in r if k != "step"} <= GROUPS  # the W&B dashboard's sections
         assert r["rollout/logprob_diff_mean"] < 1e-4  # fp32 trainer and engine agree on the sampled tokens
         assert abs(r["rollout/seq_importance_ratio"] - 1) < 1e-3
+        assert r["sync/probe_gap"] < 1e-4 and r["sync/version"] == r["step"]  # the engine serves what was sent
         assert r["train/kl"] >= 0 and 0 <= r["train/clip_frac"] <= 1
     assert_time_ledger(rows)
     # The first window holds the base model's evaluation; two minibatches need the old log-probs' own pass.
