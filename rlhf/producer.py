@@ -62,7 +62,7 @@ class RolloutProducer:
         self.partial_tokens = rollout.interrupt_at if rollout.partial and self.overlapped else 0
         self.in_flight: dict[int, Future] = {}  # partial: batches started, not yet asked to finish (PartialBatch)
         self.busy_s = 0.0  # engine-side seconds (generation, scoring, weight loads) since the last batch()
-        self.receipt: dict = {}  # overlapped: the last weight load's (inference.refit)
+        self.receipt: dict = {}  # overlapped: the last weight load's (inference.refit), for inspection
         buffer = _read_buffer(step_dir)
         if buffer:
             self.pending = {step: _done(batch) for step, batch in buffer["batches"].items()}
@@ -116,9 +116,10 @@ class RolloutProducer:
         copy = _WeightsCopy()
         stats = send(copy)
         self._run(self._load, copy.weights, self.version)
-        # The engine loads these later, in line with its jobs: the receipt is the last load's (its version says
-        # which); a refused one fails the job thread, and the trainer's next wait raises it.
-        return {**stats, "receipt": dict(self.receipt)}
+        # The engine loads these later, in line with its jobs; a refused load fails the job thread, and the
+        # trainer's next wait raises it. The row carries the version sent: which load has finished by now is a
+        # matter of timing, and rows must repeat exactly.
+        return {**stats, "receipt": {"version": self.version}}
 
     def call(self, fn: Callable[[object], object], what: str):
         """`fn(engine)` once the engine work asked for so far is done (its weights: the last sent); the

@@ -94,10 +94,12 @@ def test_math_accuracy_uses_math_verify(gold, pred, want):
 
 
 def test_only_an_answer_after_the_reasoning_earns_accuracy():
-    """An <answer> block inside the reasoning (before </think>) or with no </think> at all earns nothing;
-    the block after it does. Format stays a reward of its own."""
+    """An <answer> block inside the reasoning (before </think>) or with no </think> at all earns nothing,
+    and, being the first block, leaves none after it to count either. Format stays a reward of its own."""
     assert acc("guess <answer>432</answer> then </think><answer>1</answer>", ADD) == 0.0
-    assert acc("guess <answer>1</answer> then </think><answer>432</answer>", ADD) == 1.0
+    assert acc("guess <answer>1</answer> then </think><answer>432</answer>", ADD) == 0.0
+    assert acc("guess then </think><answer>432</answer>", ADD) == 1.0
+    assert acc("<answer></think></answer><answer>432</answer>", ADD) == 0.0  # opened inside the reasoning
     assert acc("5+7+0=12<answer>432</answer>", ADD) == 0.0  # no </think>: the pretraining's broken form
     assert acc("r<answer>2</answer>", math_sample("2")) == 0.0
     assert addition.score("5+7+0=12<answer>432</answer>", "432") == 0.0

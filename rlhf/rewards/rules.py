@@ -39,22 +39,24 @@ def last_boxed(text: str) -> str | None:
 
 
 def extract_answer(completion: str, sample: dict | None = None) -> str | None:
-    """The final answer in the sample's convention (module doc), read only after the reasoning (the first
-    ``</think>``: an answer written inside the reasoning earns nothing): the last ``\\boxed{}`` there, or
-    the text inside the first ``<answer>...</answer>`` there; None when there is none."""
+    """The final answer in the sample's convention (module doc), never one inside the reasoning (before the
+    first ``</think>``): the last ``\\boxed{}`` after it, or the text inside the first
+    ``<answer>...</answer>`` when that block opens after it; None when there is none."""
     end = completion.find(THINK_END)
     if end < 0:
         return None
-    after = completion[end + len(THINK_END) :]
-    return last_boxed(after) if answer_style(sample) == "boxed" else _tagged_answer(after)
+    if answer_style(sample) == "boxed":
+        return last_boxed(completion[end + len(THINK_END) :])
+    return _tagged_answer(completion, after=end)
 
 
-def _tagged_answer(completion: str) -> str | None:
-    """The text inside the first ``<answer>...</answer>``, or None. Later blocks never count, so listing
-    candidates in several blocks earns nothing. Linear time: the regex ``<answer>(.*?)</answer>`` it
+def _tagged_answer(completion: str, after: int) -> str | None:
+    """The text inside the first ``<answer>...</answer>``, or None; None too when it opens at or before
+    `after` (inside the reasoning). Later blocks never count, so listing candidates in several blocks (or
+    one in the reasoning, then another) earns nothing. Linear time: the regex ``<answer>(.*?)</answer>`` it
     replaces was quadratic on a run of unclosed ``<answer>`` tags (11 s for 128k characters)."""
     start = completion.find(ANSWER)
-    if start < 0:
+    if start <= after:
         return None
     start += len(ANSWER)
     end = completion.find(ANSWER_END, start)

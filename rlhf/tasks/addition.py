@@ -74,11 +74,10 @@ def trace(a: int, b: int) -> str:
 
 
 def score(completion: str, gold: str) -> float:
-    """1.0 iff the first ``<answer>...</answer>`` after ``</think>`` holds exactly `gold` (the accuracy
-    reward's reading: an answer inside the reasoning does not count)."""
-    end = completion.find(THINK_END)
-    m = _ANSWER_RE.search(completion, end + len(THINK_END)) if end >= 0 else None
-    return 1.0 if m is not None and m.group(1) == gold else 0.0
+    """1.0 iff the first ``<answer>...</answer>`` opens after ``</think>`` and holds exactly `gold` (the
+    accuracy reward's reading: an answer inside the reasoning does not count, nor does any later one)."""
+    end, m = completion.find(THINK_END), _ANSWER_RE.search(completion)
+    return 1.0 if end >= 0 and m is not None and m.start() > end and m.group(1) == gold else 0.0
 
 
 def starts_with_trace(completion: str) -> bool:
