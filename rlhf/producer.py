@@ -62,7 +62,6 @@ class RolloutProducer:
         self.partial_tokens = rollout.interrupt_at if rollout.partial and self.overlapped else 0
         self.in_flight: dict[int, Future] = {}  # partial: batches started, not yet asked to finish (PartialBatch)
         self.busy_s = 0.0  # engine-side seconds (generation, scoring, weight loads) since the last batch()
-        self.receipt: dict = {}  # overlapped: the last weight load's (inference.refit), for inspection
         buffer = _read_buffer(step_dir)
         if buffer:
             self.pending = {step: _done(batch) for step, batch in buffer["batches"].items()}
@@ -190,7 +189,7 @@ class RolloutProducer:
         return batch
 
     def _load(self, weights: list, version: int) -> None:
-        self.receipt = {**(self.engine.update_weights(weights) or {}), "version": version}
+        self.engine.update_weights(weights)  # a refused load (inference.refit) fails this job and later ones
         self.engine_version = version
 
 

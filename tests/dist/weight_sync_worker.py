@@ -37,24 +37,15 @@ SAMPLE_TOKENS = 12
 
 
 def trainer_logprobs(policy, prompt: list[int], completion: list[int]) -> list[float]:
-    """log p(completion | prompt) per token as GRPO computes old_logp: rlhf.grpo.logprobs at temperature 1."""
-    from rlhf import grpo
-    from rlhf.rollout import Sample, to_batch
+    """log p(completion | prompt) per token as GRPO computes old_logp (the refit probe's pass)."""
+    from rlhf.refit_probe import trainer_logprobs as score
 
-    sample = Sample({}, prompt, completion, [0.0] * len(completion), "length")
-    batch = to_batch([sample], len(prompt) + len(completion) - 1, pad_id=0)
-    logp, _ = grpo.logprobs(policy, batch, 1, 1.0)
-    mask = batch["loss_mask"][0].bool()
-    return logp[0].cpu()[mask].tolist()
+    return score(policy, prompt + completion)[len(prompt) - 1 :]
 
 
 def engine_fixed_logprobs(engine, seq: list[int]) -> list[float]:
     """The engine's log p(seq[i] | seq[:i]) for i >= 1 (prompt log-probs)."""
-    from vllm import SamplingParams, TokensPrompt
-
-    params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False, seed=0)
-    out = engine.llm.generate([TokensPrompt(prompt_token_ids=seq)], params, use_tqdm=False)[0]
-    return [step[t].logprob for step, t in zip(out.prompt_logprobs[1:], seq[1:])]
+    return engine.score(seq)
 
 
 def max_gap(a: list[float], b: list[float]) -> float:
