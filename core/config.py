@@ -156,6 +156,10 @@ class RLConfig:
     # [engine_correction_low, tis_cap]) | icepop (weight 1 inside that band, 0 outside)
     engine_correction: str = "tis"
     engine_correction_low: float = 0.5
+    # MoE (R3): the policy's forwards route every token to the experts the engine routed it to, as the
+    # engine records them (rollout.engine=vllm; parallel.routing_replay). Off, an MoE run with
+    # rollout.consistency=topk reports how often the two route alike.
+    routing_replay: bool = False
     dynamic_sampling: bool = False  # drop groups whose rewards are all equal and refill (DAPO)
     max_refill_rounds: int = 3
     overlong_buffer: int = 0  # DAPO soft overlong penalty over the last N tokens of max_new_tokens; 0 = off
@@ -262,6 +266,10 @@ class DataConfig:
     general_share: float = 0.0
 
 
+CONSISTENCY_MODES = ("off", "sampled", "topk")  # rollout.consistency
+FULL_VOCAB_TOP_LIMIT = 4096  # rollout.consistency_topk=-1 above this would ship vocab-sized rows per token
+
+
 @dataclass
 class RolloutConfig:
     engine: str = "vllm"  # vllm | hf
@@ -309,6 +317,22 @@ class RolloutConfig:
     # After each sync (sync mode, one pipeline stage) trainer and engine score a fixed sequence; a larger
     # log-prob gap stops the run (rlhf.refit_probe). The engine runs in fp32: ~1e-6 is usual. 0 = off.
     refit_probe_tol: float = 1e-4
+    # The train↔engine mismatch oracle (rlhf.consistency). off: no consistency metrics; sampled: the
+    # sampled token's log-prob gap (rollout/logprob_diff_*); topk: also the KL and total variation between
+    # the engine's and the trainer's next-token distributions over the engine's consistency_topk most
+    # likely tokens and a tail bucket (-1: the whole vocabulary, exact, for small vocabularies only).
+    consistency: str = "sampled"
+    consistency_topk: int = 20
+    consistency_max_kl: float = 0.0  # topk: a step whose worst token's KL exceeds it stops the run; 0 = none
+
+    @property
+    def oracle(self) -> bool:
+        return self.consistency == "topk"
+
+    @property
+    def top_logprobs(self) -> int:
+        """What each rollout asks the engine for per token (Sampling.top_logprobs)."""
+        return self.consistency_topk if self.oracle else 0
 
 
 @dataclass

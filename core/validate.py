@@ -3,7 +3,7 @@ split, GRPO settings), each failure naming the field and a fix."""
 
 from __future__ import annotations
 
-from core.config import TEACHER_ADVANTAGE, Config, ParallelConfig
+from core.config import CONSISTENCY_MODES, FULL_VOCAB_TOP_LIMIT, TEACHER_ADVANTAGE, Config, ParallelConfig
 from core.errors import ConfigError
 from core.stages import RL_STAGES, STAGES
 
@@ -237,6 +237,9 @@ def _validate_rl(cfg: Config, dp: int) -> None:
         _validate_off_policy(cfg, dp)
     if r.partial:
         _validate_partial(r)
+    _validate_consistency(r, cfg.model.vocab_size)
+    if rl.routing_replay:
+        _validate_routing_replay(cfg)
     if (rl.advantage == TEACHER_ADVANTAGE) != bool(rl.teacher):
         raise ConfigError(
             f"stage.rl.teacher={rl.teacher} with stage.rl.advantage={rl.advantage} (stage={cfg.stage.name}): "
@@ -260,6 +263,49 @@ def _validate_rl(cfg: Config, dp: int) -> None:
             f"data.general_task={d.general_task} mixes in prompts no rule can score, and reward.models "
             "is empty. Fix: set reward.models.helpful.path=RUN_DIR (a stage=reward_model run), and "
             "others as needed."
+        )
+
+
+def _validate_consistency(r, vocab_size: int) -> None:
+    """The mismatch oracle (rlhf.consistency): a known mode, a top-k the engine can return, a bound it measures."""
+    if r.consistency not in CONSISTENCY_MODES:
+        raise ConfigError(f"rollout.consistency={r.consistency!r}: expected one of {', '.join(CONSISTENCY_MODES)}.")
+    if r.consistency_topk == 0 or r.consistency_topk < -1:
+        raise ConfigError(
+            f"rollout.consistency_topk={r.consistency_topk}: how many of the engine's most likely tokens the "
+            "oracle compares per position. Fix: a positive count (20 is usual), or -1 for the whole vocabulary."
+        )
+    if r.oracle and r.consistency_topk == -1 and vocab_size > FULL_VOCAB_TOP_LIMIT:
+        raise ConfigError(
+            f"rollout.consistency_topk=-1 asks the engine for all {vocab_size} log-probs of every token: "
+            f"{vocab_size} values per generated token cross to the trainer. Fix: a top-k (e.g. 20; the "
+            f"rest of the mass is one tail bucket); -1 is for vocabularies of at most {FULL_VOCAB_TOP_LIMIT}."
+        )
+    if r.consistency_max_kl < 0 or (r.consistency_max_kl > 0 and not r.oracle):
+        raise ConfigError(
+            f"rollout.consistency_max_kl={r.consistency_max_kl} with rollout.consistency={r.consistency}: the "
+            "bound applies to the KL that rollout.consistency=topk measures. Fix: set that, or the bound to 0."
+        )
+
+
+def _validate_routing_replay(cfg: Config) -> None:
+    """R3 (parallel.routing_replay): an MoE policy, an engine that records its routing, one pipeline stage."""
+    m, r, p = cfg.model, cfg.rollout, cfg.parallel
+    if not m.is_moe:
+        raise ConfigError(
+            f"stage.rl.routing_replay=true with model={m.name}, which has no MoE layers: there is no routing "
+            "to replay. Fix: stage.rl.routing_replay=false."
+        )
+    if r.engine != "vllm":
+        raise ConfigError(
+            f"stage.rl.routing_replay=true with rollout.engine={r.engine}: only the vllm engine records the "
+            "experts it routes each token to. Fix: rollout.engine=vllm."
+        )
+    if p.pipeline > 1:
+        raise ConfigError(
+            f"stage.rl.routing_replay=true with parallel.pipeline={p.pipeline}: replaying routes under a "
+            "pipeline schedule (several micro-batches in flight, recomputed in the backward) is not built. "
+            "Fix: parallel.pipeline=1 (tensor and expert parallelism replay), or routing_replay=false."
         )
 
 

@@ -16,6 +16,7 @@ from core.ledger import phase
 from inference.engine import Engine, build_engine
 from parallel import hf_bridge
 from parallel import parallelize as P
+from parallel.routing_replay import route_mode
 from parallel.weight_sync import sync_weights
 
 
@@ -40,7 +41,12 @@ def start_engine(cfg: Config, policy, hf_dir: Path, tok) -> Engine | None:
         seed=cfg.seed,
         overlong_prompt=r.overlong_prompt,
         timeout_s=r.timeout_s,
-        **({"own_process": True} if r.mode != "sync" else {}),  # generation beside training (rlhf.producer)
+        # A process of its own for generation beside training (rlhf.producer), and beside a world of several
+        # trainer ranks: in-process, vLLM builds its groups over the trainer's torch.distributed world, a
+        # collective the ranks without an engine never join (a hang at start-up).
+        **({"own_process": True} if r.mode != "sync" or P.world_size() > 1 else {}),
+        **({"max_logprobs": r.top_logprobs} if r.top_logprobs else {}),  # the mismatch oracle's top-k
+        **({"record_routing": True} if route_mode(cfg) else {}),  # MoE routing replay or agreement
     )
     # Lets a dead engine restart mid-run with the trainer's weights, which only a synchronous engine serves
     if cfg.parallel.unsharded and r.mode == "sync":  # (and only unsharded, the export being local then)

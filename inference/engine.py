@@ -28,14 +28,27 @@ class Sampling:
     min_new_tokens: int = 0  # stop tokens masked before this many (rollout.min_new_tokens)
     seed: int | None = None  # per call: the same seed and weights give the same completions
     stop_token_ids: tuple[int, ...] = ()
+    # Per token, also the k most likely tokens and their log-probs (the mismatch oracle, rlhf.consistency);
+    # -1: the whole vocabulary; 0: none.
+    top_logprobs: int = 0
 
 
 @dataclass
 class Completion:
     token_ids: list[int]
-    logprobs: list[float]  # log π(token | prefix) at the sampling temperature (before top-p), one per token
+    # log π(token | prefix) at the sampling temperature, one per token. With top_p < 1 vLLM's are within the
+    # nucleus it samples from (its processed_logprobs), the HF engine's before top-p, as the trainer's.
+    logprobs: list[float]
     finish_reason: str  # "stop" (a stop token) or "length"
     token_versions: list[int] = field(default_factory=list)  # per token, where the caller tracks weight versions
+    # With Sampling.top_logprobs: per token the k most likely ids [tokens, k] (int32, most likely first)
+    # and their log-probs [tokens, k], at the sampling temperature as `logprobs`. Left out of == (a tensor's
+    # == is elementwise): what they describe, the tokens and their log-probs, compare.
+    top_ids: torch.Tensor | None = field(default=None, compare=False)
+    top_logprobs: torch.Tensor | None = field(default=None, compare=False)
+    # MoE engines recording their routing: the experts each layer routed every position to that the
+    # trainer's forward reads (the prompt and all but the last token), [positions, MoE layers, top-k] int16
+    routed_experts: torch.Tensor | None = field(default=None, compare=False)
 
 
 @dataclass

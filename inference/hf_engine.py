@@ -42,7 +42,7 @@ class HFEngine(Engine):
         ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
         stops = torch.tensor(sorted(sampling.stop_token_ids), dtype=torch.long)
-        tokens, logprobs = [], []
+        tokens, logprobs, tops = [], [], []
         done = torch.zeros(len(rows), dtype=torch.bool)
         past, step_ids = None, ids
         for i in range(sampling.max_new_tokens):
@@ -54,15 +54,16 @@ class HFEngine(Engine):
             logits = out.logits[:, -1].float()
             if i < sampling.min_new_tokens:  # as vLLM's min_tokens: no stop token yet
                 logits[:, stops] = float("-inf")
-            token, logp = _sample(logits, sampling, gen)
+            token, logp, top = _sample(logits, sampling, gen)
             tokens.append(token)
             logprobs.append(logp)
+            tops.append(top)
             done |= torch.isin(token, stops)
             if bool(done.all()):
                 break
             step_ids = token[:, None]
             mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=mask.dtype)], 1)
-        completions = [_completion(i, tokens, logprobs, stops) for i in range(len(rows))]
+        completions = [_completion(i, tokens, logprobs, tops, stops) for i in range(len(rows))]
         out = [completions[i * sampling.n : (i + 1) * sampling.n] for i in range(len(prompts))]
         return Rollout(completions=out, truncated_prompts=truncated, prompts=prompts)
 
@@ -83,10 +84,15 @@ class HFEngine(Engine):
         return None if getattr(self, "model", None) is not None else "its model is gone"
 
 
-def _sample(logits: torch.Tensor, s: Sampling, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next token per row and its log-prob at the sampling temperature, before top-p (vLLM's
-    processed_logprobs, which the trainer recomputes)."""
+def _sample(logits: torch.Tensor, s: Sampling, gen: torch.Generator):
+    """Next token per row, its log-prob at the sampling temperature before top-p (what the trainer
+    recomputes), and with s.top_logprobs the most likely ids and their log-probs (else None)."""
     logp = torch.log_softmax(logits / (s.temperature or 1.0), -1)
+    top = None
+    if s.top_logprobs:
+        k = logp.shape[-1] if s.top_logprobs < 0 else min(s.top_logprobs, logp.shape[-1])
+        values, ids = logp.topk(k, -1)
+        top = (ids.to(torch.int32), values)
     if s.temperature == 0:
         token = logp.argmax(-1)
     else:
@@ -96,13 +102,16 @@ def _sample(logits: torch.Tensor, s: Sampling, gen: torch.Generator) -> tuple[to
             keep = sorted_p.cumsum(-1) - sorted_p < s.top_p
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
         token = torch.multinomial(probs, 1, generator=gen)[:, 0]
-    return token, logp.gather(-1, token[:, None])[:, 0]
+    return token, logp.gather(-1, token[:, None])[:, 0], top
 
 
-def _completion(row: int, tokens: list[torch.Tensor], logprobs: list[torch.Tensor], stops: torch.Tensor) -> Completion:
+def _completion(row: int, tokens: list, logprobs: list, tops: list, stops: torch.Tensor) -> Completion:
     """Row `row`'s tokens up to and including its first stop token ("stop"), or all of them ("length")."""
     ids = [int(t[row]) for t in tokens]
-    for i, t in enumerate(ids):
-        if t in stops:
-            return Completion(ids[: i + 1], [float(lp[row]) for lp in logprobs[: i + 1]], "stop")
-    return Completion(ids, [float(lp[row]) for lp in logprobs], "length")
+    stop = next((i for i, t in enumerate(ids) if t in stops), None)
+    end = len(ids) if stop is None else stop + 1
+    c = Completion(ids[:end], [float(lp[row]) for lp in logprobs[:end]], "length" if stop is None else "stop")
+    if tops and tops[0] is not None:
+        c.top_ids = torch.stack([ids_[row] for ids_, _ in tops[:end]])
+        c.top_logprobs = torch.stack([lp[row] for _, lp in tops[:end]])
+    return c

@@ -45,6 +45,22 @@ def _uses_mla(model_dir: str) -> bool:
 SEND_BUCKET_BYTES = 64 * 2**20  # what one message to an engine-core process carries
 
 
+def _completion(o, top: int) -> Completion:
+    """One vLLM CompletionOutput as a Completion. With `top` (k, or -1 for all) vLLM returns per token the
+    k most likely tokens plus the sampled one when it ranks lower: the k of rank ≤ k are kept."""
+    c = Completion(
+        token_ids=list(o.token_ids),
+        logprobs=[step[t].logprob for step, t in zip(o.logprobs, o.token_ids)],
+        finish_reason="stop" if o.finish_reason == "stop" else "length",
+    )
+    if top and o.token_ids:
+        k = len(o.logprobs[0]) if top < 0 else top
+        ranked = [sorted(step.items(), key=lambda kv: kv[1].rank)[:k] for step in o.logprobs]
+        c.top_ids = torch.tensor([[t for t, _ in row] for row in ranked], dtype=torch.int32)
+        c.top_logprobs = torch.tensor([[lp.logprob for _, lp in row] for row in ranked], dtype=torch.float32)
+    return c
+
+
 @ENGINES.register("vllm")
 class VLLMEngine(Engine):
     def __init__(
@@ -56,6 +72,8 @@ class VLLMEngine(Engine):
         seed: int = 0,
         overlong_prompt: str = "error",
         own_process: bool = False,
+        max_logprobs: int = 20,  # the most top log-probs a call may ask for (Sampling.top_logprobs); -1: all
+        record_routing: bool = False,  # MoE: each completion carries its experts per token (vllm_routing)
     ):
         from vllm import LLM
 
@@ -85,13 +103,16 @@ class VLLMEngine(Engine):
             dtype=dtype,
             seed=seed,
             max_model_len=max_model_len,
-            enforce_eager=not self.on_gpu,
+            # The routing hook runs only outside compiled graphs (inference.vllm_routing)
+            enforce_eager=not self.on_gpu or record_routing,
             kv_cache_memory_bytes=kv_cache_bytes,  # without it vLLM claims 90% of RAM on CPU
             enable_sleep_mode=self.on_gpu,
             logprobs_mode="processed_logprobs",  # at the sampling temperature, as the trainer computes them
-            worker_extension_cls="inference.vllm_worker.WeightReceiver",
+            max_logprobs=max_logprobs,
+            worker_extension_cls="inference.vllm_worker.Extension",
             **extra,
         )
+        self.moe_layers = self.llm.collective_rpc("r1_record_routing")[0] if record_routing else None
 
     def generate(self, prompts: list[list[int]], sampling: Sampling) -> Rollout:
         from vllm import SamplingParams, TokensPrompt
@@ -107,25 +128,35 @@ class VLLMEngine(Engine):
             min_tokens=sampling.min_new_tokens,
             seed=sampling.seed,
             stop_token_ids=list(sampling.stop_token_ids),
-            logprobs=0,  # the sampled token's own logprob
+            logprobs=sampling.top_logprobs,  # the sampled token's own logprob, and the k most likely
             detokenize=False,
         )
         try:
             outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         except Exception as e:  # the engine core died: say so instead of a bare traceback deep in vLLM
             raise EngineError(f"vLLM generate failed: {type(e).__name__}: {e}") from e
-        completions = [
-            [
-                Completion(
-                    token_ids=list(o.token_ids),
-                    logprobs=[step[t].logprob for step, t in zip(o.logprobs, o.token_ids)],
-                    finish_reason="stop" if o.finish_reason == "stop" else "length",
-                )
-                for o in out.outputs
-            ]
-            for out in outputs
-        ]
+        completions = [[_completion(o, sampling.top_logprobs) for o in out.outputs] for out in outputs]
+        if self.moe_layers is not None:
+            self._attach_routes(prompts, outputs, completions)
         return Rollout(completions=completions, truncated_prompts=truncated, prompts=prompts)
+
+    def _attach_routes(self, prompts: list[list[int]], outputs: list, completions: list[list[Completion]]) -> None:
+        """Each completion's experts at every position the trainer's forward reads (the prompt's and all but
+        the last token's): what the MoE layers routed there while this call generated it."""
+        from inference.vllm_routing import internal_request, routes_of
+
+        taken = self.llm.collective_rpc("r1_take_routing")[0]
+        routes = {internal_request(req): routes_of(r) for req, r in taken.items()}
+        for prompt, out, comps in zip(prompts, outputs, completions):
+            for o, c in zip(out.outputs, comps):
+                positions, ids = routes.get((out.request_id, o.index), (torch.zeros(0, dtype=torch.long), None))
+                need = len(prompt) + len(c.token_ids) - 1
+                if len(positions) < need or not torch.equal(positions[:need], torch.arange(need)):
+                    raise EngineError(
+                        f"the engine recorded the experts of {len(positions)} of the {need} positions of request "
+                        f"{out.request_id} sample {o.index}: its routing capture missed a forward."
+                    )
+                c.routed_experts = ids[:need]
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> dict:
         """Sends the state bucket by bucket with its checksums; the worker checks each bucket and the

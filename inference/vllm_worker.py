@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import time
 
+from inference.vllm_routing import RoutingRecorder
+
 
 class _RotaryReloadNotice(logging.Filter):
     # Every reload warns "RotaryEmbedding: Failed to load weights" (Llama3RotaryEmbedding, … for the
@@ -90,3 +92,7 @@ class WeightReceiver:
         t1 = time.perf_counter()
         repack_moe_experts(self)
         return {"tensors": len(staged), "load_s": t1 - t0, "post_s": time.perf_counter() - t1}
+
+
+class Extension(WeightReceiver, RoutingRecorder):
+    """The worker extension the engine names: weight reloads and the routing record (inference.vllm_routing)."""

@@ -3,6 +3,9 @@
 Padded vocab rows (the model's vocab is padded to a multiple that does not depend on TP) are masked
 out, so the distribution is the one the exported HF model, and hence vLLM, samples from.
 
+`candidate_logprobs` scores several tokens per position (the rollout engine's top-k, for the train↔engine
+mismatch oracle, rlhf.consistency) the same way.
+
 Two paths give the same numbers:
 - `token_logprobs` / `token_entropy` take full logits [b, s, v/tp] (the model's ordinary output).
 - `chunked_logprobs` (and `head_logprobs`, its GPTModel `output_processor` form) take the decoder's
@@ -70,6 +73,24 @@ def _entropy(z: torch.Tensor, lean: bool = False) -> torch.Tensor:
 
 
 @torch.no_grad()
+def candidate_logprobs(z: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log π(id | prefix) for k token ids per position, [n, k], from scaled, masked vocab-parallel logits
+    [n, v/tp]: each rank contributes the ids in its vocab shard, and the normaliser is the whole vocab's
+    (two all-reduces over TP, as for one label). Without grad: the oracle only reads them."""
+    group = ps.get_tensor_model_parallel_group()
+    m = z.max(-1, keepdim=True).values
+    torch.distributed.all_reduce(m, torch.distributed.ReduceOp.MAX, group=group)
+    total = torch.exp(z - m).sum(-1, keepdim=True)
+    local = z.shape[-1]
+    offset = ids - ps.get_tensor_model_parallel_rank() * local
+    inside = (offset >= 0) & (offset < local)
+    picked = z.gather(-1, offset.clamp(0, local - 1)).masked_fill_(~inside, 0.0) - m * inside
+    for t in (total, picked):
+        torch.distributed.all_reduce(t, group=group)
+    return picked - torch.log(total)
+
+
+@torch.no_grad()
 def token_entropy(logits: torch.Tensor, vocab_size: int, temperature: float = 1.0) -> torch.Tensor:
     """Entropy of π(· | prefix) at temperature, [b, s], with three all-reduces over TP."""
     return _entropy(_mask_padded_vocab(logits.float() / temperature, vocab_size))
@@ -98,7 +119,8 @@ class _Head:
 
 
 class _ChunkedHead(torch.autograd.Function):
-    """hidden [n, h], weight [v/tp, h], labels [n] → (log-probs [n], entropy [n] or empty), chunk by chunk.
+    """hidden [n, h], weight [v/tp, h], labels [n], candidates [n, k] (k may be 0) → (log-probs [n],
+    entropy [n] or empty, the candidates' log-probs [n, k]), chunk by chunk.
 
     A custom Function rather than torch.utils.checkpoint so that the forward computes each chunk's
     logits once for both the log-prob and the entropy, and the backward recomputes only what the
@@ -106,26 +128,29 @@ class _ChunkedHead(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, head: _Head):
+    def forward(ctx, hidden, weight, labels, candidates, head: _Head):
         n = hidden.shape[0]
         logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
         ent = torch.empty(n if head.entropy else 0, dtype=torch.float32, device=hidden.device)
+        cand = torch.empty(candidates.shape, dtype=torch.float32, device=hidden.device)
         for lo in range(0, n, head.chunk_tokens):
             hi = min(lo + head.chunk_tokens, n)
             z = head.logits(hidden[lo:hi], weight)
             if head.entropy:
                 ent[lo:hi] = _entropy(z, lean=True)
+            if candidates.shape[1]:
+                cand[lo:hi] = candidate_logprobs(z, candidates[lo:hi])
             # z is fresh and read by nothing else: the cross entropy may overwrite it in place.
             logp[lo:hi] = -vocab_parallel_cross_entropy(z, labels[lo:hi])
             del z
         ctx.save_for_backward(hidden, weight, labels)
         ctx.head = head
-        ctx.mark_non_differentiable(ent)
-        return logp, ent
+        ctx.mark_non_differentiable(ent, cand)
+        return logp, ent, cand
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_logp, _grad_ent):
+    def backward(ctx, grad_logp, _grad_ent, _grad_cand):
         hidden, weight, labels = ctx.saved_tensors
         head: _Head = ctx.head
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -148,7 +173,7 @@ class _ChunkedHead(torch.autograd.Function):
                 grad_w = g if grad_w is None else grad_w.add_(g)
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
-        return grad_h, grad_w, None, None
+        return grad_h, grad_w, None, None, None
 
 
 def chunked_logprobs(
@@ -161,10 +186,12 @@ def chunked_logprobs(
     chunk_tokens: int = CHUNK_TOKENS,
     entropy: bool = True,
     scale_logits: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    candidates: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, ...]:
     """(log π(label | prefix) [b, s], differentiable; entropy [b, s] without grad, or None) from the
     decoder's hidden states [s(/tp under sequence parallelism), b, h] and the model's output layer
-    (`weight`: the tied embedding weight when the model shares it, else the layer's own)."""
+    (`weight`: the tied embedding weight when the model shares it, else the layer's own). With
+    `candidates` (token ids [b, s, k]) a third element: their log-probs [b, s, k], without grad."""
     if not isinstance(output_layer, ColumnParallelLinear) or output_layer.bias is not None:
         raise NotImplementedError(
             f"chunked log-probs need megatron's bias-free ColumnParallelLinear LM head, got {type(output_layer)}"
@@ -191,9 +218,15 @@ def chunked_logprobs(
         raise ValueError(f"labels {tuple(labels.shape)} do not match hidden states [s={s}, b={b}, h={h}]")
     head = _Head(vocab_size, temperature, chunk_tokens, entropy, scale_logits)
     # Token-major [s·b, h] is a view of megatron's contiguous [s, b, h]; only the small labels are transposed.
-    logp, ent = _ChunkedHead.apply(hidden.reshape(s * b, h), weight, labels.t().reshape(-1), head)
-    logp = logp.view(s, b).t().contiguous()
-    return logp, (ent.view(s, b).t().contiguous() if entropy else None)
+    k = 0 if candidates is None else candidates.shape[-1]
+    token_major = torch.zeros(s * b, 0, dtype=torch.long, device=labels.device)
+    if candidates is not None:
+        if tuple(candidates.shape[:2]) != (b, s):
+            raise ValueError(f"candidates {tuple(candidates.shape)} do not match hidden states [s={s}, b={b}]")
+        token_major = candidates.transpose(0, 1).reshape(s * b, k).long()
+    logp, ent, cand = _ChunkedHead.apply(hidden.reshape(s * b, h), weight, labels.t().reshape(-1), token_major, head)
+    out = (logp.view(s, b).t().contiguous(), ent.view(s, b).t().contiguous() if entropy else None)
+    return out if candidates is None else (*out, cand.view(s, b, k).transpose(0, 1).contiguous())
 
 
 @dataclass(frozen=True)
@@ -205,13 +238,14 @@ class LogprobRequest:
     temperature: float = 1.0
     chunk_tokens: int = CHUNK_TOKENS
     entropy: bool = True
+    candidates: Optional[torch.Tensor] = None  # [b, s, k] token ids also scored (a third output)
 
 
 def head_logprobs(
     *, hidden_states, output_layer, output_weight, context: LogprobRequest, scale_logits=None, config=None, **_
 ):
     """GPTModel `output_processor`: on the last pipeline stage the model then returns
-    (log-probs [b, s], entropy [b, s] or None) instead of logits [b, s, v/tp].
+    (log-probs [b, s], entropy [b, s] or None[, candidates' log-probs [b, s, k]]) instead of logits.
 
     GPTModel runs it after the MTP block, as it would the output layer; with the model's
     `_scale_logits` passed only under MuP (elsewhere it is the identity)."""
@@ -226,4 +260,5 @@ def head_logprobs(
         chunk_tokens=context.chunk_tokens,
         entropy=context.entropy,
         scale_logits=scale_logits if use_mup else None,
+        candidates=context.candidates,
     )

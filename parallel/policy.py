@@ -81,12 +81,16 @@ class Policy:
     export_plan: Any = field(default=None, repr=False, compare=False)  # hf_bridge.export_hf's cached tasks
 
 
-def build_policy(cfg: Config, with_optimizer: bool = True, head: str = "lm", train_mtp: bool = True) -> Policy:
+def build_policy(
+    cfg: Config, with_optimizer: bool = True, head: str = "lm", train_mtp: bool = True, routing_replay: bool = False
+) -> Policy:
     """The model chunks this rank holds, wrapped for data parallelism, with the optimizer and LR schedule.
 
     train_mtp=False (the RL stages, whose forward skips them: core.model.without_mtp) keeps the
-    multi-token-prediction layers' weights frozen, so weight decay does not move them either."""
-    config = model_lib.transformer_config(cfg.model, **runtime_config(cfg))
+    multi-token-prediction layers' weights frozen, so weight decay does not move them either.
+    routing_replay: MoE routers that can replay or record routes (parallel.routing_replay)."""
+    extra = {"moe_enable_routing_replay": True} if routing_replay else {}
+    config = model_lib.transformer_config(cfg.model, **runtime_config(cfg), **extra)
     use_te = use_transformer_engine(cfg.parallel.transformer_impl)
     if head == "scalar" and cfg.parallel.sequence_parallel:
         raise ConfigError(

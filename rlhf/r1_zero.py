@@ -27,6 +27,7 @@ from inference import colocated
 from parallel import checkpoint as ckpt
 from parallel import parallelize as P
 from parallel.policy import build_policy
+from parallel.routing_replay import route_mode
 from rlhf import grpo, refit_probe
 from rlhf.advantages import ADVANTAGES, AdvantageContext
 from rlhf.evaluate import SCORES, evaluate
@@ -56,7 +57,8 @@ def train(cfg: Config, rank0: bool) -> dict:
     tok = run_tokenizer(cfg, run_dir=run_dir, write=rank0)
     train_rows, eval_rows = (load_prompts(cfg.data, split, tok, cfg.reward.answer) for split in ("train", "eval"))
     refuse_judged(train_rows + eval_rows, f"stage={cfg.stage.name}")
-    policy = build_policy(cfg, train_mtp=False)  # RL does not train MTP: core.model.without_mtp
+    routes = route_mode(cfg)  # MoE: replay the engine's experts, or record ours against them
+    policy = build_policy(cfg, train_mtp=False, routing_replay=routes is not None)  # RL trains no MTP
     position, evals, step_dir = start_from(cfg, policy, run_dir)
     ref = reference(cfg, policy, run_dir) if rl.kl != "none" and rl.kl_coef > 0 else None  # β=0: no KL term
     teacher = ckpt.load_frozen(cfg, rl.teacher, "lm", "stage.rl.teacher", tok)[0] if rl.teacher else None
@@ -107,9 +109,12 @@ def train(cfg: Config, rank0: bool) -> dict:
             if batch.old_logp is None and rl.minibatches > 1:
                 batch.old_logp = logprobs_of(policy, batch)
             batch.ref_logp = logprobs_of(ref, batch) if ref is not None else None
-            stats = grpo.update(policy, batch.tensors(), settings, rl.minibatches, t.micro_batch_size, r.temperature)
+            stats = grpo.update(
+                policy, batch.tensors(), settings, rl.minibatches, t.micro_batch_size, r.temperature, r.oracle, routes
+            )
             if batch.old_logp is None:
-                batch.old_logp = stats.pop("old_logp")
+                batch.old_logp, batch.trainer_top_logp = stats.pop("old_logp"), stats.pop("trainer_top_logp", None)
+                batch.route_agreement = stats.pop("route_agreement", None)
             sync = producer.send_weights(lambda engine: colocated.sync(policy, engine, r.sync_bucket_bytes))
             if refit_probe.enabled(cfg):  # the engine serves what was sent (trainer vs engine on a fixed sequence)
                 with phase("sync_load"):
@@ -118,7 +123,7 @@ def train(cfg: Config, rank0: bool) -> dict:
             if rl.eval_every and step % rl.eval_every == 0:
                 evals.setdefault("history", []).append({"step": step, **evaluate_now()})
             with phase("tracking"):
-                row = step_metrics(step, batch, stats, sync, shell.ledger)
+                row = step_metrics(step, batch, stats, sync, shell.ledger, r, cfg.model.vocab_size)
             shell.end_step(step, row, stats["update_ok"], stats.get("loss"))
         evals["final"] = evaluate_now()
     if rank0:
@@ -129,8 +134,9 @@ def train(cfg: Config, rank0: bool) -> dict:
 def rollouts(cfg: Config, tok, rows: list[dict], rewards):
     """What the rollout producer calls for a step's scored rollouts from the prompt stream at `at`."""
     r, rl = cfg.rollout, cfg.stage.rl
+    how = lambda step: sampling(r, cfg.seed, step, stop_token_ids(tok), top_logprobs=r.top_logprobs)  # noqa: E731
     return lambda engine, step, at: grpo.collect(
-        engine, tok, rows, at, sampling(r, cfg.seed, step, stop_token_ids(tok)), rewards, rl, cfg.stage.train.seq_length
+        engine, tok, rows, at, how(step), rewards, rl, cfg.stage.train.seq_length
     )
 
 
@@ -145,9 +151,23 @@ def refresh_reference(cfg: Config, step: int, policy, ref) -> None:
 
 
 def _logprobs(model, batch, cfg: Config, which: str) -> torch.Tensor:
-    """One scoring pass over the batch: `which` (old, ref, teacher) names its phase in the step's time."""
+    """One scoring pass over the batch: `which` (old, ref, teacher) names its phase in the step's time. The
+    old pass also scores the engine's top tokens for the mismatch oracle (batch.trainer_top_logp) and
+    replays or records MoE routing (batch.route_agreement)."""
+    old = which == "old"
+    routes = route_mode(cfg) if old else None
     with phase(f"logprobs_{which}"):
-        return grpo.logprobs(model, batch.tensors(), cfg.stage.train.micro_batch_size, cfg.rollout.temperature)[0]
+        scored = grpo.scoring_pass(
+            model,
+            batch.tensors(),
+            cfg.stage.train.micro_batch_size,
+            cfg.rollout.temperature,
+            old and cfg.rollout.oracle,
+            routes,
+        )
+    if old:
+        batch.trainer_top_logp, batch.route_agreement = scored.top_logp, scored.route_agreement
+    return scored.logp
 
 
 def start_from(cfg: Config, policy, run_dir: Path) -> tuple[int, dict, str | None]:

@@ -31,6 +31,13 @@ class Sample:
     # Per completion token, where partial rollouts (rlhf.partial) continued it on newer weights; `version`
     # is then the oldest.
     token_versions: list[int] = field(default_factory=list)
+    # Per completion token, the engine's most likely ids and their log-probs [tokens, k]
+    # (rollout.consistency=topk; else None): the mismatch oracle's engine side (rlhf.consistency).
+    top_ids: torch.Tensor | None = field(default=None, compare=False)
+    top_logprobs: torch.Tensor | None = field(default=None, compare=False)
+    # MoE with routing recorded: the engine's experts at every input position of the trainer's forward
+    # (prompt and completion but the last token) [positions, MoE layers, top-k] (parallel.routing_replay)
+    routed_experts: torch.Tensor | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -44,6 +51,13 @@ class RolloutBatch:
     loss_mask: torch.Tensor
     position_ids: torch.Tensor
     engine_logp: torch.Tensor  # the behaviour policy's, as the engine sampled
+    # rollout.consistency=topk: the engine's k most likely ids at each position [samples, seq_length, k],
+    # their log-probs, and the trainer's log-probs of the same ids (set with old_logp)
+    engine_top_ids: torch.Tensor | None = None
+    engine_top_logp: torch.Tensor | None = None
+    trainer_top_logp: torch.Tensor | None = None
+    routed_experts: torch.Tensor | None = None  # the samples' routed_experts [samples, seq_length, layers, k]
+    route_agreement: list[float] | None = None  # per MoE layer, the share routed alike (set with old_logp)
     advantages: torch.Tensor | None = None  # stage.rl.advantage's estimate
     old_logp: torch.Tensor | None = None  # the trainer's before the update: the clipping anchor
     ref_logp: torch.Tensor | None = None  # the KL reference's
@@ -93,6 +107,9 @@ def generate_groups(engine: Engine, tok, rows: list[dict], sampling: Sampling) -
                     c.finish_reason,
                     tok.decode(c.token_ids, skip_special_tokens=True),
                     token_versions=c.token_versions,
+                    top_ids=c.top_ids,
+                    top_logprobs=c.top_logprobs,
+                    routed_experts=c.routed_experts,
                 )
                 for c in comps
             ]
@@ -124,4 +141,41 @@ def to_batch(samples: list[Sample], seq_len: int, pad_id: int) -> dict[str, torc
         "loss_mask": loss_mask,
         "engine_logp": engine_logp,
         "position_ids": torch.arange(seq_len).expand(n, seq_len),
+        **_top_logprobs(samples, seq_len),
+        **_routes(samples, seq_len),
     }
+
+
+def _routes(samples: list[Sample], seq_len: int) -> dict[str, torch.Tensor]:
+    """The engine's experts per position as the batch lays tokens out. Padding positions route to experts
+    0..k-1: the replaying router needs k distinct experts for every token, and no loss reads them."""
+    if not any(s.routed_experts is not None for s in samples):
+        return {}
+    if any(s.routed_experts is None for s in samples):
+        raise ValueError("some samples carry the engine's routed experts and some do not: one engine call mixed them")
+    layers, k = samples[0].routed_experts.shape[1:]
+    routes = torch.arange(k, dtype=torch.int16).expand(len(samples), seq_len, layers, k).clone()
+    for i, s in enumerate(samples):
+        n = min(len(s.routed_experts), seq_len)
+        routes[i, :n] = s.routed_experts[:n]
+    return {"routed_experts": routes}
+
+
+def _top_logprobs(samples: list[Sample], seq_len: int) -> dict[str, torch.Tensor]:
+    """The engine's top ids and log-probs laid out as the batch's positions, when the samples carry them."""
+    have = [s.top_ids is not None for s in samples if s.completion_ids]
+    if not any(have):
+        return {}
+    if not all(have):
+        raise ValueError("some samples carry the engine's top log-probs and some do not: one engine call mixed them")
+    k = next(s.top_ids.shape[1] for s in samples if s.top_ids is not None)
+    ids = torch.zeros(len(samples), seq_len, k, dtype=torch.int32)
+    logp = torch.zeros(len(samples), seq_len, k)
+    for i, s in enumerate(samples):
+        if s.top_ids is None:
+            continue
+        start = len(s.prompt_ids) - 1
+        end = min(start + len(s.top_ids), seq_len)
+        ids[i, start:end] = s.top_ids[: end - start]
+        logp[i, start:end] = s.top_logprobs[: end - start]
+    return {"engine_top_ids": ids, "engine_top_logp": logp}

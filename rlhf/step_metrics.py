@@ -11,6 +11,7 @@ import torch
 
 from core.ledger import Ledger
 from parallel import parallelize as P
+from rlhf.consistency import oracle
 
 TRAIN_PHASES = ("advantage", "logprobs_old", "logprobs_ref", "logprobs_teacher", "update")
 
@@ -18,9 +19,10 @@ TRAIN_PHASES = ("advantage", "logprobs_old", "logprobs_ref", "logprobs_teacher",
 RECEIPT_KEYS = ("version", "transfer_s", "load_s", "post_s", "probe_gap")
 
 
-def step_metrics(step: int, batch, stats: dict, sync: dict, ledger: Ledger) -> dict:
+def step_metrics(step: int, batch, stats: dict, sync: dict, ledger: Ledger, rollout, vocab_size: int) -> dict:
     """Global (all DP ranks) metrics of one step (its rlhf.rollout.RolloutBatch, the update's stats, the
-    weight sync's, the step's ledger so far); every rank returns the same row."""
+    weight sync's, the step's ledger so far; the rollout config's consistency checks); every rank returns
+    the same row. The mismatch oracle stops the run here (rlhf.consistency.ConsistencyError)."""
     samples, groups, info = batch.samples, batch.groups, batch.info
     mask = batch.loss_mask
     lengths = mask.sum(-1)
@@ -89,6 +91,15 @@ def step_metrics(step: int, batch, stats: dict, sync: dict, ledger: Ledger) -> d
         # the engine's receipt (inference.refit): the weight version it serves, its transfer/load/re-pack time
         **{f"sync/{k}": v for k, v in sync.get("receipt", {}).items() if k in RECEIPT_KEYS},
     }
+    if rollout.consistency == "off":
+        for key in ("rollout/logprob_diff_mean", "rollout/logprob_diff_max", "rollout/seq_importance_ratio"):
+            del row[key]
+    if batch.trainer_top_logp is not None:
+        row.update(oracle(batch, vocab_size, rollout.max_new_tokens, rollout.consistency_max_kl, step))
+    if batch.route_agreement is not None:  # MoE, routing recorded: per layer, the tokens routed as the engine did
+        agreement = batch.route_agreement
+        row["consistency/routing_agreement"] = sum(agreement) / len(agreement)
+        row.update({f"consistency/routing_agreement_moe{i}": a for i, a in enumerate(agreement)})
     if "reverse_kl" in g:
         row["distill/reverse_kl"] = g["reverse_kl"] / max(g["tokens"], 1)
     row.update(staleness_metrics(info, step_s))

@@ -117,6 +117,27 @@ def test_min_new_tokens_holds_back_stop_tokens_on_both_engines(engines):
         assert len(c.token_ids) >= 6 and stop not in c.token_ids[:6], (type(engine).__name__, c.token_ids)
 
 
+def test_both_engines_return_the_same_top_logprobs_as_the_models_distribution(engines):
+    """Sampling.top_logprobs (the mismatch oracle's engine side): per token the k most likely ids, most likely
+    first, with their log-probs at the sampling temperature; the HF engine's k=-1 is the whole vocabulary."""
+    vllm, hf = engines
+    s = Sampling(n=2, temperature=0.8, max_new_tokens=6, seed=11, top_logprobs=5)
+    got, want = vllm.generate(PROMPTS[:2], s), hf.generate(PROMPTS[:2], s)
+    for prompt, samples in zip(PROMPTS, got.completions):
+        for c in samples:
+            ids = torch.tensor([prompt + c.token_ids])
+            with torch.no_grad():
+                full = torch.log_softmax(hf.model(ids).logits[0, len(prompt) - 1 : -1].float() / 0.8, -1)
+            top, order = full.topk(5, -1)
+            assert c.top_ids.shape == (len(c.token_ids), 5) and torch.equal(c.top_ids.long(), order)
+            torch.testing.assert_close(c.top_logprobs, top, rtol=0, atol=1e-4)
+    h = want.completions[0][0]
+    assert h.top_ids.shape == (len(h.token_ids), 5) and bool((h.top_logprobs.diff(dim=-1) <= 0).all())
+    whole = hf.generate(PROMPTS[:1], Sampling(max_new_tokens=3, seed=1, top_logprobs=-1)).completions[0][0]
+    assert whole.top_ids.shape == (3, 128)
+    torch.testing.assert_close(whole.top_logprobs.exp().sum(-1), torch.ones(3), rtol=0, atol=1e-5)
+
+
 def test_update_weights_changes_what_the_engine_serves(engines):
     vllm, hf = engines
     greedy = Sampling(temperature=0.0, max_new_tokens=8)
@@ -177,7 +198,7 @@ def test_a_partial_rollout_keeps_its_prefix_and_continues_on_the_new_weights(eng
     from rlhf.partial import PartialBatch
 
     vllm, hf = engines
-    s = Sampling(n=2, temperature=1.0, max_new_tokens=10, seed=7)
+    s = Sampling(n=2, temperature=1.0, max_new_tokens=10, seed=7, top_logprobs=3)
     collect = lambda engine, step, at: (engine.generate(PROMPTS, s), at + 1)  # noqa: E731
     version = [0]
     part = PartialBatch(collect, vllm, 1, 0, 4, lambda: version[0])
@@ -198,6 +219,7 @@ def test_a_partial_rollout_keeps_its_prefix_and_continues_on_the_new_weights(eng
             assert a.token_ids[: len(b.token_ids)] == b.token_ids and a.logprobs[: len(b.logprobs)] == b.logprobs
             tail = a.token_ids[len(b.token_ids) :]
             assert a.token_versions == [0] * len(b.token_ids) + [1] * len(tail)
+            assert a.top_ids.shape == (len(a.token_ids), 3) and torch.equal(a.top_ids[: len(b.token_ids)], b.top_ids)
             if tail:
                 continued += 1
                 ref = teacher_forced(hf, prompt + b.token_ids, tail)

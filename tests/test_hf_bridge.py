@@ -78,6 +78,10 @@ def test_bridge_import_leaves_no_transformer_engine():
 
 
 SYNC_TOL = 1e-4  # fp32 trainer vs engine log-probs (measured on CPU: 4.8e-7 for both models)
+# The mismatch oracle's KL(engine ‖ trainer) per token, exact over the whole vocabulary: fp32 on CPU measured
+# ≤ 4.6e-7 for both models when the engine serves the trainer's weights; 2.0e-4 (MoE experts not re-packed)
+# to 8.5e-3 (a skipped sync) when it does not.
+ORACLE_KL = 1e-5
 
 
 def check_weight_sync(row: dict) -> None:
@@ -90,12 +94,19 @@ def check_weight_sync(row: dict) -> None:
         assert row["synced"][seq] <= SYNC_TOL, row  # after the sync vLLM serves the trained weights
         assert row["resynced"][seq] <= SYNC_TOL, row  # syncing unchanged weights again changes nothing
     assert row["stale"]["fixed"] > 1e-3, row  # the training step really changed what the trainer computes
+    oracle = row["oracle"]
+    for when in ("init", "synced"):  # rlhf.consistency: the whole next-token distribution agrees
+        assert abs(oracle[when]["kl_mean"]) <= ORACLE_KL and oracle[when]["kl_max"] <= ORACLE_KL, oracle
+    assert oracle["stale"]["kl_max"] > ORACLE_KL, oracle  # a skipped sync is caught
     if row["model"] == "tiny_dsv3":
         # The aux-loss-free expert bias is a buffer the step moves; the engine must get it (routing).
         assert row["bias_moved"] > 0 and row["stale_bias_gap"] > 0, row
         assert row["init_bias_gap"] == 0 and row["synced_bias_gap"] == 0, row
         # MLA's absorbed W_UK_T / W_UV are re-derived from the synced kv_b_proj (decode uses them).
         assert row["synced_mla_absorbed_gap"] is None or row["synced_mla_absorbed_gap"] <= 1e-6, row
+        if oracle["repacked_modules"]:  # a kernel that packs experts at load (vLLM's CPU fused MoE)
+            assert oracle["no_repack"]["kl_max"] > ORACLE_KL, oracle  # a reload it did not re-pack is caught
+            assert oracle["repacked"]["kl_max"] <= ORACLE_KL, oracle
 
 
 @pytest.mark.slow

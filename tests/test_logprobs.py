@@ -37,6 +37,12 @@ def _naive(model, mb, vocab, temperature):
     return token_logprobs(logits, mb["labels"], vocab, temperature), token_entropy(logits, vocab, temperature)
 
 
+def _full_log_softmax(model, mb, vocab, temperature):
+    """log π(· | prefix) over the real vocabulary (padded rows cut), from the full logits."""
+    logits = model(mb["tokens"], mb["position_ids"], mb["attention_mask"])
+    return torch.log_softmax(logits[..., :vocab].float() / temperature, -1)
+
+
 def _chunked(model, mb, vocab, temperature, chunk):
     request = LogprobRequest(mb["labels"], vocab, temperature, chunk)
     return model(
@@ -65,6 +71,19 @@ def test_chunked_equals_full_logits_with_gradients(P, preset, tied):
     want_grads = torch.autograd.grad((want_logp * coef).sum(), params)
     logp, ent = _chunked(model, mb, vocab, temperature, chunk=8)
     grads = torch.autograd.grad((logp * coef).sum(), params)
+    # The mismatch oracle's candidates (k ids per position) come out of the same chunks as log-softmax rows
+    ids = torch.randint(0, vocab, (3, 11, 6), generator=torch.Generator().manual_seed(2))
+    request = LogprobRequest(mb["labels"], vocab, temperature, 8, candidates=ids)
+    with torch.no_grad():
+        *_, top = model(
+            mb["tokens"],
+            mb["position_ids"],
+            mb["attention_mask"],
+            output_processor=head_logprobs,
+            output_processor_context=request,
+        )
+        want_top = _full_log_softmax(model, mb, vocab, temperature).gather(-1, ids)
+    torch.testing.assert_close(top, want_top, rtol=0, atol=1e-5)
 
     assert logp.shape == ent.shape == (3, 11) and not ent.requires_grad
     torch.testing.assert_close(logp, want_logp, rtol=0, atol=1e-5)
@@ -211,8 +230,17 @@ def test_an_on_policy_update_needs_no_old_logprob_pass(P):
         )
 
     batch = {k: torch.cat([m[k] for m in skipped]) for k in skipped[0] if k != "attention_mask"}
-    stats = grpo.update(policy, batch, settings, 1, 2, temperature)
+    # With the mismatch oracle the update's forward also scores the engine's top ids, as a scoring pass would
+    batch["engine_top_ids"] = torch.randint(0, vocab, (4, s, 3), generator=torch.Generator().manual_seed(5))
+    batch["engine_top_logp"] = torch.zeros(4, s, 3)
+    want_top = grpo.scoring_pass(policy, batch, 2, temperature, oracle=True).top_logp
+    with torch.no_grad():
+        full = torch.cat([_full_log_softmax(model, m, vocab, temperature) for m in mbs])
+    mask = batch["loss_mask"][..., None]
+    torch.testing.assert_close(want_top * mask, full.gather(-1, batch["engine_top_ids"]) * mask, rtol=0, atol=1e-5)
+    stats = grpo.update(policy, batch, settings, 1, 2, temperature, oracle=True)
     torch.testing.assert_close(stats["old_logp"], old, rtol=0, atol=1e-6)
+    torch.testing.assert_close(stats["trainer_top_logp"], want_top, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="old log-probs must be computed first"):
         grpo.update(policy, batch, settings, 2, 2, temperature)
 

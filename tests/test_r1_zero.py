@@ -39,6 +39,9 @@ REQUIRED = [
     "train/entropy",
     "train/clip_frac",
     "rollout/logprob_diff_mean",
+    "consistency/kl_mean",
+    "consistency/tv_max",
+    "consistency/kl_late",
     "perf/step_s",
     "perf/samples_per_s",
     "perf/rollout_s",
@@ -47,7 +50,12 @@ REQUIRED = [
     "sync/mb",
 ]
 
-GROUPS = {"reward", "response_length", "rollout", "train", "perf", "sync", "time"}
+GROUPS = {"reward", "response_length", "rollout", "consistency", "train", "perf", "sync", "time"}
+
+
+# The mismatch oracle over the whole (128-token) vocabulary, with a bound the run must hold: the engine
+# serves the trainer's weights in fp32 (rlhf.consistency; ~4e-7 measured per token).
+ORACLE = ["rollout.consistency=topk", "rollout.consistency_topk=-1", "rollout.consistency_max_kl=1e-5"]
 
 
 def test_grpo_runs_logs_evaluates_and_resumes(base, tmp_path):
@@ -59,6 +67,7 @@ def test_grpo_runs_logs_evaluates_and_resumes(base, tmp_path):
         "stage.train.steps=2",
         "stage.rl.kl_coef=0.001",
         *SMALL,
+        *ORACLE,
     )
     rows = read_metrics(run)
     assert [r["step"] for r in rows] == [1, 2]
@@ -67,6 +76,7 @@ def test_grpo_runs_logs_evaluates_and_resumes(base, tmp_path):
         assert not missing, missing
         assert {k.split("/")[0] for k in r if k != "step"} <= GROUPS  # the W&B dashboard's sections
         assert r["rollout/logprob_diff_mean"] < 1e-4  # fp32 trainer and engine agree on the sampled tokens
+        assert abs(r["consistency/kl_mean"]) < 1e-5 and r["consistency/tv_max"] < 1e-4  # and on the distributions
         assert abs(r["rollout/seq_importance_ratio"] - 1) < 1e-3
         assert r["sync/probe_gap"] < 1e-4 and r["sync/version"] == r["step"]  # the engine serves what was sent
         assert r["train/kl"] >= 0 and 0 <= r["train/clip_frac"] <= 1
@@ -89,6 +99,7 @@ def test_grpo_runs_logs_evaluates_and_resumes(base, tmp_path):
         "stage.train.steps=3",
         "stage.rl.kl_coef=0.001",
         *SMALL,
+        *ORACLE,
     )
     assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
     again = json.loads((run / "eval.json").read_text())
@@ -101,6 +112,7 @@ def test_grpo_runs_logs_evaluates_and_resumes(base, tmp_path):
     html = (run / "report.html").read_text()
     for plot in ("reward", "response_length", "kl", "entropy", "step_time"):
         assert plot in html
+    assert "report/consistency.png" in html  # the oracle's plot
 
 
 def test_dynamic_sampling_and_variants_run(base, tmp_path):
@@ -120,9 +132,11 @@ def test_dynamic_sampling_and_variants_run(base, tmp_path):
         "stage.rl.overlong_buffer=8",
         "stage.rl.tis_cap=2.0",
         "stage.rl.advantage=dr_grpo",
+        "rollout.consistency=off",
     )
     rows = read_metrics(run)
     assert len(rows) == 2 and all(r["train/kl"] is None for r in rows)  # no reference model with β=0
+    assert not any(k.startswith("consistency/") or k.startswith("rollout/logprob_diff") for k in rows[0])
     for r in rows:  # 4 prompts, then up to 3 refills of 4 while fewer than 4 groups differ in reward
         assert r["rollout/prompts"] in (4, 8, 12, 16)
         assert r["rollout/informative_frac"] == 1 or r["rollout/prompts"] == 16  # topped up only once refills ran out
@@ -154,6 +168,17 @@ def test_rl_config_errors_name_the_field():
         validate(compose(["stage=r1_zero", "stage.train.micro_batch_tokens=32"]), 1)
     with pytest.raises(ConfigError, match=r"rollout.min_new_tokens=99 must be in \[0, rollout.max_new_tokens"):
         validate(compose(["stage=r1_zero", "rollout.min_new_tokens=99"]), 1)
+    with pytest.raises(ConfigError, match="rollout.consistency='kl'"):
+        validate(compose(["stage=r1_zero", "rollout.consistency=kl"]), 1)
+    with pytest.raises(ConfigError, match="rollout.consistency_topk=-1 asks the engine for all 151936"):
+        validate(
+            compose(
+                ["stage=r1_zero", "rollout.consistency=topk", "rollout.consistency_topk=-1", "model.vocab_size=151936"]
+            ),
+            1,
+        )
+    with pytest.raises(ConfigError, match="rollout.consistency_max_kl=0.1 with rollout.consistency=sampled"):
+        validate(compose(["stage=r1_zero", "rollout.consistency_max_kl=0.1"]), 1)
     # A token budget fills micro-batches by length: micro_batch_size no longer has to divide the update
     validate(compose(["stage=r1_zero", "stage.train.micro_batch_size=128", "stage.train.micro_batch_tokens=4096"]), 1)
 

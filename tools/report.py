@@ -37,6 +37,12 @@ PLOTS = [
         "|Δ log p|",
         ["rollout/logprob_diff_mean", "rollout/logprob_diff_max"],
     ),
+    (
+        "consistency",
+        "Rollout engine vs trainer next-token distribution",
+        "KL / TV per token",
+        ["consistency/kl_mean", "consistency/kl_max", "consistency/tv_mean"],
+    ),
     ("loss", "Training loss", "loss", ["train/loss"]),
 ]
 

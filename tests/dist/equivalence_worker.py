@@ -127,21 +127,27 @@ def grpo_run(policy, out: Path, trimmed: bool) -> dict:
 
     vocab = policy.cfg.model.vocab_size
     mine = P.split_for_data_parallel(range(6))  # this data-parallel rank's rows (all six on one replica)
-    batch = {k: v[mine] for k, v in grpo_batch(vocab).items()}
+    batch = grpo_batch(vocab)
+    # The mismatch oracle's candidates: 5 ids per position, scored over the vocab-parallel logits
+    batch["engine_top_ids"] = torch.randint(0, vocab, (6, 16, 5), generator=torch.Generator().manual_seed(3))
+    batch["engine_top_logp"] = torch.zeros(6, 16, 5)
+    batch = {k: v[mine] for k, v in batch.items()}
     rows = list(range(len(mine)))
     if trimmed:
-        logp = grpo.logprobs(policy, batch, MICRO, 1.0)[0]
+        scored = grpo.scoring_pass(policy, batch, MICRO, 1.0, oracle=True)
+        logp, top = scored.logp, scored.top_logp
         mbs = grpo._trimmed(policy, batch, rows, MICRO)[0]
     else:
         data = forward_backward(policy, padded_micro_batches(batch, rows, MICRO), forward_only=True,
-                                forward=grpo._forward(vocab, 1.0, None))
-        logp = torch.cat([d["logp"] for d in data])
+                                forward=grpo._forward(vocab, 1.0, None, oracle=True))
+        logp, top = torch.cat([d["logp"] for d in data]), torch.cat([d["top_logp"] for d in data])
         mbs = padded_micro_batches(batch, rows, MICRO)
     data = forward_backward(policy, mbs, forward=grpo._forward(vocab, 1.0, LossSettings(**GRPO_SETTINGS)))
     if not policy.cfg.parallel.distributed_optimizer:  # which keeps only this rank's shard of the grads
         save_grads(policy, out / "grpo_grads")
     # the loss: (sum, count) reduced over micro-batches and data-parallel ranks, divided once (rlhf.losses)
-    return {"logp": logp * batch["loss_mask"], "loss": P.reduce_loss(data), "rows": mine}
+    mask = batch["loss_mask"]
+    return {"logp": logp * mask, "top_logp": top * mask[..., None], "loss": P.reduce_loss(data), "rows": mine}
 
 
 def reference(workdir: Path) -> None:
@@ -218,7 +224,8 @@ def run_case(name: str, workdir: Path) -> dict:
     if name in GRPO_CASES:
         want, got = torch.load(ref_dir / "grpo.pt"), grpo_run(policy, case_dir, trimmed=True)
         last = P.is_last_pipeline_stage()
-        logp_diff = float((got["logp"] - want["logp"][got["rows"]]).abs().max()) if last else 0.0
+        # the sampled tokens' log-probs and the oracle's candidates' (parallel.logprobs.candidate_logprobs)
+        logp_diff = max(float((got[k] - want[k][got["rows"]]).abs().max()) for k in ("logp", "top_logp")) if last else 0.0
         result["grpo_logp_diff"] = _all_max(logp_diff)
         result["grpo_loss_diff"] = abs(got["loss"] - want["loss"])
         # The aux-loss-free expert bias (a buffer, saved beside the grads) is updated from the tokens routed

@@ -12,6 +12,7 @@ back from the engine.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -60,6 +61,23 @@ def compare(engine, policy, sampling) -> dict:
     sampled_trainer = trainer_logprobs(policy, PROMPT, c.token_ids)
     return {"fixed": max_gap(fixed_engine, fixed_trainer), "sampled": max_gap(c.logprobs, sampled_trainer),
             "sampled_tokens": c.token_ids, "fixed_mean_logp": sum(fixed_trainer) / len(fixed_trainer)}
+
+
+def mismatch(engine, policy, sampling) -> dict:
+    """The mismatch oracle (rlhf.consistency) at the whole vocabulary, exact, on 4 completions the engine
+    samples: the KL and TV between its next-token distributions and the trainer's, as a GRPO step sees them."""
+    from rlhf import consistency, grpo
+    from rlhf.rollout import RolloutBatch, Sample
+
+    cfg = policy.cfg
+    many = dataclasses.replace(sampling, n=4, top_logprobs=-1)
+    samples = [Sample({}, PROMPT, c.token_ids, c.logprobs, c.finish_reason, top_ids=c.top_ids,
+                      top_logprobs=c.top_logprobs) for c in engine.generate([PROMPT], many).completions[0]]
+    batch = RolloutBatch.of([samples], len(PROMPT) + SAMPLE_TOKENS, pad_id=0)
+    scored = grpo.scoring_pass(policy, batch.tensors(), 4, 1.0, oracle=True)
+    batch.old_logp, batch.trainer_top_logp = scored.logp, scored.top_logp
+    row = consistency.oracle(batch, cfg.model.vocab_size, SAMPLE_TOKENS, max_kl=0.0, step=0)
+    return {k.split("/")[1]: row[k] for k in ("consistency/kl_mean", "consistency/kl_max", "consistency/tv_max")}
 
 
 def _engine_expert_bias(worker) -> dict:
@@ -113,14 +131,16 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="weight_sync_"))
     hf_bridge.save_hf(policy, workdir / "init")
 
+    from inference import vllm_worker
     from inference.engine import Sampling, build_engine
 
     engine = build_engine("vllm", model_dir=str(workdir / "init"), max_model_len=64, kv_cache_bytes=64 * 2**20,
-                          timeout_s=300)
+                          timeout_s=300, max_logprobs=-1)
     sampling = Sampling(temperature=1.0, max_new_tokens=SAMPLE_TOKENS, seed=1234)
     t_engine = time.perf_counter()
     try:
         init = compare(engine, policy, sampling)
+        oracle = {"init": mismatch(engine, policy, sampling)}
         init_bias = engine_bias_gap(engine, policy)
         bias_before = trainer_expert_bias(policy)
 
@@ -133,22 +153,34 @@ def main() -> None:
         bias_moved = max(moved) if moved else None
 
         stale = compare(engine, policy, sampling)  # engine still on the initial weights
+        oracle["stale"] = mismatch(engine, policy, sampling)  # as if a sync had been skipped
         stale_bias = engine_bias_gap(engine, policy)
         t_sync = time.perf_counter()
         sync = sync_weights(policy, engine, cfg.rollout.sync_bucket_bytes)
         sync_s = time.perf_counter() - t_sync
         synced = compare(engine, policy, sampling)
+        oracle["synced"] = mismatch(engine, policy, sampling)
         synced_bias = engine_bias_gap(engine, policy)
         mla_gap = engine.llm.collective_rpc(_engine_mla_absorbed_gap)[0]
         # A second sync of unchanged weights, in many small buckets, must not move what the engine serves
         # (the MoE re-pack is idempotent; buckets only group the stream).
         resync = sync_weights(policy, engine, 2**20)
         resynced = compare(engine, policy, sampling)
+        if m.is_moe:  # one more step, synced with the CPU MoE kernel's re-pack switched off: stale experts
+            train_step(policy, batch)
+            repack, vllm_worker.repack_moe_experts = vllm_worker.repack_moe_experts, lambda worker: 0
+            try:
+                sync_weights(policy, engine, cfg.rollout.sync_bucket_bytes)
+            finally:
+                vllm_worker.repack_moe_experts = repack
+            oracle["no_repack"] = mismatch(engine, policy, sampling)
+            oracle["repacked_modules"] = engine.llm.collective_rpc(vllm_worker.repack_moe_experts)[0]
+            oracle["repacked"] = mismatch(engine, policy, sampling)  # the re-pack alone puts it right
     finally:
         engine.shutdown()
         shutil.rmtree(workdir, ignore_errors=True)
     out.write_text(json.dumps(dict(
-        model=model, init=init, stale=stale, synced=synced, resynced=resynced,
+        model=model, init=init, stale=stale, synced=synced, resynced=resynced, oracle=oracle,
         init_bias_gap=init_bias, stale_bias_gap=stale_bias, synced_bias_gap=synced_bias, bias_moved=bias_moved,
         synced_mla_absorbed_gap=mla_gap,
         sync={**sync, "wall_s": sync_s}, resync_buckets=resync["buckets"], seconds={"setup": t_engine - t_start, "total": time.perf_counter() - t_start},
