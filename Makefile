@@ -12,7 +12,7 @@ setup:
 test: setup
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 -m "not learning" tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=30 -m "not learning" tests
 
 # Learning comparisons (a change against its control run, minutes each): not part of `make test`.
 learning: setup
