@@ -74,7 +74,7 @@ def measure(policy, samples, routes: str) -> dict:
     batch.old_logp, batch.trainer_top_logp = scored.logp, scored.top_logp
     row = consistency.oracle(batch, policy.cfg.model.vocab_size, NEW_TOKENS, max_kl=0.0, step=0)
     return {"kl_mean": row["consistency/kl_mean"], "kl_max": row["consistency/kl_max"],
-            "agreement": scored.route_agreement, "batch": batch}
+            "tv_max": row["consistency/tv_max"], "agreement": scored.route_agreement, "batch": batch}
 
 
 def main() -> None:
