@@ -63,7 +63,7 @@ class Rollout:
 
 
 class Engine(abc.ABC):
-    """Implementations: `generate`, `update_weights`; `sleep`/`wake_up`/`shutdown` where meaningful;
+    """Implementations: `generate`, `update_weights`, `score`; `sleep`/`wake_up`/`shutdown` where meaningful;
     `dead_reason` (and `restart`, when rebuilding from the constructor's arguments is not enough) for
     an engine that can die apart from the trainer. A subclass's `generate` and `update_weights` are
     wrapped by `_guarded` (deadline, death detection, one restart) when the class is defined."""
@@ -97,10 +97,10 @@ class Engine(abc.ABC):
         inference.refit.RefitError leaving them as they were. Returns the receipt: what arrived (tensors,
         buckets) and the seconds of its transfer, load and post-processing, as far as the engine has them."""
 
+    @abc.abstractmethod
     def score(self, tokens: list[int]) -> list[float]:
         """log p(tokens[i] | tokens[:i]) for i ≥ 1 at temperature 1, under the served weights (the refit
         probe compares them with the trainer's)."""
-        raise NotImplementedError(f"the {self.name} engine cannot score a sequence")
 
     def sleep(self) -> None:
         """Frees the KV cache (and offloads weights) while the trainer runs."""

@@ -93,9 +93,8 @@ def _worst(batch, kl: torch.Tensor, tv: torch.Tensor, step: int, max_kl: float) 
     return (
         f"step {step}: the engine's next-token distribution is KL {float(kl[row, pos]):.3e} (TV "
         f"{float(tv[row, pos]):.3e}) from the trainer's at completion token {place + 1} of {length} of batch row "
-        f"{row} (prompt {str(sample.row.get('prompt', ''))[:60]!r}) (> rollout.consistency_max_kl={max_kl}); its "
-        "sampled token's "
-        f"log-prob is {float(batch.engine_logp[row, pos]):.5f} in the engine, "
+        f"{row} (prompt {str(sample.row.get('prompt', ''))[:60]!r}) (> rollout.consistency_max_kl={max_kl}); "
+        f"its sampled token's log-prob is {float(batch.engine_logp[row, pos]):.5f} in the engine, "
         f"{float(batch.old_logp[row, pos]):.5f} in the trainer. The engine does not compute what the trainer "
         "does: weights not synced or not re-packed, another precision or kernel. Fix: find the cause (the "
         "consistency/ metrics show where it starts); raise the bound only for a known precision gap."

@@ -146,36 +146,40 @@ def to_batch(samples: list[Sample], seq_len: int, pad_id: int) -> dict[str, torc
     }
 
 
+def _carried(samples: list[Sample], name: str) -> bool:
+    """Whether the samples carry the per-token field `name`: all of those with a completion, or none (one
+    engine call gives it to every completion)."""
+    have = [getattr(s, name) is not None for s in samples if s.completion_ids]
+    if any(have) and not all(have):
+        raise ValueError(f"some samples carry the engine's {name} and some do not: one engine call mixed them")
+    return any(have)
+
+
 def _routes(samples: list[Sample], seq_len: int) -> dict[str, torch.Tensor]:
     """The engine's experts per position as the batch lays tokens out. Padding positions route to experts
     0..k-1: the replaying router needs k distinct experts for every token, and no loss reads them."""
-    if not any(s.routed_experts is not None for s in samples):
+    if not _carried(samples, "routed_experts"):
         return {}
-    if any(s.routed_experts is None for s in samples):
-        raise ValueError("some samples carry the engine's routed experts and some do not: one engine call mixed them")
-    layers, k = samples[0].routed_experts.shape[1:]
+    layers, k = next(s.routed_experts for s in samples if s.routed_experts is not None).shape[1:]
     routes = torch.arange(k, dtype=torch.int16).expand(len(samples), seq_len, layers, k).clone()
     for i, s in enumerate(samples):
-        n = min(len(s.routed_experts), seq_len)
-        routes[i, :n] = s.routed_experts[:n]
+        if s.routed_experts is not None:
+            n = min(len(s.routed_experts), seq_len)
+            routes[i, :n] = s.routed_experts[:n]
     return {"routed_experts": routes}
 
 
 def _top_logprobs(samples: list[Sample], seq_len: int) -> dict[str, torch.Tensor]:
     """The engine's top ids and log-probs laid out as the batch's positions, when the samples carry them."""
-    have = [s.top_ids is not None for s in samples if s.completion_ids]
-    if not any(have):
+    if not _carried(samples, "top_ids"):
         return {}
-    if not all(have):
-        raise ValueError("some samples carry the engine's top log-probs and some do not: one engine call mixed them")
-    k = next(s.top_ids.shape[1] for s in samples if s.top_ids is not None)
+    k = next(s.top_ids for s in samples if s.top_ids is not None).shape[1]
     ids = torch.zeros(len(samples), seq_len, k, dtype=torch.int32)
     logp = torch.zeros(len(samples), seq_len, k)
     for i, s in enumerate(samples):
-        if s.top_ids is None:
-            continue
-        start = len(s.prompt_ids) - 1
-        end = min(start + len(s.top_ids), seq_len)
-        ids[i, start:end] = s.top_ids[: end - start]
-        logp[i, start:end] = s.top_logprobs[: end - start]
+        if s.top_ids is not None:
+            start = len(s.prompt_ids) - 1
+            end = min(start + len(s.top_ids), seq_len)
+            ids[i, start:end] = s.top_ids[: end - start]
+            logp[i, start:end] = s.top_logprobs[: end - start]
     return {"engine_top_ids": ids, "engine_top_logp": logp}

@@ -23,7 +23,6 @@ import re
 from rlhf.tasks import TASKS, Task, exact_match
 
 THINK_END, ANSWER, ANSWER_END = "</think>", "<answer>", "</answer>"
-_ANSWER_RE = re.compile(re.escape(ANSWER) + r"(.*?)" + re.escape(ANSWER_END), re.S)
 _TRACE_START_RE = re.compile(r"\d\+\d\+\d=")
 _JUNK = "0123456789+=; abcdefxyz.,!?"
 
@@ -74,10 +73,11 @@ def trace(a: int, b: int) -> str:
 
 
 def score(completion: str, gold: str) -> float:
-    """1.0 iff the first ``<answer>...</answer>`` opens after ``</think>`` and holds exactly `gold` (the
-    accuracy reward's reading: an answer inside the reasoning does not count, nor does any later one)."""
-    end, m = completion.find(THINK_END), _ANSWER_RE.search(completion)
-    return 1.0 if end >= 0 and m is not None and m.start() > end and m.group(1) == gold else 0.0
+    """1.0 iff the accuracy reward's reading of the completion is exactly `gold`: the first
+    ``<answer>...</answer>``, when it opens after ``</think>`` (rlhf.rewards.rules.extract_answer)."""
+    from rlhf.rewards.rules import extract_answer  # rules imports the task registry this module is part of
+
+    return 1.0 if extract_answer(completion) == gold else 0.0
 
 
 def starts_with_trace(completion: str) -> bool:
