@@ -325,6 +325,15 @@ class RolloutConfig:
     consistency_topk: int = 20
     consistency_max_kl: float = 0.0  # topk: a step whose worst token's KL exceeds it stops the run; 0 = none
 
+    # Tool-integrated reasoning (rlhf.tool_calls): a completion that closes a call (tool_tags[1]) stops, `tool`
+    # runs the call's text in the sandbox, its output (at most tool_output_tokens, between tool_tags[2] and
+    # [3]) is appended as tokens the loss masks out, and generation goes on: up to max_tool_calls per sample.
+    max_tool_calls: int = 0  # 0: no tool; a tool tag is then an ordinary token
+    tool: str = "python"  # rlhf.tool_calls.TOOLS
+    tool_timeout_s: float = 3.0  # one call's wall-clock deadline, start-up included
+    tool_output_tokens: int = 32
+    tool_tags: list[str] = field(default_factory=lambda: ["<tool>", "</tool>", "<output>", "</output>"])
+
     @property
     def oracle(self) -> bool:
         return self.consistency == "topk"

@@ -29,6 +29,7 @@ from typing import Iterable, Iterator
 # Every phase a step's row reports (0 when a step had none of it), in the stacking order of the report.
 PHASES = (
     "generation",  # rollouts in the engine (and handing them to the model-parallel peers)
+    "tools",  # tool calls of tool-integrated rollouts (rlhf.tool_calls), inside generation
     "reward",  # reward scoring
     "advantage",  # advantage estimation (the teacher's log-prob pass is timed apart)
     "logprobs_old",

@@ -24,31 +24,38 @@ DEFAULT_ALPHABET: str = string.printable.replace("\x0b", "").replace("\x0c", "")
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 DEFAULT_SPECIAL_TOKENS: list[str] = [PAD, BOS, EOS, "<think>", "</think>", "<answer>", "</answer>"]
+# Tool-integrated reasoning's tags (rlhf.tools): a call, then the tool's output. Appended after the
+# alphabet, so every id the tokenizer had before they were added stays where it was.
+TOOL_TAGS: list[str] = ["<tool>", "</tool>", "<output>", "</output>"]
 
 
 def build_char_tokenizer(
     alphabet: str = DEFAULT_ALPHABET,
     special_tokens: list[str] | None = None,
+    tags: list[str] | None = None,
 ) -> PreTrainedTokenizerFast:
-    """One token per alphabet character plus one per special token (``<unk>`` is always added).
+    """One token per alphabet character plus one per special token (``<unk>`` is always added) and one
+    per tag (``TOOL_TAGS`` by default).
 
     ``<pad>``/``<bos>``/``<eos>``/``<unk>`` are special (dropped by
     ``decode(..., skip_special_tokens=True)``); the other special tokens are single,
     whole-matched tokens that decoding always keeps.
 
-    Ids: special tokens first (``<pad>`` = 0 with the defaults), then the alphabet in order.
+    Ids: special tokens first (``<pad>`` = 0 with the defaults), then the alphabet in order, then the tags
+    (matched whole and kept by decoding, like ``<think>``).
     """
     specials = list(DEFAULT_SPECIAL_TOKENS if special_tokens is None else special_tokens)
+    tags = list(TOOL_TAGS if tags is None else tags)
     for required in (PAD, BOS, EOS, UNK):
         if required not in specials:
             specials.append(required)
-    if len(set(specials)) != len(specials):
-        raise ValueError(f"duplicate special tokens: {specials}")
+    if len(set(specials + tags)) != len(specials + tags):
+        raise ValueError(f"duplicate special tokens or tags: {specials + tags}")
     if not alphabet:
         raise ValueError("alphabet is empty")
 
     vocab: dict[str, int] = {}
-    for tok in [*specials, *alphabet]:
+    for tok in [*specials, *alphabet, *tags]:
         vocab.setdefault(tok, len(vocab))
 
     tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
@@ -61,7 +68,8 @@ def build_char_tokenizer(
     # Tags like <think> are added as *non-special* tokens: still one id and matched whole,
     # but kept by decode(skip_special_tokens=True), which vLLM uses by default -- the
     # R1 format reward has to see them in the completion text.
-    tok.add_tokens([AddedToken(s, special=False, normalized=False) for s in specials if s not in control])
+    whole = [s for s in specials if s not in control] + tags
+    tok.add_tokens([AddedToken(s, special=False, normalized=False) for s in whole])
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, vocab[BOS])]
     )

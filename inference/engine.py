@@ -49,6 +49,10 @@ class Completion:
     # MoE engines recording their routing: the experts each layer routed every position to that the
     # trainer's forward reads (the prompt and all but the last token), [positions, MoE layers, top-k] int16
     routed_experts: torch.Tensor | None = field(default=None, compare=False)
+    # Tool-integrated rollouts (rlhf.tool_calls): 1 per token the tool wrote (not sampled: masked out of the
+    # loss), 0 per sampled one; empty when no tool ran. And each call's outcome (ok, error, timeout, ...).
+    tool_mask: list[int] = field(default_factory=list)
+    tool_calls: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -17,17 +17,19 @@ from rlhf.rewards import extract_answer
 from rlhf.rewards.language import wordless
 from rlhf.rollout import generate_groups
 from rlhf.tasks import TASKS
+from rlhf.tool_calls import tool_counts
 
 SCORES = {"accuracy": 1.0, "format": 1.0, "language_consistency": 1.0}  # the reward pool evaluate() needs
 
 
 @phase("eval")
-def evaluate(engine, tok, rows: list[dict], ecfg, pool, max_new_tokens: int) -> dict:
+def evaluate(engine, tok, rows: list[dict], ecfg, pool, max_new_tokens: int, tools=None) -> dict:
     """Metrics over this DP rank's strided share of `rows`, gathered over DP; `engine` None → no share
-    generated here (model-parallel peers of an engine rank), the records come from the others."""
+    generated here (model-parallel peers of an engine rank), the records come from the others. With
+    `tools` (rlhf.tool_calls.ToolRunner) the samples call them as in training, and the tool's use is reported."""
     dp, rank = P.data_parallel_size(), P.data_parallel_rank()
     mine = rows[rank::dp] if engine is not None else []
-    records = _score(engine, tok, mine, ecfg, pool, max_new_tokens) if mine else []
+    records = _score(engine, tok, mine, ecfg, pool, max_new_tokens, tools) if mine else []
     records = [r for part in P.gather_world(records) for r in part]  # ranks without an engine send []
     out = {"k": ecfg.k, "temperature": ecfg.temperature, "top_p": ecfg.top_p, **_aggregate(records, ecfg.k)}
     tasks = sorted({r["task"] for r in records})
@@ -39,7 +41,7 @@ def evaluate(engine, tok, rows: list[dict], ecfg, pool, max_new_tokens: int) -> 
     return out
 
 
-def _score(engine, tok, rows: list[dict], ecfg, pool, max_new_tokens: int) -> list[dict]:
+def _score(engine, tok, rows: list[dict], ecfg, pool, max_new_tokens: int, tools=None) -> list[dict]:
     """One record per prompt: its k samples' accuracy, consensus, format (and language) and lengths."""
     sampling = Sampling(
         n=ecfg.k,
@@ -49,7 +51,7 @@ def _score(engine, tok, rows: list[dict], ecfg, pool, max_new_tokens: int) -> li
         seed=ecfg.seed,
         stop_token_ids=stop_token_ids(tok),
     )
-    groups, _ = generate_groups(engine, tok, rows, sampling)
+    groups, _ = generate_groups(engine, tok, rows, sampling, tools)
     flat = [s for g in groups for s in g]
     scores = pool.score([s.text for s in flat], [s.row for s in flat]).per_reward
     records, i = [], 0
@@ -65,9 +67,10 @@ def _score(engine, tok, rows: list[dict], ecfg, pool, max_new_tokens: int) -> li
                 "cons": _consensus(g, scores["accuracy"][i : i + len(g)]),
                 "format": share["format"],
                 "language_consistency": mean(lang) if lang else None,
-                "lengths": [len(s.completion_ids) for s in g],
+                "lengths": [s.policy_tokens for s in g],
                 "reasoning_first": _reasoning_first(row, g),
                 "audit": _audit(row, g),
+                "tools": _tool_use(g, scores["accuracy"][i : i + len(g)]) if tools is not None else {},
             }
         )
         i += len(g)
@@ -93,10 +96,25 @@ def _aggregate(records: list[dict], k: int) -> dict:
     lang = [r["language_consistency"] for r in records if r["language_consistency"] is not None]
     if lang:
         out["language_consistency"] = sum(lang) / len(lang)
+    for name in sorted({name for r in records for name in r["tools"]}):  # tool_calls, tool_use, ...
+        out[name] = sum(r["tools"][name] for r in records) / n
     for name in sorted({name for r in records for name in r["audit"]}):
         audited = [r["audit"][name] for r in records if name in r["audit"]]
         out[name] = sum(audited) / len(audited)
     return out
+
+
+def _tool_use(group, accuracy: list[float]) -> dict[str, float]:
+    """Per sample: tool calls run and failed, and the shares of samples that ran one, and that ran one
+    without error and answered right."""
+    counts = tool_counts(group)
+    clean = [bool(s.tool_calls) and all(o.startswith("ok") for o in s.tool_calls) for s in group]
+    return {
+        "tool_calls": counts["calls"] / len(group),
+        "tool_errors": counts["errors"] / len(group),
+        "tool_use": counts["used"] / len(group),
+        "tool_use_correct": mean(c and a == 1.0 for c, a in zip(clean, accuracy)),
+    }
 
 
 def _task(row: dict):

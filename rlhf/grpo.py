@@ -26,10 +26,11 @@ from rlhf.rollout import RolloutBatch, Sample, generate_groups
 
 
 @phase("generation")
-def generate_and_share(engine, tok, rows: list[dict], sampling) -> tuple[list[list[Sample]], int]:
-    """Rollouts on the replica's engine rank, shared with its tensor/pipeline-parallel peers, which
-    must train on the same samples."""
-    return P.share_model_parallel(generate_groups(engine, tok, rows, sampling) if engine is not None else None)
+def generate_and_share(engine, tok, rows: list[dict], sampling, tools=None) -> tuple[list[list[Sample]], int]:
+    """Rollouts (with `tools`' calls, rlhf.tool_calls) on the replica's engine rank, shared with its
+    tensor/pipeline-parallel peers, which must train on the same samples."""
+    made = generate_groups(engine, tok, rows, sampling, tools) if engine is not None else None
+    return P.share_model_parallel(made)
 
 
 @phase("reward")
@@ -56,9 +57,9 @@ def informative(groups: list[list[Sample]]) -> list[list[Sample]]:
     return [g for g in groups if len({s.reward for s in g}) > 1]
 
 
-def collect(engine, tok, rows: list[dict], position: int, sampling, pool, rl, seq_len: int):
-    """Rollout → reward for prompts_per_step groups (this DP rank's share) from the prompt stream at
-    `position`. With dynamic sampling, groups of equal rewards are dropped and more prompts drawn, up to
+def collect(engine, tok, rows: list[dict], position: int, sampling, pool, rl, seq_len: int, tools=None):
+    """Rollout (calling `tools`, rlhf.tool_calls.ToolRunner, where completions call it) → reward for
+    prompts_per_step groups (this DP rank's share) from the prompt stream at `position`. With dynamic sampling, groups of equal rewards are dropped and more prompts drawn, up to
     max_refill_rounds; a short batch is topped up with dropped groups (zero advantage) to keep shapes.
     Returns the step's RolloutBatch and the stream's next position."""
     keep, dropped = [], []
@@ -68,7 +69,8 @@ def collect(engine, tok, rows: list[dict], position: int, sampling, pool, rl, se
         ids = shuffled_rows(position, rl.prompts_per_step, 0, len(rows))
         position += rl.prompts_per_step
         info["prompt_ids"] += ids  # every prompt drawn (all ranks'), in stream order
-        groups, truncated = generate_and_share(engine, tok, [rows[i] for i in P.split_for_data_parallel(ids)], sampling)
+        mine = [rows[i] for i in P.split_for_data_parallel(ids)]
+        groups, truncated = generate_and_share(engine, tok, mine, sampling, tools)
         counts = score(groups, pool, rl, sampling.max_new_tokens)
         info["prompts"] += len(groups)
         info["truncated"] += truncated

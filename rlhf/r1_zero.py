@@ -40,6 +40,7 @@ from rlhf.rewards import RewardPool
 from rlhf.rewards.compose import training_rewards
 from rlhf.rollout import sampling
 from rlhf.step_metrics import step_metrics
+from rlhf.tool_calls import ToolRunner
 
 log = logging.getLogger("r1stack.r1_zero")
 
@@ -69,12 +70,13 @@ def train(cfg: Config, rank0: bool) -> dict:
     logprobs_of = lambda model, batch: _logprobs(model, batch, cfg, passes[id(model)])  # noqa: E731
     context = AdvantageContext(policy, teacher, logprobs_of)
     done = policy.step // rl.minibatches
+    tools = ToolRunner.from_config(r, tok, cfg.reward.workers)  # None without rollout.max_tool_calls
     with (
         engine or contextlib.nullcontext(),
         training_rewards(cfg, tok) as pool,
         RewardPool(SCORES, cfg.reward.timeout_s, cfg.reward.workers) as eval_pool,
         RolloutProducer(
-            rollouts(cfg, tok, train_rows, pool), engine, r, t.steps, done, position, step_dir, colocated.rest
+            rollouts(cfg, tok, train_rows, pool, tools), engine, r, t.steps, done, position, step_dir, colocated.rest
         ) as producer,
         LoopShell(
             cfg,
@@ -96,7 +98,7 @@ def train(cfg: Config, rank0: bool) -> dict:
         ) as shell,
     ):
         evaluate_now = lambda: producer.call(  # noqa: E731  (in line with the engine's other work)
-            lambda engine: evaluate(engine, tok, eval_rows, cfg.eval, eval_pool, r.max_new_tokens), "eval"
+            lambda engine: evaluate(engine, tok, eval_rows, cfg.eval, eval_pool, r.max_new_tokens, tools), "eval"
         )
         if "base" not in evals:
             evals["base"] = evaluate_now()
@@ -131,12 +133,12 @@ def train(cfg: Config, rank0: bool) -> dict:
     return evals
 
 
-def rollouts(cfg: Config, tok, rows: list[dict], rewards):
+def rollouts(cfg: Config, tok, rows: list[dict], rewards, tools: ToolRunner | None = None):
     """What the rollout producer calls for a step's scored rollouts from the prompt stream at `at`."""
     r, rl = cfg.rollout, cfg.stage.rl
     how = lambda step: sampling(r, cfg.seed, step, stop_token_ids(tok), top_logprobs=r.top_logprobs)  # noqa: E731
     return lambda engine, step, at: grpo.collect(
-        engine, tok, rows, at, how(step), rewards, rl, cfg.stage.train.seq_length
+        engine, tok, rows, at, how(step), rewards, rl, cfg.stage.train.seq_length, tools
     )
 
 

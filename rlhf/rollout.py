@@ -1,7 +1,7 @@
 """Rollouts as training data: engine completions → samples → a step's RolloutBatch.
 
 Position i of a batch row predicts token i+1; loss_mask marks the positions whose label is a
-completion token, and the per-token fields (engine_logp, advantages, old_logp, ref_logp) line up with it.
+completion token the policy sampled (not a tool's output, rlhf.tool_calls), and the per-token fields (engine_logp, advantages, old_logp, ref_logp) line up with it.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import torch
 
 from inference.engine import Engine, Sampling
 from rlhf.prompts import prompt_ids
+from rlhf.tool_calls import ToolRunner
 
 SEED_STRIDE = 1_000_003  # sampling seeds are seed × SEED_STRIDE + offset: no two calls of a run share one
 
@@ -38,6 +39,15 @@ class Sample:
     # MoE with routing recorded: the engine's experts at every input position of the trainer's forward
     # (prompt and completion but the last token) [positions, MoE layers, top-k] (parallel.routing_replay)
     routed_experts: torch.Tensor | None = field(default=None, compare=False)
+    # Tool-integrated rollouts (rlhf.tool_calls): per completion token, 1 where the tool wrote it (out of the
+    # loss, the KL and the lengths); each call's outcome. Empty without a tool.
+    tool_mask: list[int] = field(default_factory=list)
+    tool_calls: list[str] = field(default_factory=list)
+
+    @property
+    def policy_tokens(self) -> int:
+        """The completion tokens the policy sampled (the tool's left out): the sample's length."""
+        return len(self.completion_ids) - sum(self.tool_mask)
 
 
 @dataclass
@@ -90,11 +100,16 @@ def sampling(r, seed: int, offset: int, stop_token_ids: tuple[int, ...], **overr
     return Sampling(**{**base, **overrides}, seed=seed * SEED_STRIDE + offset, stop_token_ids=stop_token_ids)
 
 
-def generate_groups(engine: Engine, tok, rows: list[dict], sampling: Sampling) -> tuple[list[list[Sample]], int]:
-    """sampling.n completions for each row; returns the groups and how many prompts were truncated. A
-    sample's prompt is the one the engine sampled after (rollout.overlong_prompt=truncate: its tail), so
-    the trainer scores the completion in the context that produced it."""
-    out = engine.generate([prompt_ids(tok, r) for r in rows], sampling)  # under the engine's own watch
+def generate_groups(
+    engine: Engine, tok, rows: list[dict], sampling: Sampling, tools: ToolRunner | None = None
+) -> tuple[list[list[Sample]], int]:
+    """sampling.n completions for each row, calling `tools` where they call it (rlhf.tool_calls); returns
+    the groups and how many prompts were truncated. A sample's prompt is the one the engine sampled after
+    (rollout.overlong_prompt=truncate: its tail), so the trainer scores the completion in the context that
+    produced it."""
+    prompts = [prompt_ids(tok, r) for r in rows]
+    # under the engine's own watch (deadline, restart)
+    out = engine.generate(prompts, sampling) if tools is None else tools.generate(engine, prompts, sampling)
     groups = []
     for row, prompt, comps in zip(rows, out.prompts, out.completions):
         groups.append(
@@ -110,6 +125,8 @@ def generate_groups(engine: Engine, tok, rows: list[dict], sampling: Sampling) -
                     top_ids=c.top_ids,
                     top_logprobs=c.top_logprobs,
                     routed_experts=c.routed_experts,
+                    tool_mask=c.tool_mask,
+                    tool_calls=c.tool_calls,
                 )
                 for c in comps
             ]
@@ -134,6 +151,8 @@ def to_batch(samples: list[Sample], seq_len: int, pad_id: int) -> dict[str, torc
         labels[i, : len(full) - 1] = torch.tensor(full[1:])
         start, end = len(s.prompt_ids) - 1, len(full) - 1
         loss_mask[i, start:end] = 1
+        if s.tool_mask:  # the tool's tokens are context, not actions
+            loss_mask[i, start:end] -= torch.tensor(s.tool_mask[: end - start], dtype=loss_mask.dtype)
         engine_logp[i, start:end] = torch.tensor(s.engine_logp[: end - start])
     return {
         "tokens": tokens,

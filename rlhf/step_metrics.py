@@ -12,6 +12,7 @@ import torch
 from core.ledger import Ledger
 from parallel import parallelize as P
 from rlhf.consistency import oracle
+from rlhf.tool_calls import tool_counts, tool_metrics
 
 TRAIN_PHASES = ("advantage", "logprobs_old", "logprobs_ref", "logprobs_teacher", "update")
 
@@ -50,6 +51,8 @@ def step_metrics(step: int, batch, stats: dict, sync: dict, ledger: Ledger, roll
         **{f"r_{n}": sum(v for s in samples if not math.isnan(v := s.rewards.get(n, math.nan))) for n in names},
         **{f"c_{n}": sum(not math.isnan(s.rewards.get(n, math.nan)) for s in samples) for n in names},
     }
+    if rollout.max_tool_calls:
+        sums.update({f"tool_{k}": v for k, v in tool_counts(samples).items()})
     if batch.teacher_logp is not None:  # on-policy distillation: the k1 estimate of KL(student‖teacher) per token
         sums["reverse_kl"] = float(((batch.old_logp - batch.teacher_logp) * mask).sum())
     g = P.reduce_sums([{k: torch.tensor(float(v)) for k, v in sums.items()}], list(sums))
@@ -100,6 +103,8 @@ def step_metrics(step: int, batch, stats: dict, sync: dict, ledger: Ledger, roll
         agreement = batch.route_agreement
         row["consistency/routing_agreement"] = sum(agreement) / len(agreement)
         row.update({f"consistency/routing_agreement_moe{i}": a for i, a in enumerate(agreement)})
+    if rollout.max_tool_calls:
+        row.update(tool_metrics({k[5:]: v for k, v in g.items() if k.startswith("tool_")}, g["samples"]))
     if "reverse_kl" in g:
         row["distill/reverse_kl"] = g["reverse_kl"] / max(g["tokens"], 1)
     row.update(staleness_metrics(info, step_s))

@@ -46,6 +46,10 @@ def check_names(cfg) -> None:
         TASKS.check(d.general_task, "data.general_task")
     if stage.loop in ("grpo", "sampling"):
         ENGINES.check(cfg.rollout.engine)
+        if cfg.rollout.max_tool_calls:
+            from rlhf import tool_calls
+
+            tool_calls.check_config(cfg.rollout)
         for key, weights in (("weights", cfg.reward.weights), ("general_weights", cfg.reward.general_weights)):
             for name in weights:
                 REWARDS.check(name, f"reward.{key}.{name}")

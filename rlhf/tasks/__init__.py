@@ -87,6 +87,7 @@ BUILT_IN = (
     "rlhf.tasks.general",
     "rlhf.tasks.judge",
     "rlhf.tasks.math",
+    "rlhf.tasks.multiplication",
     "rlhf.tasks.sort_digits",
 )
 TASKS: Registry[Task] = Registry(
