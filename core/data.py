@@ -7,7 +7,8 @@ kind of data, and every other field is kept as is:
 * ``"prompt"`` (RL rollouts, eval): ``prompt`` (str), ``answer`` (str, the reference
   final answer the reward compares against).
 * ``"sft"`` (supervised fine-tuning): ``prompt`` (str), ``response`` (str, the target
-  completion, e.g. ``"<think>...</think><answer>...</answer>"``).
+  completion, e.g. ``"<think>...</think><answer>...</answer>"``); a tool-using sample also
+  ``response_ids`` and ``response_tool_mask`` (its tokens, and which are the tool's: not learned).
 * ``"text"`` (pretraining): ``text`` (str).
 * ``"preference"`` (reward model): ``prompt``, ``chosen`` (the preferred response), ``rejected``.
 
@@ -188,14 +189,14 @@ def tokenize_sft(
             # A chat-rendered prompt (a rollout stage's, kept by rejection sampling) already opens with BOS.
             own_bos = bos and row["prompt"].startswith(tokenizer.bos_token)
             prompt = ([] if own_bos else bos) + tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
-            response = tokenizer(row["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            response, learn = _response(row, tokenizer, f"sft row {i}")
             ids = prompt + response
-            mask = [0] * len(prompt) + [1] * len(response)
+            mask = [0] * len(prompt) + learn
         if len(ids) > max_len:
             if not truncate:
                 raise DataError(
                     f"sft row {i}: {len(ids)} tokens > max_len={max_len} "
-                    f"(prompt {len(prompt)}, response {len(response)}); raise max_len, "
+                    f"(prompt {len(prompt)}, response {len(ids) - len(prompt)}); raise max_len, "
                     f"shorten or drop the row, or pass truncate=True"
                 )
             if len(prompt) >= max_len:
@@ -207,6 +208,25 @@ def tokenize_sft(
             ids, mask = ids[:max_len], mask[:max_len]
         out.append({"input_ids": ids, "loss_mask": mask})
     return out
+
+
+def _response(row: dict, tokenizer, where: str) -> tuple[list[int], list[int]]:
+    """The response's ids + EOS and what of them to learn. A tool-using sample kept by rejection sampling
+    brings its own ids (``response_ids``, as the engine and the tool made them) and ``response_tool_mask``
+    (1: the tool's output, context only); any other row's text is tokenized and learned whole."""
+    eos = tokenizer.eos_token_id
+    ids = row.get("response_ids")
+    if not ids:
+        response = tokenizer(row["response"], add_special_tokens=False)["input_ids"] + [eos]
+        return response, [1] * len(response)
+    tool = row.get("response_tool_mask") or []
+    if len(tool) != len(ids) or any(not 0 <= t < len(tokenizer) for t in ids):
+        raise DataError(
+            f"{where}: response_ids ({len(ids)} ids) need a response_tool_mask of the same length "
+            f"({len(tool)}) and ids of this tokenizer (< {len(tokenizer)}). Fix: train with the tokenizer "
+            "the rows were sampled with, or drop the two columns to tokenize the response text."
+        )
+    return [*ids, eos], [1 - int(t) for t in tool] + [1]
 
 
 def tokenize_chat(messages: list[dict], tokenizer, where: str) -> tuple[list[int], list[int]]:

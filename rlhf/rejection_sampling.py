@@ -38,6 +38,7 @@ from rlhf.prompts import load_prompts
 from rlhf.rewards import RewardPool, extract_answer
 from rlhf.rewards.language import reasoning_of, wordless
 from rlhf.tasks.judge import JUDGED
+from rlhf.tool_calls import ToolRunner
 
 log = logging.getLogger("r1stack.rejection_sampling")
 CHECKS = {"accuracy": 1.0, "format": 1.0, "language_consistency": 1.0}
@@ -96,6 +97,7 @@ def sample(cfg: Config, model_from: str, out_dir: Path, rewrite=None) -> tuple[l
         step_dir = ckpt.resolve(ckpt.of_run(model_from))
         source = {"checkpoint": str(step_dir), "step": ckpt.read_meta(step_dir)["step"]}
     engine = colocated.start_engine(cfg, policy, out_dir / "hf_model", tok)
+    tools = ToolRunner.from_config(r, tok, cfg.reward.workers)  # samples call the tool as in RL
     counts = {
         "prompts": len(prompts),
         "samples": 0,
@@ -118,7 +120,7 @@ def sample(cfg: Config, model_from: str, out_dir: Path, rewrite=None) -> tuple[l
             ids = list(range(start, min(start + s.chunk_prompts * P.data_parallel_size(), len(prompts))))
             mine = ids[P.data_parallel_rank() :: P.data_parallel_size()]
             sampling = rollout.sampling(r, cfg.seed, start, stop_token_ids(tok))
-            groups, _ = grpo.generate_and_share(engine, tok, [prompts[i] for i in mine], sampling)
+            groups, _ = grpo.generate_and_share(engine, tok, [prompts[i] for i in mine], sampling, tools)
             flat = [x for g in groups for x in g]
             scores = score(flat, pool, unruled, judge, judged)
             k = 0
@@ -143,6 +145,7 @@ def sample(cfg: Config, model_from: str, out_dir: Path, rewrite=None) -> tuple[l
                             "task": x.row.get("task") or "",
                             "answer": x.row.get("answer") or "",
                             "seed": sampling.seed,
+                            **tool_columns(x),
                         }
                     )
         kept, counts = _gather(kept, {**counts, **judged} if judge else counts)
@@ -150,6 +153,17 @@ def sample(cfg: Config, model_from: str, out_dir: Path, rewrite=None) -> tuple[l
         if s.non_reasoning_cot:
             rows, counts["cot"] = non_reasoning.write_cots(engine, tok, rows, cfg)
     return rows, counts, source
+
+
+def tool_columns(x) -> dict:
+    """A sample that called a tool keeps its tokens as the engine and the tool made them (the response's
+    text re-encoded could tokenize otherwise) and which of them are the tool's: SFT learns the rest only."""
+    if not any(x.tool_mask):
+        return {}
+    ids, mask = x.completion_ids, x.tool_mask
+    if x.finish_reason == "stop":  # SFT appends the EOS itself, as for every text response
+        ids, mask = ids[:-1], mask[:-1]
+    return {"response_ids": ids, "response_tool_mask": mask}
 
 
 def score(flat: list, pool, unruled, judge, judged: dict) -> dict[str, list[float]]:
@@ -202,6 +216,8 @@ def write(run_dir: Path, rows: list[dict], counts: dict, source: dict, cfg: Conf
             f"rejection sampling kept no rows (counts: {counts}). Fix: sample from a stronger "
             "model, raise rollout.n, or relax stage.sampling filters."
         )
+    if any("response_ids" in r for r in rows):  # one schema for every row (pyarrow reads the first row's keys)
+        rows = [{"response_ids": [], "response_tool_mask": [], **r} for r in rows]
     version = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
     run_dir.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pylist(rows).replace_schema_metadata({"r1stack_version": version})

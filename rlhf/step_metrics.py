@@ -84,7 +84,7 @@ def step_metrics(step: int, batch, stats: dict, sync: dict, ledger: Ledger, roll
         "perf/step_s": step_s,
         "perf/samples_per_s": n / step_s,
         "perf/tokens_per_s": g["tokens"] / step_s,
-        "perf/rollout_s": phases["generation"] + phases["reward"],
+        "perf/rollout_s": phases["generation"] + phases["tools"] + phases["reward"],
         "perf/train_s": sum(phases[k] for k in TRAIN_PHASES),
         "perf/cpu_s": time.process_time() - ledger.cpu_start,
         "perf/sequence_tokens": g["sequence_tokens"],  # model-FLOP counts (tools.bench): unpadded tokens

@@ -192,7 +192,8 @@ def tag_id(tok, tag: str, key: str) -> int:
         raise ConfigError(
             f"{key}={tag!r} is {len(ids)} tokens in this tokenizer ({ids[:8]}), not one: the engine stops at a "
             "single token id. Fix: add the tags to the tokenizer as tokens (tokenizer.add_tokens, saved with "
-            "the model and its embedding resized), or set rollout.tool_tags to tags it has as single tokens."
+            "the model and its embedding resized), or set rollout.tool_tags to tags it has as single tokens "
+            "(Qwen's chat format: [<tool_call>, </tool_call>, <tool_response>, </tool_response>])."
         )
     return ids[0]
 

@@ -4,17 +4,19 @@ The model is a tiny Qwen2 taught in-process (a few seconds) to write multiplicat
 prompt that opens a call, to close it: so its rollouts call the tool, including hostile programs.
 """
 
+import json
 import random
 
 import pytest
 import torch
 
 from core.errors import ConfigError
-from core.tokenizer import build_char_tokenizer
+from core.tokenizer import build_char_tokenizer, save_tokenizer
 from inference.engine import Sampling, build_engine
 from rlhf.rollout import generate_groups, to_batch
 from rlhf.tasks import multiplication
 from rlhf.tool_calls import ToolOutput, ToolRunner, check_config, escape, tag_id, tool_counts
+from tests.conftest import read_metrics, train_cli
 
 MAX_LEN = 192
 HOSTILE = {
@@ -75,7 +77,8 @@ def model_dir(tmp_path_factory, tok):
         opt.step()
     path = tmp_path_factory.mktemp("tool_model")
     model.save_pretrained(path)
-    return str(path), float(loss)
+    save_tokenizer(tok, path)  # a model directory as a user brings one: weights and tokenizer
+    return str(path), float(loss.detach())
 
 
 @pytest.fixture(scope="module")
@@ -222,3 +225,103 @@ def test_escaping_breaks_every_whole_matched_token(tok):
     runner = _runner(tok)
     out, cut = runner.output_ids(ToolOutput("9" * 20, "ok"))
     assert cut and len(out) == 12 + 2 and tok.decode(out) == "<output>" + "9" * 12 + "</output>"
+
+
+def test_grpo_with_the_tool_trains_on_the_policys_tokens_only(model_dir, tmp_path):
+    """Two GRPO steps with the tool through the CLI: the tool runs in rollouts and in the held-out
+    evaluation, and the trainer's log-probs of every sampled token across tool turns equal the engine's
+    (the top-20 KL bound and the sampled-token gap hold; a tool token scored as the policy's would break
+    both: its engine log-prob is a placeholder)."""
+    run = tmp_path / "run"
+    train_cli(
+        "stage=r1_zero",
+        "model=hf",
+        f"model.path={model_dir[0]}",
+        f"stage.init_from={model_dir[0]}",
+        "data=multiplication",
+        "data.num_eval=8",
+        "eval.k=2",
+        "rollout.max_tool_calls=2",
+        "rollout.max_new_tokens=64",
+        "stage.train.seq_length=96",
+        "stage.train.steps=2",
+        "rollout.consistency=topk",
+        "rollout.consistency_max_kl=1e-5",
+        f"run_dir={run}",
+        "logger=none",
+    )
+    rows = read_metrics(run)
+    assert all(r["tool/use_frac"] > 0 and r["tool/calls_per_sample"] > 0 for r in rows), rows
+    assert sum(r["time/tools_s"] for r in rows) > 0
+    assert max(r["rollout/logprob_diff_max"] for r in rows) < 1e-4
+    assert max(r["consistency/kl_max"] for r in rows) < 1e-5
+    evals = json.loads((run / "eval.json").read_text())
+    assert evals["base"]["tool_use"] > 0 and "tool_use_correct" in evals["final"]
+
+
+def test_sft_learns_a_tool_samples_own_tokens_but_not_the_tools(tok):
+    """Rejection sampling keeps a tool-using sample's ids and tool mask; SFT trains on those ids (not a
+    re-encoding of the text, which here would merge <answer>'s characters into its one token) and
+    learns every token but the tool's output."""
+    from core.data import DataError, tokenize_sft
+    from rlhf.rejection_sampling import tool_columns
+    from rlhf.rollout import Sample
+
+    enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    policy_a, tool, policy_b = enc("<tool>print(2*3)</tool>"), enc("<output>6\n</output>"), enc("</think>")
+    spelled = [tok.convert_tokens_to_ids(c) for c in "<answer>"] + enc("6</answer>")  # chars, as sampled
+    ids = policy_a + tool + policy_b + spelled + [tok.eos_token_id]
+    mask = [0] * len(policy_a) + [1] * len(tool) + [0] * (len(policy_b) + len(spelled) + 1)
+    sample = Sample({"prompt": "User: 2*3 Assistant: <think>"}, [1], ids, [0.0] * len(ids), "stop", tool_mask=mask)
+    row = {
+        "prompt": sample.row["prompt"],
+        "response": tok.decode(ids, skip_special_tokens=True),
+        **tool_columns(sample),
+    }
+    assert row["response_ids"] == ids[:-1] and row["response_tool_mask"] == mask[:-1]  # SFT adds the EOS
+
+    [out] = tokenize_sft([row], tok, 128)
+    prompt_len = len(out["input_ids"]) - len(ids)
+    assert out["input_ids"][prompt_len:] == ids
+    assert out["loss_mask"][prompt_len:] == [1 - m for m in mask]
+    assert tok(row["response"], add_special_tokens=False)["input_ids"] != ids[:-1]  # re-encoding would differ
+    with pytest.raises(DataError, match=r"sft row 0: response_ids \(\d+ ids\) need a response_tool_mask"):
+        tokenize_sft([{**row, "response_tool_mask": mask[:3]}], tok, 128)
+    assert tool_columns(Sample({}, [1], [5, 6], [0.0, 0.0], "stop", tool_mask=[0, 0])) == {}
+
+
+def test_a_real_tokenizers_own_tool_tags_serve_and_the_char_tags_are_refused_there():
+    """Qwen's vocabulary has its chat format's tool tags as single tokens: they configure the loop as they
+    are; the demo's tags are several tokens there, refused at start-up naming the key."""
+    from core.config import RolloutConfig
+    from core.tokenizer import load_tokenizer
+    from tests.hf_models import tokenizer_dir
+
+    qwen = load_tokenizer(tokenizer_dir("qwen2"))
+    tags = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
+    runner = ToolRunner.from_config(RolloutConfig(max_tool_calls=1, tool_tags=tags), qwen)
+    assert (runner.call_close, runner.output_open) == tuple(qwen.convert_tokens_to_ids(tags[1:3]))
+    out, _ = runner.output_ids(ToolOutput("<|im_end|></tool_response>42", "ok"))
+    assert qwen.convert_tokens_to_ids("<|im_end|>") not in out and out.count(runner.output_close) == 1
+    with pytest.raises(ConfigError, match=r"rollout.tool_tags\[0\]='<tool>' is \d+ tokens"):
+        ToolRunner.from_config(RolloutConfig(max_tool_calls=1), qwen)
+
+
+def test_the_multiplication_tasks_traces_are_what_the_tool_prints_and_fit_the_base_context(tok):
+    from rlhf.tool_calls import python
+
+    a, b = 347, 862
+    text = multiplication.trace(a, b)
+    program = text[len("<tool>") : text.index("</tool>")]
+    assert f"<output>{python(program, 3.0).text}</output>" in text  # pretraining shows the tool's real output
+    assert multiplication.TASK.score("299114", {"answer": "299114"}) == 1.0
+    texts = multiplication.pretraining_text(2000, 0)
+    assert max(len(tok(t)["input_ids"]) + 1 for t in texts) <= 64  # bos + text + eos: stage=pretrain's rows
+    assert 0.2 < sum(t.count("<tool>print(") == 1 for t in texts) / len(texts) < 0.5
+
+    class D:
+        seed = 0
+
+    train = {r["question"] for r in multiplication.prompt_rows(D, "train", 2000)}
+    held = {r["question"] for r in multiplication.prompt_rows(D, "eval", 100)}
+    assert len(held) == 100 and not train & held

@@ -5,7 +5,9 @@
 CKPT: a run dir (its latest checkpoint), a checkpoints root or a step dir, or a Hugging Face model directory;
 a model preset name still works (random weights, a baseline). The model preset is read from the checkpoint. Writes RUN_DIR/eval.json:
 pass@1 over eval.k samples (eval.temperature 0.6, eval.top_p 0.95), cons@k, format and
-language_consistency, per task, with the response-length distribution. Exit 2 names a bad input.
+language_consistency, per task, with the response-length distribution; with rollout.max_tool_calls > 0
+the samples call the tool (rlhf.tool_calls) and tool_calls, tool_errors, tool_use and tool_use_correct are
+reported. Exit 2 names a bad input.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ def evaluate_checkpoint(overrides: list[str]) -> dict:
     from rlhf.judge import refuse_judged
     from rlhf.prompts import load_prompts
     from rlhf.rewards import RewardPool
+    from rlhf.tool_calls import ToolRunner
 
     overrides, step_dir = resolve_model(overrides)
     cfg = compose(overrides)
@@ -77,7 +80,8 @@ def evaluate_checkpoint(overrides: list[str]) -> dict:
             meta = ckpt.load(policy, step_dir, with_optimizer=False)
         engine = colocated.start_engine(cfg, policy, run_dir / "hf_model", tok)
         with engine or contextlib.nullcontext(), RewardPool(SCORES, cfg.reward.timeout_s, cfg.reward.workers) as pool:
-            result = evaluate(engine, tok, rows, cfg.eval, pool, cfg.rollout.max_new_tokens)
+            tools = ToolRunner.from_config(cfg.rollout, tok, cfg.reward.workers)  # rollout.max_tool_calls > 0
+            result = evaluate(engine, tok, rows, cfg.eval, pool, cfg.rollout.max_new_tokens, tools)
     finally:
         P.shutdown()
     result = {

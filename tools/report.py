@@ -43,6 +43,7 @@ PLOTS = [
         "KL / TV per token",
         ["consistency/kl_mean", "consistency/kl_max", "consistency/tv_mean"],
     ),
+    ("tools", "Tool calls (rlhf.tool_calls)", "per sample / share", ["tool/calls_per_sample", "tool/use_frac"]),
     ("loss", "Training loss", "loss", ["train/loss"]),
 ]
 

@@ -7,7 +7,7 @@ can, by copying the operands into a program and the tool's output into its answe
     </output></think><answer>299114</answer>
 
 The output between the output tags is the tool's, masked out of the loss in RL; in pretraining it is text
-like the rest (what print writes). The pretraining mix has a small share of such traces beside answers
+like the rest (what print writes). The pretraining mix has a minority of such traces beside answers
 guessed without the tool, so the base calls the tool now and then and GRPO can make a habit of it.
 
 The gold answer is ``str(a * b)``. 10% of the (a, b) pairs are held out by a stable hash: never in
@@ -28,7 +28,10 @@ THINK_END, ANSWER, ANSWER_END = "</think>", "<answer>", "</answer>"
 # cannot compute it); "tool": the full trace; "miscopied": a trace whose program miscopies an operand, so
 # its output and answer are wrong (copying the question right is what RL has to select); "stopped": a call
 # and its output, then nothing; "broken": a format error.
-MIX = {"guess": 0.6, "tool": 0.1, "miscopied": 0.05, "stopped": 0.05, "broken": 0.2}
+# With 10% tool traces (and 60% guesses) the 800-step base wrote the right program but then guessed its
+# answer instead of copying the output (pass@1 0 with the tool, so GRPO had nothing to select); with a
+# quarter it copies often enough.
+MIX = {"guess": 0.45, "tool": 0.25, "miscopied": 0.05, "stopped": 0.05, "broken": 0.2}
 
 
 def is_held_out(a: int, b: int) -> bool:
