@@ -33,6 +33,7 @@ LONGEST_FIRST = (
     "test_on_policy_distill",
     "test_hf_models",
     "test_hf_rl",
+    "test_tool_calls",
     "test_bad_inputs",
     "test_hf_bridge",
     "test_convert",

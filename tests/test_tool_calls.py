@@ -259,7 +259,7 @@ def test_grpo_with_the_tool_trains_on_the_policys_tokens_only(model_dir, tmp_pat
     assert evals["base"]["tool_use"] > 0 and "tool_use_correct" in evals["final"]
 
 
-def test_sft_learns_a_tool_samples_own_tokens_but_not_the_tools(tok):
+def test_sft_learns_a_tool_samples_own_tokens_but_not_the_tools(tok, tmp_path):
     """Rejection sampling keeps a tool-using sample's ids and tool mask; SFT trains on those ids (not a
     re-encoding of the text, which here would merge <answer>'s characters into its one token) and
     learns every token but the tool's output."""
@@ -285,6 +285,22 @@ def test_sft_learns_a_tool_samples_own_tokens_but_not_the_tools(tok):
     assert out["input_ids"][prompt_len:] == ids
     assert out["loss_mask"][prompt_len:] == [1 - m for m in mask]
     assert tok(row["response"], add_special_tokens=False)["input_ids"] != ids[:-1]  # re-encoding would differ
+    # The dataset file keeps them beside rows of samples that called no tool (one schema for all rows)
+    from core.compose import compose
+    from core.data import load_rows
+    from rlhf.rejection_sampling import write
+
+    plain = {"prompt": "User: 1*2 Assistant: <think>", "response": "</think><answer>2</answer>", "source": "x"}
+    write(
+        tmp_path,
+        [plain, {**row, "source": "rejection_sampling"}],
+        {"kept": 2},
+        {},
+        compose(["stage=rejection_sampling"]),
+    )
+    back = load_rows(tmp_path / "sft.parquet", "sft")
+    assert back[0]["response_ids"] == [] and back[1]["response_ids"] == row["response_ids"]
+    assert tokenize_sft(back, tok, 128)[1] == out
     with pytest.raises(DataError, match=r"sft row 0: response_ids \(\d+ ids\) need a response_tool_mask"):
         tokenize_sft([{**row, "response_tool_mask": mask[:3]}], tok, 128)
     assert tool_columns(Sample({}, [1], [5, 6], [0.0, 0.0], "stop", tool_mask=[0, 0])) == {}
