@@ -12,6 +12,7 @@ from typing import Optional
 from omegaconf import MISSING
 
 from core.errors import ConfigError
+from core.tags import TOOL_TAGS
 
 
 @dataclass
@@ -332,7 +333,7 @@ class RolloutConfig:
     tool: str = "python"  # rlhf.tool_calls.TOOLS
     tool_timeout_s: float = 3.0  # one call's wall-clock deadline, start-up included
     tool_output_tokens: int = 32
-    tool_tags: list[str] = field(default_factory=lambda: ["<tool>", "</tool>", "<output>", "</output>"])
+    tool_tags: list[str] = field(default_factory=lambda: list(TOOL_TAGS))
 
     @property
     def oracle(self) -> bool:

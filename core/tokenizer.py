@@ -18,15 +18,16 @@ import string
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
+from core.tags import TOOL_TAGS
+
 # \x0b and \x0c are left out: nobody writes them on purpose, and many text tools
 # treat them as line breaks, which would make round trips surprising.
 DEFAULT_ALPHABET: str = string.printable.replace("\x0b", "").replace("\x0c", "")
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 DEFAULT_SPECIAL_TOKENS: list[str] = [PAD, BOS, EOS, "<think>", "</think>", "<answer>", "</answer>"]
-# Tool-integrated reasoning's tags (rlhf.tools): a call, then the tool's output. Appended after the
-# alphabet, so every id the tokenizer had before they were added stays where it was.
-TOOL_TAGS: list[str] = ["<tool>", "</tool>", "<output>", "</output>"]
+# Tool-integrated reasoning's tags (core.tags.TOOL_TAGS) are appended after the alphabet, so every id the
+# tokenizer had before they were added stays where it was.
 
 
 def build_char_tokenizer(

@@ -16,7 +16,7 @@ from inference.engine import Sampling, build_engine
 from rlhf.rollout import generate_groups, to_batch
 from rlhf.tasks import multiplication
 from rlhf.tool_calls import ToolOutput, ToolRunner, check_config, escape, tag_id, tool_counts
-from tests.conftest import read_metrics, train_cli
+from tests.conftest import module_cli, read_metrics, train_cli
 
 MAX_LEN = 192
 HOSTILE = {
@@ -257,6 +257,21 @@ def test_grpo_with_the_tool_trains_on_the_policys_tokens_only(model_dir, tmp_pat
     assert max(r["consistency/kl_max"] for r in rows) < 1e-5
     evals = json.loads((run / "eval.json").read_text())
     assert evals["base"]["tool_use"] > 0 and "tool_use_correct" in evals["final"]
+    # tools.eval of the trained checkpoint calls the tool too, and counts it
+    said = module_cli(
+        "tools.eval",
+        f"model={run}",
+        f"model.path={model_dir[0]}",
+        "data=multiplication",
+        "data.num_eval=4",
+        "eval.k=2",
+        "rollout.max_tool_calls=2",
+        "rollout.max_new_tokens=64",
+        "stage.train.seq_length=96",
+        f"run_dir={tmp_path / 'eval'}",
+    )
+    summary = json.loads(said.stdout.strip().splitlines()[-1])
+    assert summary["tool_calls"] > 0 and 0 <= summary["tool_use_correct"] <= summary["tool_use"] <= 1
 
 
 def test_sft_learns_a_tool_samples_own_tokens_but_not_the_tools(tok, tmp_path):

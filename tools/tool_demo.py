@@ -19,7 +19,17 @@ from pathlib import Path
 
 # Room for a call, its output and the answer (~35 tokens) after the 27-token prompt.
 RL = ["stage=r1_zero", "data=multiplication", "rollout.max_new_tokens=64", "stage.train.seq_length=96", "logger=none"]
-REPORTED = ("pass@1", "format", "tool_use", "tool_use_correct", "tool_calls", "tool_errors", "response_length")
+# reasoning_first: the share of samples that open with a call (written, whether or not a tool runs it)
+REPORTED = (
+    "pass@1",
+    "format",
+    "reasoning_first",
+    "tool_use",
+    "tool_use_correct",
+    "tool_calls",
+    "tool_errors",
+    "response_length",
+)
 
 
 def train(*overrides: str) -> None:
@@ -56,12 +66,13 @@ def table(summary: dict) -> str:
         return "—" if v is None else f"{100 * v:.1f}%"
 
     lines = [
-        "| run | seed | pass@1 base → RL | tool use base → RL | used right base → RL | tool errors/sample | gain (points) |",
-        "|---|---|---|---|---|---|---|",
+        "| run | seed | pass@1 base → RL | writes a call first | tool ran | ran, no error, right answer | tool errors/sample | gain (points) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in summary["runs"].items():
         lines.append(
             f"| {name.rsplit('_seed', 1)[0]} | {r['seed']} | {pct(r['base_pass@1'])} → {pct(r['final_pass@1'])} | "
+            f"{pct(r['base_reasoning_first'])} → {pct(r['final_reasoning_first'])} | "
             f"{pct(r['base_tool_use'])} → {pct(r['final_tool_use'])} | {pct(r['base_tool_use_correct'])} → "
             f"{pct(r['final_tool_use_correct'])} | {r['final_tool_errors'] if r['tool'] else '—'} | "
             f"{r['gain_points']:+.1f} |"

