@@ -356,3 +356,16 @@ def test_the_multiplication_tasks_traces_are_what_the_tool_prints_and_fit_the_ba
     train = {r["question"] for r in multiplication.prompt_rows(D, "train", 2000)}
     held = {r["question"] for r in multiplication.prompt_rows(D, "eval", 100)}
     assert len(held) == 100 and not train & held
+
+
+def test_the_language_checks_read_the_reasoning_around_tool_calls_not_the_code_or_its_output():
+    """Rejection sampling's language filter dropped every tool-using sample as mixed-language before calls
+    and outputs were left out of the reasoning."""
+    from rlhf.rewards.language import language_consistency, reasoning_of, wordless
+
+    call = "<tool>print(sum(range(10)))</tool><output>45\n</output>"
+    assert wordless(f"{call}</think><answer>45</answer>")
+    text = f"I add the numbers up with a short program {call} so the total is known</think><answer>45</answer>"
+    assert "print" not in reasoning_of(text) and "45" not in reasoning_of(text)
+    assert language_consistency(text, {"metadata": {"language": "en"}}) == 1.0
+    assert reasoning_of("First the sum <tool>print(range(3))").strip() == "First the sum"  # a call left open
