@@ -1,8 +1,9 @@
 """Held-out evaluation as the R1 paper reports it: k samples per prompt at temperature 0.6, top-p 0.95;
 pass@1 is the mean accuracy over all k·N samples, cons@k the accuracy of each prompt's majority answer.
 Reported overall and per task, with the response-length distribution; language_consistency too when the
-pool scores it (tools.eval's does), over the samples whose reasoning has words, a task's audit rates (greetings: harmful and ideal shares) and, for a task
-that defines it, the share of samples that start with its reasoning."""
+pool scores it (tools.eval's does), over the samples whose reasoning has words, a task's audit rates
+(greetings: harmful and ideal shares), for a task that defines it the share of samples that start with its
+reasoning, and with a tool (rlhf.tool_calls) how the samples used it."""
 
 from __future__ import annotations
 

@@ -59,8 +59,9 @@ def informative(groups: list[list[Sample]]) -> list[list[Sample]]:
 
 def collect(engine, tok, rows: list[dict], position: int, sampling, pool, rl, seq_len: int, tools=None):
     """Rollout (calling `tools`, rlhf.tool_calls.ToolRunner, where completions call it) → reward for
-    prompts_per_step groups (this DP rank's share) from the prompt stream at `position`. With dynamic sampling, groups of equal rewards are dropped and more prompts drawn, up to
-    max_refill_rounds; a short batch is topped up with dropped groups (zero advantage) to keep shapes.
+    prompts_per_step groups (this DP rank's share) from the prompt stream at `position`. With dynamic
+    sampling, groups of equal rewards are dropped and more prompts drawn, up to max_refill_rounds; a short
+    batch is topped up with dropped groups (zero advantage) to keep shapes.
     Returns the step's RolloutBatch and the stream's next position."""
     keep, dropped = [], []
     info = {"prompts": 0, "truncated": 0, "reward_errors": 0, "reward_timeouts": 0, "prompt_ids": []}

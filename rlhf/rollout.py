@@ -1,7 +1,8 @@
 """Rollouts as training data: engine completions → samples → a step's RolloutBatch.
 
 Position i of a batch row predicts token i+1; loss_mask marks the positions whose label is a
-completion token the policy sampled (not a tool's output, rlhf.tool_calls), and the per-token fields (engine_logp, advantages, old_logp, ref_logp) line up with it.
+completion token the policy sampled (not a tool's output, rlhf.tool_calls), and the per-token fields
+(engine_logp, advantages, old_logp, ref_logp) line up with it.
 """
 
 from __future__ import annotations

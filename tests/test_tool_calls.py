@@ -17,6 +17,7 @@ from rlhf.rollout import generate_groups, to_batch
 from rlhf.tasks import multiplication
 from rlhf.tool_calls import ToolOutput, ToolRunner, check_config, escape, tag_id, tool_counts
 from tests.conftest import module_cli, read_metrics, train_cli
+from tests.hf_models import hf_config
 
 MAX_LEN = 192
 HOSTILE = {
@@ -47,22 +48,11 @@ def tok():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tok):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    cfg = Qwen2Config(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
+    cfg = hf_config("qwen2", 128)
+    cfg.bos_token_id, cfg.eos_token_id = tok.bos_token_id, tok.eos_token_id
     model = Qwen2ForCausalLM(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     rng = random.Random(0)

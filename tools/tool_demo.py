@@ -66,7 +66,8 @@ def table(summary: dict) -> str:
         return "—" if v is None else f"{100 * v:.1f}%"
 
     lines = [
-        "| run | seed | pass@1 base → RL | writes a call first | tool ran | ran, no error, right answer | tool errors/sample | gain (points) |",
+        "| run | seed | pass@1 base → RL | writes a call first | tool ran | ran, no error, right answer "
+        "| tool errors/sample | gain (points) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in summary["runs"].items():
