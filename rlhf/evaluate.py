@@ -97,7 +97,7 @@ def _aggregate(records: list[dict], k: int) -> dict:
     lang = [r["language_consistency"] for r in records if r["language_consistency"] is not None]
     if lang:
         out["language_consistency"] = sum(lang) / len(lang)
-    for name in sorted({name for r in records for name in r["tools"]}):  # tool_calls, tool_use, ...
+    for name in sorted({name for r in records for name in r.get("tools", {})}):  # tool_calls, tool_use, ...
         out[name] = sum(r["tools"][name] for r in records) / n
     for name in sorted({name for r in records for name in r["audit"]}):
         audited = [r["audit"][name] for r in records if name in r["audit"]]

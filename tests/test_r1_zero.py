@@ -79,7 +79,9 @@ def test_grpo_runs_logs_evaluates_and_resumes(base, tmp_path):
         assert abs(r["consistency/kl_mean"]) < 1e-5 and r["consistency/tv_max"] < 1e-4  # and on the distributions
         assert abs(r["rollout/seq_importance_ratio"] - 1) < 1e-3
         assert r["sync/probe_gap"] < 1e-4 and r["sync/version"] == r["step"]  # the engine serves what was sent
-        assert r["train/kl"] >= 0 and 0 <= r["train/clip_frac"] <= 1
+        # k3 is >= 0 exactly; in fp32, exp(x) next to 1 rounds by ~6e-8, so a mean over tokens whose policy
+        # equals the reference can come out a hair below 0 (-2.2e-10 seen)
+        assert r["train/kl"] >= -1e-8 and 0 <= r["train/clip_frac"] <= 1
     assert_time_ledger(rows)
     # The first window holds the base model's evaluation; two minibatches need the old log-probs' own pass.
     assert rows[0]["time/eval_s"] > 0 and rows[1]["time/eval_s"] == 0
