@@ -140,15 +140,16 @@ class _Interrupting:
                     c.logprobs + tail.logprobs,
                     tail.finish_reason,
                     c.token_versions + [version] * len(tail.token_ids),
-                    *_joined_tops(c, tail),
+                    *joined_tops(c, tail),
                     # the continuation's prefill routed the prompt and the prefix again, on the new weights
                     routed_experts=tail.routed_experts,
                 )
         return Rollout(groups, prefix.rollout.truncated_prompts, prefix.rollout.prompts)
 
 
-def _joined_tops(head: Completion, tail: Completion) -> tuple:
-    """The top log-probs (Sampling.top_logprobs) of a prefix and its continuation, one after the other."""
+def joined_tops(head: Completion, tail: Completion) -> tuple:
+    """The top log-probs (Sampling.top_logprobs) of a prefix and its continuation, one after the other
+    (also a tool call's continuation, rlhf.tool_calls)."""
     if head.top_ids is None or tail.top_ids is None:
         return None, None
     return torch.cat([head.top_ids, tail.top_ids]), torch.cat([head.top_logprobs, tail.top_logprobs])

@@ -31,6 +31,7 @@ from core.errors import ConfigError
 from core.ledger import phase
 from core.registry import Registry
 from inference.engine import Completion, Rollout, Sampling
+from rlhf.partial import joined_tops
 
 # Continuations sample with seed + TOOL_SEED + turn × n + i: apart from rlhf.rollout's per-step offsets and
 # from partial rollouts' continuations (rlhf.partial.CONTINUATION_SEED), which tool calls never run with.
@@ -245,16 +246,13 @@ def _extend(c: Completion, ids: list[int]) -> None:
 
 def _joined(head: Completion, tail: Completion) -> Completion:
     """A sample so far and the engine's continuation of it."""
-    tops = (None, None)
-    if head.top_ids is not None and tail.top_ids is not None:
-        tops = (torch.cat([head.top_ids, tail.top_ids]), torch.cat([head.top_logprobs, tail.top_logprobs]))
     versions = head.token_versions + tail.token_versions if head.token_versions and tail.token_versions else []
     return Completion(
         head.token_ids + tail.token_ids,
         head.logprobs + tail.logprobs,
         tail.finish_reason,
         versions,
-        *tops,
+        *joined_tops(head, tail),
         # the continuation's prefill routed the whole prefix again: its record covers every position
         routed_experts=tail.routed_experts,
         tool_mask=head.tool_mask + [0] * len(tail.token_ids),
