@@ -325,7 +325,7 @@ def _validate_partial(r) -> None:
 
 
 def _validate_off_policy(cfg: Config, dp: int) -> None:
-    """An off-policy rollout.mode: its engine runs in a process of its own beside one trainer process."""
+    """An off-policy rollout.mode: each replica's engine runs in a process of its own beside the trainer."""
     r, p = cfg.rollout, cfg.parallel
     if r.engine != "vllm":
         raise ConfigError(
@@ -337,11 +337,22 @@ def _validate_off_policy(cfg: Config, dp: int) -> None:
             f"rollout.mode={r.mode} trains on samples from older weights, and stage.rl.tis_cap=0 leaves that "
             "uncorrected. Fix: set stage.rl.tis_cap (e.g. 2: each token weighted by min(π_old/π_engine, 2))."
         )
-    world = dp * p.tensor * p.pipeline * p.context
-    if world > 1:
+    # Several trainer processes: each replica's engine rank runs its producer thread alone (rlhf.producer),
+    # so nothing there may need the other ranks.
+    if p.context > 1:
         raise ConfigError(
-            f"rollout.mode={r.mode} with {world} trainer processes (parallel.tensor={p.tensor}, "
-            f"pipeline={p.pipeline}, data={dp}): the overlapped producer serves one trainer process so far; "
-            "sharing its rollouts with model-parallel peers and data-parallel replicas is not built. "
-            "Fix: rollout.mode=sync for multi-process layouts, or one process."
+            f"rollout.mode={r.mode} with parallel.context={p.context}: the overlapped producer runs one engine per "
+            "model replica, and context-parallel ranks would each run one. Fix: rollout.mode=sync, or context=1."
+        )
+    if dp > 1 and cfg.stage.rl.dynamic_sampling:
+        raise ConfigError(
+            f"rollout.mode={r.mode} with stage.rl.dynamic_sampling=true and {dp} data-parallel replicas: each "
+            "replica's producer would decide its refills alone, and the replicas' prompt streams would part. "
+            "Fix: stage.rl.dynamic_sampling=false, parallel.data=1, or rollout.mode=sync."
+        )
+    if p.tensor * p.pipeline > 1 and cfg.reward.models:
+        raise ConfigError(
+            f"rollout.mode={r.mode} with reward.models and parallel.tensor={p.tensor}, pipeline={p.pipeline}: "
+            "the producer scores rollouts on the engine rank alone, and a sharded reward model needs every rank "
+            "of the replica. Fix: tensor=pipeline=1, or rollout.mode=sync."
         )

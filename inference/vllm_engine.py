@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Iterable
@@ -97,21 +98,30 @@ class VLLMEngine(Engine):
                 # ("expect weight to be bfloat16, float16, int8, ..." at load); the reference CPU_MLA
                 # backend takes any dtype.
                 extra["attention_config"] = {"backend": "CPU_MLA"}
-        self.llm = LLM(
-            model=model_dir,
-            skip_tokenizer_init=True,  # token ids in and out: the trainer's tokenizer is the only one
-            dtype=dtype,
-            seed=seed,
-            max_model_len=max_model_len,
-            # The routing hook runs only outside compiled graphs (inference.vllm_routing)
-            enforce_eager=not self.on_gpu or record_routing,
-            kv_cache_memory_bytes=kv_cache_bytes,  # without it vLLM claims 90% of RAM on CPU
-            enable_sleep_mode=self.on_gpu,
-            logprobs_mode="processed_logprobs",  # at the sampling temperature, as the trainer computes them
-            max_logprobs=max_logprobs,
-            worker_extension_cls="inference.vllm_worker.Extension",
-            **extra,
-        )
+        # Slurm's preemption signal reaches every process of the job step, and by default it kills. It is
+        # the trainer's to act on (rlhf/preempt.py): it finishes its step and saves, and an overlapped run's
+        # checkpoint holds the batches this engine generated ahead. The engine-core process and its workers
+        # inherit the calling thread's signal mask; the trainer gets a signal that came meanwhile afterwards.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1}) if self.own_process else None
+        try:
+            self.llm = LLM(
+                model=model_dir,
+                skip_tokenizer_init=True,  # token ids in and out: the trainer's tokenizer is the only one
+                dtype=dtype,
+                seed=seed,
+                max_model_len=max_model_len,
+                # The routing hook runs only outside compiled graphs (inference.vllm_routing)
+                enforce_eager=not self.on_gpu or record_routing,
+                kv_cache_memory_bytes=kv_cache_bytes,  # without it vLLM claims 90% of RAM on CPU
+                enable_sleep_mode=self.on_gpu,
+                logprobs_mode="processed_logprobs",  # at the sampling temperature, as the trainer computes them
+                max_logprobs=max_logprobs,
+                worker_extension_cls="inference.vllm_worker.Extension",
+                **extra,
+            )
+        finally:
+            if blocked is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         self.moe_layers = self.llm.collective_rpc("r1_record_routing")[0] if record_routing else None
 
     def generate(self, prompts: list[list[int]], sampling: Sampling) -> Rollout:

@@ -85,8 +85,9 @@ def save(
     keep: int = 0,
     files: dict[str, bytes] | None = None,
 ) -> Path:
-    """Collective: every rank calls it. Returns the final step dir. `files` (rank 0's) land in its files/
-    dir, covered by the manifest like the weights (load returns the step dir to read them from)."""
+    """Collective: every rank calls it. Returns the final step dir. `files` (each rank's own, under names no
+    other rank writes) land in its files/ dir, covered by the manifest like the weights (load returns the
+    step dir to read them from)."""
     root = Path(root)
     name = f"step_{policy.step:08d}"
     tmp, final = root / f".tmp.{name}", root / name
@@ -98,8 +99,8 @@ def save(
     dist_checkpointing.save(_sharded_state(policy, optimizer_state, is_loading=False), str(tmp))
     (tmp / "rng").mkdir(exist_ok=True)
     torch.save(_rng_state(), tmp / "rng" / f"rank_{P.rank():05d}.pt")
-    if P.rank() == 0 and files:
-        (tmp / "files").mkdir()
+    if files:
+        (tmp / "files").mkdir(exist_ok=True)
         for file_name, data in files.items():
             (tmp / "files" / file_name).write_bytes(data)
     P.barrier()

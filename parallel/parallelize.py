@@ -139,7 +139,7 @@ def leads_replica() -> bool:
 def all_ranks_true(flag: bool) -> bool:
     """The same answer on every rank: whether `flag` holds on all of them."""
     t = torch.tensor([0 if flag else 1])
-    # One process has no one to ask (and an overlapped rollout producer calls this from its own thread)
+    # One process has no one to ask
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.all_reduce(t)
     return int(t) == 0

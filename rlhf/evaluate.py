@@ -28,10 +28,21 @@ def evaluate(engine, tok, rows: list[dict], ecfg, pool, max_new_tokens: int, too
     """Metrics over this DP rank's strided share of `rows`, gathered over DP; `engine` None → no share
     generated here (model-parallel peers of an engine rank), the records come from the others. With
     `tools` (rlhf.tool_calls.ToolRunner) the samples call them as in training, and the tool's use is reported."""
+    return summarize(eval_records(engine, tok, rows, ecfg, pool, max_new_tokens, tools), rows, ecfg)
+
+
+def eval_records(engine, tok, rows: list[dict], ecfg, pool, max_new_tokens: int, tools=None) -> list[dict]:
+    """evaluate's part on this rank alone (no collective, so an overlapped rollout producer's thread may
+    run it): one record per prompt of its DP rank's share; none without an engine."""
     dp, rank = P.data_parallel_size(), P.data_parallel_rank()
     mine = rows[rank::dp] if engine is not None else []
-    records = _score(engine, tok, mine, ecfg, pool, max_new_tokens, tools) if mine else []
-    records = [r for part in P.gather_world(records) for r in part]  # ranks without an engine send []
+    return _score(engine, tok, mine, ecfg, pool, max_new_tokens, tools) if mine else []
+
+
+@phase("eval")
+def summarize(records: list[dict], rows: list[dict], ecfg) -> dict:
+    """evaluate's collective part: every rank's records (ranks without an engine send none), aggregated."""
+    records = [r for part in P.gather_world(records) for r in part]
     out = {"k": ecfg.k, "temperature": ecfg.temperature, "top_p": ecfg.top_p, **_aggregate(records, ecfg.k)}
     tasks = sorted({r["task"] for r in records})
     if len(tasks) > 1:

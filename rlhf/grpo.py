@@ -26,11 +26,14 @@ from rlhf.rollout import RolloutBatch, Sample, generate_groups
 
 
 @phase("generation")
-def generate_and_share(engine, tok, rows: list[dict], sampling, tools=None) -> tuple[list[list[Sample]], int]:
+def generate_and_share(
+    engine, tok, rows: list[dict], sampling, tools=None, share: bool = True
+) -> tuple[list[list[Sample]], int]:
     """Rollouts (with `tools`' calls, rlhf.tool_calls) on the replica's engine rank, shared with its
-    tensor/pipeline-parallel peers, which must train on the same samples."""
+    tensor/pipeline-parallel peers, which must train on the same samples (unless `share` is False: the
+    caller shares them)."""
     made = generate_groups(engine, tok, rows, sampling, tools) if engine is not None else None
-    return P.share_model_parallel(made)
+    return P.share_model_parallel(made) if share else made
 
 
 @phase("reward")
@@ -57,12 +60,18 @@ def informative(groups: list[list[Sample]]) -> list[list[Sample]]:
     return [g for g in groups if len({s.reward for s in g}) > 1]
 
 
-def collect(engine, tok, rows: list[dict], position: int, sampling, pool, rl, seq_len: int, tools=None):
+def collect(
+    engine, tok, rows: list[dict], position: int, sampling, pool, rl, seq_len: int, tools=None, alone: bool = False
+):
     """Rollout (calling `tools`, rlhf.tool_calls.ToolRunner, where completions call it) → reward for
     prompts_per_step groups (this DP rank's share) from the prompt stream at `position`. With dynamic
     sampling, groups of equal rewards are dropped and more prompts drawn, up to max_refill_rounds; a short
     batch is topped up with dropped groups (zero advantage) to keep shapes.
-    Returns the step's RolloutBatch and the stream's next position."""
+    Returns the step's RolloutBatch and the stream's next position.
+
+    Every rank calls it together, unless `alone`: then only the replica's engine rank does, with no
+    collective (an overlapped rollout producer's thread, which shares the batch itself; the refill decision
+    is this replica's, so core.validate refuses dynamic sampling with several replicas then)."""
     keep, dropped = [], []
     info = {"prompts": 0, "truncated": 0, "reward_errors": 0, "reward_timeouts": 0, "prompt_ids": []}
     want = rl.prompts_per_step // P.data_parallel_size()
@@ -71,7 +80,7 @@ def collect(engine, tok, rows: list[dict], position: int, sampling, pool, rl, se
         position += rl.prompts_per_step
         info["prompt_ids"] += ids  # every prompt drawn (all ranks'), in stream order
         mine = [rows[i] for i in P.split_for_data_parallel(ids)]
-        groups, truncated = generate_and_share(engine, tok, mine, sampling, tools)
+        groups, truncated = generate_and_share(engine, tok, mine, sampling, tools, share=not alone)
         counts = score(groups, pool, rl, sampling.max_new_tokens)
         info["prompts"] += len(groups)
         info["truncated"] += truncated
@@ -80,7 +89,7 @@ def collect(engine, tok, rows: list[dict], position: int, sampling, pool, rl, se
         good = {id(g) for g in (informative(groups) if rl.dynamic_sampling else groups)}
         keep += [g for g in groups if id(g) in good]
         dropped += [g for g in groups if id(g) not in good]
-        if P.all_ranks_true(len(keep) >= want):
+        if len(keep) >= want if alone else P.all_ranks_true(len(keep) >= want):
             break
     groups = (keep + dropped)[:want]
     info["informative_frac"] = len(informative(groups)) / max(len(groups), 1)

@@ -16,6 +16,11 @@ next batch asks for.
 With partial rollouts (rollout.partial, rlhf.partial) a step's generation stops at its scheduled interrupt
 and goes on after the next weights: step j's starts on version max(0, j - 1 - lead) and finishes on the one
 after. A checkpoint then also holds the interrupted step's prefix, and the resumed run continues it.
+
+Several trainer processes: each model replica's engine rank (inference.colocated.hosts_engine) runs a
+producer thread for its engine and its share of the prompts; `collect` runs there alone, with no collective,
+and `batch` hands the batch to the replica's tensor/pipeline-parallel peers, which generate nothing. Each
+replica's buffer is a file of its own in the checkpoint.
 """
 
 from __future__ import annotations
@@ -28,12 +33,14 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Callable
 
+from core.errors import ConfigError
 from core.ledger import phase
 from inference.supervision import deadline
+from parallel import parallelize as P
 from rlhf.partial import PartialBatch
 from rlhf.rollout import RolloutBatch
 
-BUFFER_FILE = "rollout_buffer.pkl"  # the batches generated ahead, in a checkpoint's files/
+BUFFER_FILE = "rollout_buffer.dp{}.pkl"  # a replica's batches generated ahead, in a checkpoint's files/
 
 
 class RolloutProducer:
@@ -51,9 +58,11 @@ class RolloutProducer:
         """`collect(engine, step, position)`: the step's scored batch from the prompt stream at `position`, and
         the stream's next position; `rollout`: the rollout config (mode, lead). Where the run stands: `done_steps`
         trained, the stream at `position`, and (resuming) the checkpoint `step_dir` with the batches generated
-        ahead. `rest(engine)`: what sync mode does once a step's rollouts are in (the colocated sleep)."""
+        ahead. `rest(engine)`: what sync mode does once a step's rollouts are in (the colocated sleep). `engine`
+        is None on the ranks that host none: overlapped, they take their replica's batches from its engine rank."""
         self.collect, self.engine, self.lead, self.last, self.rest = collect, engine, rollout.lead, last_step, rest
-        self.thread = _JobThread() if rollout.mode != "sync" else None
+        self.overlapped = rollout.mode != "sync"
+        self.thread = _JobThread() if self.overlapped and engine is not None else None
         self.position = position  # the prompt stream's next position, after every batch asked for
         self.version = done_steps  # weight versions sent: the trainer's steps so far
         self.engine_version = done_steps  # the version the engine serves, set in line with its jobs
@@ -62,16 +71,12 @@ class RolloutProducer:
         self.partial_tokens = rollout.interrupt_at if rollout.partial and self.overlapped else 0
         self.in_flight: dict[int, Future] = {}  # partial: batches started, not yet asked to finish (PartialBatch)
         self.busy_s = 0.0  # engine-side seconds (generation, scoring, weight loads) since the last batch()
-        buffer = _read_buffer(step_dir)
+        buffer = _read_buffer(step_dir) if self.thread is not None else {}
         if buffer:
             self.pending = {step: _done(batch) for step, batch in buffer["batches"].items()}
             self.asked, self.position = buffer["asked"], buffer["position"]
             for step, prefix in buffer.get("in_flight", {}).items():  # its prefix again, then on as before
                 self.in_flight[step] = self._run(self._begin, step, prefix)
-
-    @property
-    def overlapped(self) -> bool:
-        return self.thread is not None
 
     def __enter__(self) -> RolloutProducer:
         return self
@@ -93,6 +98,8 @@ class RolloutProducer:
             self._finish_in_flight()
         with phase("generation"):  # sync: the generation itself; overlapped: the trainer waiting for it
             batch = self._wait(self.pending.pop(step), f"step {step}'s rollouts")
+            if self.overlapped:  # collect ran alone on the engine rank's thread: its model-parallel peers' copy
+                batch = P.share_model_parallel(batch)
         if not self.overlapped:
             self.rest(self.engine)
         batch.info["staleness"] = [self.version - s.version for s in batch.samples]
@@ -112,9 +119,10 @@ class RolloutProducer:
             self.engine_version = self.version
             stats["receipt"] = {**stats.get("receipt", {}), "version": self.version}
             return stats
-        copy = _WeightsCopy()
+        copy = _WeightsCopy() if self.thread is not None else None  # None: a rank without an engine
         stats = send(copy)
-        self._run(self._load, copy.weights, self.version)
+        if copy is not None:
+            self._run(self._load, copy.weights, self.version)
         # The engine loads these later, in line with its jobs; a refused load fails the job thread, and the
         # trainer's next wait raises it. The row carries the version sent: which load has finished by now is a
         # matter of timing, and rows must repeat exactly.
@@ -122,36 +130,41 @@ class RolloutProducer:
 
     def call(self, fn: Callable[[object], object], what: str):
         """`fn(engine)` once the engine work asked for so far is done (its weights: the last sent); the
-        trainer's wait for it is the step phase `what`."""
+        trainer's wait for it is the step phase `what`. Overlapped, a rank without an engine gets `fn(None)`."""
         with phase(what):
+            if self.overlapped and self.thread is None:
+                return fn(None)
             return self._wait(self._run(fn, self.engine), what)
 
     def files(self) -> dict[str, bytes]:
-        """For a checkpoint: the batches generated ahead, waited for, with the stream's position after them."""
-        if not self.overlapped:  # nothing is generated ahead
+        """For a checkpoint (this rank's files): the replica's batches generated ahead, waited for, with the
+        stream's position after them."""
+        if self.thread is None:  # nothing is generated ahead here
             return {}
         batches = {step: self._wait(f, f"step {step}'s rollouts") for step, f in sorted(self.pending.items())}
         # The interrupted step: its prefix (the weights that sampled it are gone) and the stream position it
         # drew from, which is the one after the whole batches.
         in_flight = {step: self._wait(f, f"step {step}'s rollouts").prefix for step, f in self.in_flight.items()}
         buffer = {"asked": self.asked, "position": self.position, "batches": batches, "in_flight": in_flight}
-        return {BUFFER_FILE: pickle.dumps(buffer)}
+        return {BUFFER_FILE.format(P.data_parallel_rank()): pickle.dumps(buffer)}
 
     def close(self) -> None:
-        if self.overlapped:
+        if self.thread is not None:
             self.thread.close()
 
     # -- the engine's side (the producer thread when overlapped) --------------------------------------------
     def _run(self, fn, *args) -> Future:
-        if self.overlapped:
+        if self.thread is not None:
             return self.thread.submit(self._timed, fn, *args)
+        if self.overlapped:  # a rank without an engine: its replica's engine rank does the work
+            return _done(None)
         return _done(self._timed(fn, *args))
 
     def _wait(self, job: Future, what: str):
         """The job's result. Overlapped, the engine's own calls run unsupervised on the producer thread, so
         the wait is supervised here: a dead engine process or a wait past (lead + 2) × rollout.timeout_s
         becomes the engine's clear error instead of a hang."""
-        if not self.overlapped or job.done():
+        if self.thread is None or job.done():
             return job.result()
         limit = self.engine.timeout_s * (self.lead + 2)
         with deadline(limit, f"waiting for {what}", dead_reason=self.engine.dead_reason):
@@ -244,5 +257,15 @@ def _done(value) -> Future:
 
 
 def _read_buffer(step_dir: str | None) -> dict:
-    path = Path(step_dir) / "files" / BUFFER_FILE if step_dir else None
-    return pickle.loads(path.read_bytes()) if path is not None and path.exists() else {}
+    """This replica's buffer in the checkpoint resumed from (none in a fresh run or a sync checkpoint)."""
+    if step_dir is None:
+        return {}
+    files = Path(step_dir) / "files"
+    path, written = files / BUFFER_FILE.format(P.data_parallel_rank()), sorted(files.glob(BUFFER_FILE.format("*")))
+    if len(written) != (P.data_parallel_size() if written else 0):
+        raise ConfigError(
+            f"{step_dir} holds the rollouts generated ahead by {len(written)} model replicas, and this run has "
+            f"{P.data_parallel_size()} (parallel.data): each replica resumes its own. Fix: resume with the "
+            "parallel layout the run was saved with."
+        )
+    return pickle.loads(path.read_bytes()) if written else {}

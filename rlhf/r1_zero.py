@@ -30,7 +30,7 @@ from parallel.policy import build_policy
 from parallel.routing_replay import route_mode
 from rlhf import grpo, refit_probe
 from rlhf.advantages import ADVANTAGES, AdvantageContext
-from rlhf.evaluate import SCORES, evaluate
+from rlhf.evaluate import SCORES, eval_records, summarize
 from rlhf.judge import refuse_judged
 from rlhf.loop import LoopShell
 from rlhf.losses import LossSettings
@@ -97,8 +97,13 @@ def train(cfg: Config, rank0: bool) -> dict:
             ),
         ) as shell,
     ):
-        evaluate_now = lambda: producer.call(  # noqa: E731  (in line with the engine's other work)
-            lambda engine: evaluate(engine, tok, eval_rows, cfg.eval, eval_pool, r.max_new_tokens, tools), "eval"
+        evaluate_now = lambda: summarize(  # noqa: E731  (generated in line with the engine's other work)
+            producer.call(
+                lambda engine: eval_records(engine, tok, eval_rows, cfg.eval, eval_pool, r.max_new_tokens, tools),
+                "eval",
+            ),
+            eval_rows,
+            cfg.eval,
         )
         if "base" not in evals:
             evals["base"] = evaluate_now()
@@ -137,8 +142,9 @@ def rollouts(cfg: Config, tok, rows: list[dict], rewards, tools: ToolRunner | No
     """What the rollout producer calls for a step's scored rollouts from the prompt stream at `at`."""
     r, rl = cfg.rollout, cfg.stage.rl
     how = lambda step: sampling(r, cfg.seed, step, stop_token_ids(tok), top_logprobs=r.top_logprobs)  # noqa: E731
+    alone = r.mode != "sync"  # on the producer's thread, which shares the batch with model-parallel peers
     return lambda engine, step, at: grpo.collect(
-        engine, tok, rows, at, how(step), rewards, rl, cfg.stage.train.seq_length, tools
+        engine, tok, rows, at, how(step), rewards, rl, cfg.stage.train.seq_length, tools, alone
     )
 
 

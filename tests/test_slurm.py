@@ -1,5 +1,6 @@
 """The sbatch scripts on a real one-node Slurm (tools/slurm_local.sh): `sbatch slurm/r1_stage2.sh` (reasoning
-RL, 2 tasks) to completion, USR1 → checkpoint → requeue → resume to the same metrics, exit codes reaching
+RL, 2 tasks: two data-parallel replicas, each generating asynchronously, two steps ahead, on an engine process
+of its own) to completion, USR1 → checkpoint → requeue → resume to the same metrics, exit codes reaching
 the caller, clear refusals. The stage starts from a short pretrain run in place of a cold-start model."""
 
 import json
@@ -23,6 +24,11 @@ TINY = [
     "reward.workers=1",
     "logger=none",
     "stage.train.save_every=100",
+    # Each replica's batches generated ahead are in the checkpoint (rlhf.producer), so the preempted run
+    # resumes them instead of generating on the checkpoint's weights what older ones generated.
+    "rollout.mode=async",
+    "rollout.max_staleness=2",
+    "stage.rl.tis_cap=2",
 ]
 
 
@@ -84,9 +90,11 @@ def test_sbatch_runs_a_two_task_stage_to_completion(straight):
     log = log_of(job)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
     assert "srun -n 2 rlhf.train stage=reasoning_rl" in log
-    assert [r["step"] for r in read_metrics(run, drop_wall_clock=True)] == [1, 2, 3, 4, 5]
+    rows = read_metrics(run, drop_wall_clock=True)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert [r["rollout/staleness_max"] for r in rows] == [0, 1, 2, 2, 2]  # step j on version max(0, j - 3)
     # stage 2's language reward is scored every step (its values: tests/test_rewards.py)
-    assert all(0 <= r["reward/language_consistency"] <= 1 for r in read_metrics(run, drop_wall_clock=True))
+    assert all(0 <= r["reward/language_consistency"] <= 1 for r in rows)
     assert (run / "checkpoints" / "latest").exists() and (run / "eval.json").exists()
 
 
@@ -105,6 +113,8 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_metrics(slurm, base, 
     assert 2 <= stopped < 5  # stopped midway, not at the end
     assert read_metrics(run, drop_wall_clock=True) == read_metrics(straight[2], drop_wall_clock=True)
     assert json.loads((run / "eval.json").read_text()) == json.loads((straight[2] / "eval.json").read_text())
+    saved = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip() / "files"
+    assert sorted(f.name for f in saved.iterdir()) == ["rollout_buffer.dp0.pkl", "rollout_buffer.dp1.pkl"]
 
 
 def test_a_failing_job_reports_its_exit_code(slurm, tmp_path):
