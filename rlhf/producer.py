@@ -260,12 +260,12 @@ def _read_buffer(step_dir: str | None) -> dict:
     """This replica's buffer in the checkpoint resumed from (none in a fresh run or a sync checkpoint)."""
     if step_dir is None:
         return {}
-    files = Path(step_dir) / "files"
-    path, written = files / BUFFER_FILE.format(P.data_parallel_rank()), sorted(files.glob(BUFFER_FILE.format("*")))
-    if len(written) != (P.data_parallel_size() if written else 0):
+    files, dp = Path(step_dir) / "files", P.data_parallel_size()
+    path, written = files / BUFFER_FILE.format(P.data_parallel_rank()), sorted(files.glob("rollout_buffer*.pkl"))
+    if written and (len(written) != dp or path not in written):
         raise ConfigError(
-            f"{step_dir} holds the rollouts generated ahead by {len(written)} model replicas, and this run has "
-            f"{P.data_parallel_size()} (parallel.data): each replica resumes its own. Fix: resume with the "
-            "parallel layout the run was saved with."
+            f"{step_dir} holds the rollouts generated ahead as {[f.name for f in written]}, and this run with "
+            f"{dp} model replicas (parallel.data) resumes {path.name}: each replica resumes its own. Fix: resume "
+            "with the parallel layout the run was saved with."
         )
     return pickle.loads(path.read_bytes()) if written else {}

@@ -94,3 +94,16 @@ def test_a_tensor_parallel_trainer_takes_its_engine_ranks_rollouts(one_step_off)
         assert [r[key] for r in tp2] == pytest.approx([r[key] for r in one], rel=1e-4, abs=1e-6), key
     final = [json.loads((run / "eval.json").read_text())["final"] for run in one_step_off]
     assert final[1] == final[0]
+
+
+@pytest.mark.parametrize("names", [["rollout_buffer.dp0.pkl", "rollout_buffer.dp1.pkl"], ["rollout_buffer.pkl"]])
+def test_a_resume_with_other_replicas_than_the_buffers_is_refused(P, tmp_path, names):
+    """Two replicas' buffers (or one written under another name) resumed by one process: refused, not read
+    as if nothing had been generated ahead (which would skip those batches' prompts)."""
+    from rlhf.producer import _read_buffer
+
+    (tmp_path / "files").mkdir()
+    for name in names:
+        (tmp_path / "files" / name).write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"this run with 1 model replicas \(parallel.data\) resumes rollout_buffer"):
+        _read_buffer(str(tmp_path))
