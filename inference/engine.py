@@ -27,6 +27,8 @@ class Sampling:
     max_new_tokens: int = 64
     min_new_tokens: int = 0  # stop tokens masked before this many (rollout.min_new_tokens)
     seed: int | None = None  # per call: the same seed and weights give the same completions
+    # One seed per prompt in place of `seed` (n=1: continuations, each seeded apart, in one call); vllm only
+    prompt_seeds: tuple[int, ...] | None = None
     stop_token_ids: tuple[int, ...] = ()
     # Per token, also the k most likely tokens and their log-probs (the mismatch oracle, rlhf.consistency);
     # -1: the whole vocabulary; 0: none.

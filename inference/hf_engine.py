@@ -35,6 +35,8 @@ class HFEngine(Engine):
         new token (as transformers' batched `generate`), until every row has stopped."""
         if not prompts:
             return Rollout(completions=[])
+        if sampling.prompt_seeds is not None:  # one generator draws for the whole batch
+            raise ValueError("the hf engine seeds a whole call, not each prompt (Sampling.prompt_seeds): use vllm")
         prompts, truncated = self.fit_prompts(prompts, sampling, self.overlong_prompt)
         gen = torch.Generator().manual_seed(self.seed if sampling.seed is None else sampling.seed)
         rows = [p for p in prompts for _ in range(sampling.n)]

@@ -130,17 +130,23 @@ class VLLMEngine(Engine):
         if not prompts:
             return Rollout(completions=[])
         prompts, truncated = self.fit_prompts(prompts, sampling, self.overlong_prompt)
-        params = SamplingParams(
-            n=sampling.n,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            max_tokens=sampling.max_new_tokens,
-            min_tokens=sampling.min_new_tokens,
-            seed=sampling.seed,
-            stop_token_ids=list(sampling.stop_token_ids),
-            logprobs=sampling.top_logprobs,  # the sampled token's own logprob, and the k most likely
-            detokenize=False,
-        )
+        seeds = sampling.prompt_seeds or [sampling.seed] * len(prompts)
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} prompt seeds for {len(prompts)} prompts: give one per prompt")
+        params = [
+            SamplingParams(
+                n=sampling.n,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                max_tokens=sampling.max_new_tokens,
+                min_tokens=sampling.min_new_tokens,
+                seed=seed,
+                stop_token_ids=list(sampling.stop_token_ids),
+                logprobs=sampling.top_logprobs,  # the sampled token's own logprob, and the k most likely
+                detokenize=False,
+            )
+            for seed in seeds
+        ]
         try:
             outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         except Exception as e:  # the engine core died: say so instead of a bare traceback deep in vLLM

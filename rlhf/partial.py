@@ -118,32 +118,33 @@ class _Interrupting:
         return Prefix(prompts, sampling, _stamped(self.inner.generate(prompts, short), version), version)
 
     def _continued(self, prefix: Prefix, version: int) -> Rollout:
-        """The prefix's unfinished completions continued on the engine's current weights: one call per
-        sample index i (each continuation its own request, seeded apart)."""
+        """The prefix's unfinished completions continued on the engine's current weights, in one call: each
+        its own request (n=1), seeded apart by its index i in its group."""
         sampling, rest = prefix.sampling, prefix.sampling.max_new_tokens - self.tokens
         groups = [[dataclasses.replace(c) for c in comps] for comps in prefix.rollout.completions]
-        for i in range(sampling.n):
-            todo = [(k, c) for k, comps in enumerate(groups) if _unfinished(c := comps[i], self.tokens)]
-            if not todo:
-                continue
-            more = dataclasses.replace(
-                sampling,
-                n=1,
-                max_new_tokens=rest,
-                min_new_tokens=max(sampling.min_new_tokens - self.tokens, 0),
-                seed=None if sampling.seed is None else sampling.seed + CONTINUATION_SEED + i,
+        todo = [(k, i, c) for k, comps in enumerate(groups) for i, c in enumerate(comps) if _unfinished(c, self.tokens)]
+        if not todo:
+            return Rollout(groups, prefix.rollout.truncated_prompts, prefix.rollout.prompts)
+        base = sampling.seed
+        more = dataclasses.replace(
+            sampling,
+            n=1,
+            max_new_tokens=rest,
+            min_new_tokens=max(sampling.min_new_tokens - self.tokens, 0),
+            seed=None,
+            prompt_seeds=None if base is None else tuple(base + CONTINUATION_SEED + i for _, i, _ in todo),
+        )
+        out = self.inner.generate([prefix.prompts[k] + c.token_ids for k, _, c in todo], more)
+        for (k, i, c), [tail] in zip(todo, out.completions):
+            groups[k][i] = Completion(
+                c.token_ids + tail.token_ids,
+                c.logprobs + tail.logprobs,
+                tail.finish_reason,
+                c.token_versions + [version] * len(tail.token_ids),
+                *joined_tops(c, tail),
+                # the continuation's prefill routed the prompt and the prefix again, on the new weights
+                routed_experts=tail.routed_experts,
             )
-            out = self.inner.generate([prefix.prompts[k] + c.token_ids for k, c in todo], more)
-            for (k, c), [tail] in zip(todo, out.completions):
-                groups[k][i] = Completion(
-                    c.token_ids + tail.token_ids,
-                    c.logprobs + tail.logprobs,
-                    tail.finish_reason,
-                    c.token_versions + [version] * len(tail.token_ids),
-                    *joined_tops(c, tail),
-                    # the continuation's prefill routed the prompt and the prefix again, on the new weights
-                    routed_experts=tail.routed_experts,
-                )
         return Rollout(groups, prefix.rollout.truncated_prompts, prefix.rollout.prompts)
 
 

