@@ -8,7 +8,7 @@ top-level `ratios` object holds the comparisons beside the raw figures.
     python -m tools.bench grpo_vs_trl --scale realistic --out bench_grpo_realistic.json   (about 40 minutes)
     python -m tools.bench logprobs --out bench_logprobs.json [--threads 1]
     python -m tools.bench train_mfu --out bench_mfu.json [model=qwen2_5_1_5b ...]   (MFU against the device's peak)
-    python -m tools.bench offpolicy --out bench_offpolicy.json [--base runs/demo/pretrain] [--seeds 2]
+    python -m tools.bench offpolicy --out bench_offpolicy.json [--base runs/demo/pretrain] [--seeds 2] [--first-seed 1234]
 """
 
 from __future__ import annotations
@@ -144,6 +144,7 @@ def main(argv=None) -> None:
         "--base", help="a pretrain run dir (grpo_vs_trl default: a 300-step pretrain made here; others: random weights)"
     )
     parser.add_argument("--seeds", type=int, default=1, help="offpolicy: runs per mode (seeds 1234, 1235, ...)")
+    parser.add_argument("--first-seed", type=int, default=1234, help="offpolicy: the first of the --seeds seeds")
     parser.add_argument(
         "--modes", nargs="*", help="offpolicy: the rollout modes to run (default: all; ratios need sync)"
     )

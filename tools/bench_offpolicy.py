@@ -51,7 +51,7 @@ def _train(args: list, env: dict) -> None:
 
 
 def offpolicy(args) -> dict:
-    seeds = list(range(1234, 1234 + args.seeds))
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     figures: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(args.base) if args.base else Path(tmp) / "base"
