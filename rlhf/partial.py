@@ -123,8 +123,6 @@ class _Interrupting:
         sampling, rest = prefix.sampling, prefix.sampling.max_new_tokens - self.tokens
         groups = [[dataclasses.replace(c) for c in comps] for comps in prefix.rollout.completions]
         todo = [(k, i, c) for k, comps in enumerate(groups) for i, c in enumerate(comps) if _unfinished(c, self.tokens)]
-        if not todo:
-            return Rollout(groups, prefix.rollout.truncated_prompts, prefix.rollout.prompts)
         base = sampling.seed
         more = dataclasses.replace(
             sampling,
